@@ -1,0 +1,219 @@
+"""The one image decoder: PNG, JPEG, BMP or TIFF bytes to an HxWx3 uint8 RGB array.
+
+Training and scoring both decode through here, so a given file gives the same pixels in both.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from anomaly_core import storage
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+MAX_PIXELS = 100_000_000
+
+# Pillow format names for IMAGE_EXTENSIONS; anything else Pillow can open is refused by name.
+_FORMATS = ("PNG", "JPEG", "BMP", "TIFF")
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+# Modes Pillow converts to RGB faithfully; LAB and HSV it converts by copying bytes, wrongly.
+_CONVERTIBLE_MODES = ("1", "L", "P", "CMYK", "YCbCr", "RGBX", *_ALPHA_MODES)
+_CORRUPT_HINT = "the file is truncated or corrupt; re-export or re-upload it, or remove it"
+
+# Our max_pixels check runs on the header size before any pixel is decoded. Pillow's global
+# limit would warn from 89M pixels and refuse above 179M whatever max_pixels a caller passes,
+# so it is switched off and this module's limit is the only one.
+Image.MAX_IMAGE_PIXELS = None
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be decoded; str is "<uri>: <reason> (<what to do>)"."""
+
+    def __init__(self, uri: str, reason: str = "", hint: str = "") -> None:
+        # Every argument is kept in args so the error pickles (Ray) and a single-argument call
+        # still works: torch's DataLoader re-raises worker errors as type(err)(message).
+        super().__init__(uri, reason, hint)
+        self.uri = uri
+        self.reason = reason
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if not self.reason:
+            return self.uri
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{self.uri}: {self.reason}{hint}"
+
+
+def decode_image(data: bytes, uri: str = "<bytes>", *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Decode PNG/JPEG/BMP/TIFF bytes to a C-contiguous HxWx3 uint8 RGB array.
+
+    Grayscale is repeated to three channels; alpha (RGBA, LA, palette transparency) is
+    composited on black so fully transparent pixels are black whatever colour they hide;
+    16-bit samples keep their high byte (65535 -> 255, 32768 -> 128), as Pillow does for
+    16-bit RGB PNG and TIFF; float images must lie in [0, 1] and are scaled by 255; the EXIF
+    orientation is applied; a multi-frame TIFF gives its first frame. Any failure raises
+    ImageDecodeError naming ``uri``.
+    """
+    image = _open(data, uri, max_pixels)
+    try:
+        # Image.open only reads the header; load() decodes now so a cut-off file fails here.
+        image.load()
+        image = ImageOps.exif_transpose(image)
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise ImageDecodeError(
+            uri, f"cannot decode {image.format} pixel data ({err})", _CORRUPT_HINT
+        ) from err
+    return _to_rgb(image, uri)
+
+
+def decode_mask(data: bytes, uri: str = "<bytes>") -> np.ndarray:
+    """Decode a ground-truth mask to an HxW bool array: any nonzero pixel is defect."""
+    image = _open(data, uri, MAX_PIXELS)
+    try:
+        image.load()
+        image = ImageOps.exif_transpose(image)
+        if image.mode in ("1", "L", "I", "F", *_SIXTEEN_BIT_MODES):
+            pixels = np.asarray(image) != 0
+        else:
+            # Colour or palette masks: defect where any colour channel is nonzero; alpha ignored.
+            pixels = np.asarray(image.convert("RGB")).any(axis=2)
+    except MemoryError:
+        raise
+    except Exception as err:
+        raise ImageDecodeError(
+            uri, f"cannot decode mask {image.format} pixel data ({err})", _CORRUPT_HINT
+        ) from err
+    return np.ascontiguousarray(pixels, dtype=bool)
+
+
+def load_image(uri: str, *, s3_endpoint: str | None = None) -> np.ndarray:
+    """Read an image from a local path or s3:// URI and decode it to HxWx3 uint8 RGB."""
+    return decode_image(storage.read_bytes(uri, s3_endpoint=s3_endpoint), uri)
+
+
+def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    """Identify the format from the header and check the pixel count, decoding nothing yet."""
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Pillow would then fill a cut-off file with grey instead of failing on load().
+        raise RuntimeError(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True in this process, so truncated images "
+            "would decode silently; set it back to False"
+        )
+    if len(data) == 0:
+        raise ImageDecodeError(uri, "empty file (0 bytes)", "re-upload the image or remove it")
+    stream = io.BytesIO(data)
+    try:
+        image = Image.open(stream, formats=_FORMATS)
+    except UnidentifiedImageError:
+        raise _unidentified(data, uri) from None
+    except MemoryError:
+        raise
+    except Exception as err:
+        # A recognised signature with a broken header (bad IHDR, bad TIFF IFD, ...).
+        name = _signature(data) or "image"
+        raise ImageDecodeError(uri, f"unreadable {name} header ({err})", _CORRUPT_HINT) from err
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            uri,
+            f"image is {width}x{height} = {width * height} pixels, over the limit of "
+            f"{max_pixels} pixels",
+            "pass a larger max_pixels if the image is genuine, else it may be a "
+            "decompression bomb",
+        )
+    return image
+
+
+def _unidentified(data: bytes, uri: str) -> ImageDecodeError:
+    """Name the format Pillow sees outside our list, or say the bytes are no image at all."""
+    name = _signature(data)
+    if name:
+        # Pillow reports some broken headers (a bad IHDR checksum) as an unknown format.
+        return ImageDecodeError(uri, f"unreadable {name} header", _CORRUPT_HINT)
+    try:
+        other_format = Image.open(io.BytesIO(data)).format
+    except Exception:
+        other_format = None
+    if other_format:
+        return ImageDecodeError(
+            uri,
+            f"unsupported image format {other_format}",
+            "convert it to PNG, JPEG, BMP or TIFF",
+        )
+    return ImageDecodeError(
+        uri,
+        f"not a recognised image (starts with {data[:8]!r})",
+        "expected PNG, JPEG, BMP or TIFF bytes; check the path points at an image file",
+    )
+
+
+def _signature(data: bytes) -> str | None:
+    """The supported format whose magic bytes start data, if any."""
+    return next((name for magic, name in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _to_rgb(image: Image.Image, uri: str) -> np.ndarray:
+    """Convert any decoded Pillow mode to HxWx3 uint8 RGB, or raise naming the mode."""
+    mode = image.mode
+    if mode == "RGB" and "transparency" not in image.info:
+        return np.array(image, dtype=np.uint8, order="C")
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        return _gray_to_rgb(_sixteen_to_eight(np.asarray(image), mode, uri))
+    if mode == "F":
+        return _gray_to_rgb(_float_to_eight(np.asarray(image), uri))
+    if mode not in _CONVERTIBLE_MODES and mode != "RGB":
+        raise ImageDecodeError(
+            uri, f"unsupported colour mode {mode}", "save it as RGB or grayscale"
+        )
+    if mode in _ALPHA_MODES or "transparency" in image.info:
+        return _composite_on_black(np.asarray(image.convert("RGBA")))
+    # 1, L, P, CMYK (Adobe-inverted JPEG CMYK included), YCbCr: Pillow's own conversion.
+    return np.array(image.convert("RGB"), dtype=np.uint8, order="C")
+
+
+def _sixteen_to_eight(pixels: np.ndarray, mode: str, uri: str) -> np.ndarray:
+    """Keep the high byte of 16-bit samples; 32-bit integer images must fit 16 bits."""
+    if mode == "I" and pixels.size and (pixels.min() < 0 or pixels.max() > 65535):
+        raise ImageDecodeError(
+            uri,
+            f"32-bit integer pixels span {pixels.min()}..{pixels.max()}, outside 0..65535",
+            "save it as an 8- or 16-bit image",
+        )
+    return (pixels.astype(np.uint32) >> 8).astype(np.uint8)
+
+
+def _float_to_eight(pixels: np.ndarray, uri: str) -> np.ndarray:
+    """Scale float pixels in [0, 1] to 0..255; other ranges have no safe meaning, so refuse."""
+    if not np.isfinite(pixels).all():
+        raise ImageDecodeError(uri, "float image has NaN or infinite pixels", "save it as 8-bit")
+    if pixels.size and (pixels.min() < 0.0 or pixels.max() > 1.0):
+        raise ImageDecodeError(
+            uri,
+            f"float pixels span {pixels.min():g}..{pixels.max():g}, outside [0, 1]",
+            "scale it to [0, 1] or save it as an 8- or 16-bit image",
+        )
+    return np.rint(pixels * 255.0).astype(np.uint8)
+
+
+def _gray_to_rgb(gray: np.ndarray) -> np.ndarray:
+    """Repeat an HxW uint8 array into HxWx3."""
+    return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+
+
+def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
+    """Blend RGBA over black, rounding: rgb * alpha / 255."""
+    rgb = rgba[:, :, :3].astype(np.uint16)
+    alpha = rgba[:, :, 3:].astype(np.uint16)
+    return np.ascontiguousarray(((rgb * alpha + 127) // 255).astype(np.uint8))

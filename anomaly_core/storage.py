@@ -1,0 +1,225 @@
+"""The one storage layer: read, write, list and delete files on local paths and s3:// URIs.
+
+Built on pyarrow.fs; every failure surfaces as a StorageError that names the URI and what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import uuid
+from collections.abc import Iterable
+from urllib.parse import unquote, urlparse
+
+import pyarrow.fs as pafs
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed; the message names the URI and what to do (never credentials)."""
+
+
+def is_s3(uri: str) -> bool:
+    """True for s3:// URIs."""
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts to a local path or s3:// URI; parts are always relative."""
+    pieces = [p.strip("/") for p in parts if p.strip("/")]
+    if is_s3(uri) or uri.startswith("file://"):
+        return "/".join([uri.rstrip("/"), *pieces])
+    return os.path.join(uri, *pieces)
+
+
+def _resolve_endpoint(s3_endpoint: str | None) -> str | None:
+    return (
+        s3_endpoint
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+        or None
+    )
+
+
+def _resolve_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
+    if endpoint is None:
+        return pafs.S3FileSystem(region=region)
+    # pyarrow ignores AWS_ENDPOINT_URL and wants host:port and scheme apart.
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise StorageError(
+            f"S3 endpoint {endpoint!r} is not a URL like http://host:port; fix --s3-endpoint"
+        )
+    host = parsed.netloc.rsplit("@", 1)[-1]  # host:port, [v6]:port; drops any user:pass@
+    return pafs.S3FileSystem(endpoint_override=host, scheme=parsed.scheme, region=region)
+
+
+def filesystem(uri: str, *, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `uri` and the path inside it (absolute, or bucket/key for S3)."""
+    if is_s3(uri):
+        path = uri[len("s3://") :].strip("/")
+        if not path:
+            raise StorageError(f"{uri!r} names no bucket; use s3://bucket/prefix")
+        return _s3_filesystem(_resolve_endpoint(s3_endpoint), _resolve_region()), path
+    if uri.startswith("file://"):
+        uri = unquote(urlparse(uri).path)
+    elif "://" in uri:
+        raise StorageError(f"{uri!r}: unsupported scheme; use a local path or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def _endpoint_text(s3_endpoint: str | None) -> str:
+    endpoint = _resolve_endpoint(s3_endpoint)
+    if endpoint is None:
+        return f"AWS S3 (region {_resolve_region()})"
+    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+    if parsed.username is None:
+        return endpoint
+    # An endpoint may carry user:password@; keep that out of messages and logs.
+    host = parsed.hostname if parsed.port is None else f"{parsed.hostname}:{parsed.port}"
+    return parsed._replace(netloc=host).geturl()
+
+
+def _storage_error(exc: OSError, uri: str, action: str, s3_endpoint: str | None) -> StorageError:
+    """Translate a pyarrow/OS error into a StorageError that says what to do."""
+    text = str(exc)
+    if not is_s3(uri):
+        if isinstance(exc, FileNotFoundError):
+            return StorageError(f"{uri} does not exist; check the path")
+        if isinstance(exc, PermissionError):
+            return StorageError(f"permission denied to {action} {uri}; check file permissions")
+        return StorageError(f"could not {action} {uri}: {text}")
+    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    bucket = path.split("/", 1)[0]
+    where = _endpoint_text(s3_endpoint)
+    missing_bucket = (
+        f"bucket {bucket!r} does not exist or is not reachable at {where}; "
+        "create it or check --s3-endpoint"
+    )
+    if "NO_SUCH_BUCKET" in text:
+        return StorageError(missing_bucket)
+    if any(s in text for s in ("ACCESS_DENIED", "INVALID_ACCESS_KEY", "SIGNATURE_DOES_NOT_MATCH")):
+        return StorageError(
+            f"access denied to {action} {uri} at {where}; check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy"
+        )
+    if "NETWORK_CONNECTION" in text:
+        return StorageError(
+            f"cannot reach S3 at {where} to {action} {uri}; check --s3-endpoint and that it is up"
+        )
+    if isinstance(exc, FileNotFoundError):
+        # pyarrow reports a missing bucket as a missing key on reads; tell the two apart.
+        try:
+            bucket_found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+        except OSError:
+            bucket_found = True
+        if not bucket_found:
+            return StorageError(missing_bucket)
+        return StorageError(f"{uri} does not exist; check the key or prefix")
+    return StorageError(f"could not {action} {uri} at {where}: {text}")
+
+
+def read_bytes(uri: str, *, s3_endpoint: str | None = None) -> bytes:
+    """The whole content of one file."""
+    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.readall()
+    except OSError as exc:
+        raise _storage_error(exc, uri, "read", s3_endpoint) from exc
+
+
+def write_bytes(uri: str, data: bytes, *, s3_endpoint: str | None = None) -> None:
+    """Write a file, creating parent folders; readers never see a partly written file."""
+    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    try:
+        if is_s3(uri):
+            # An S3 upload becomes visible only when complete. Always close streams explicitly:
+            # an unclosed one flushes in its destructor, which hangs against an in-process server.
+            with fs.open_output_stream(path) as f:
+                f.write(data)
+            return
+        parent, name = os.path.split(path)
+        os.makedirs(parent, exist_ok=True)
+        # Temp file in the same folder so os.replace is a same-filesystem atomic rename;
+        # os.open with 0o666 keeps the usual umask permissions that mkstemp (0o600) would not.
+        tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+    except OSError as exc:
+        raise _storage_error(exc, uri, "write", s3_endpoint) from exc
+
+
+def _info(fs: pafs.FileSystem, path: str, uri: str, s3_endpoint: str | None) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as exc:
+        raise _storage_error(exc, uri, "look up", s3_endpoint) from exc
+
+
+def exists(uri: str, *, s3_endpoint: str | None = None) -> bool:
+    """True if a file or folder/prefix exists at `uri` (a missing bucket counts as absent)."""
+    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    return _info(fs, path, uri, s3_endpoint).type != pafs.FileType.NotFound
+
+
+def list_files(
+    uri: str,
+    *,
+    extensions: Iterable[str] | None = None,
+    recursive: bool = True,
+    s3_endpoint: str | None = None,
+) -> list[str]:
+    """Sorted full URIs of the files under a folder/prefix, optionally only some extensions."""
+    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    suffixes = None
+    if extensions is not None:
+        suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        if _info(fs, path, uri, s3_endpoint).type == pafs.FileType.File:
+            raise StorageError(f"{uri} is a file, not a folder; pass its folder") from None
+        raise _storage_error(exc, uri, "list", s3_endpoint) from exc
+    except OSError as exc:
+        raise _storage_error(exc, uri, "list", s3_endpoint) from exc
+    prefix = "s3://" if is_s3(uri) else ""
+    return sorted(
+        prefix + info.path
+        for info in infos
+        if info.type == pafs.FileType.File
+        and (suffixes is None or info.base_name.lower().endswith(suffixes))
+    )
+
+
+def delete(uri: str, *, s3_endpoint: str | None = None) -> None:
+    """Delete a file, or a folder/prefix with everything under it; absent is not an error.
+
+    On a bare s3://bucket this empties the bucket but keeps it.
+    """
+    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    kind = _info(fs, path, uri, s3_endpoint).type
+    try:
+        if kind == pafs.FileType.File:
+            fs.delete_file(path)
+        elif kind == pafs.FileType.Directory:
+            if is_s3(uri) and "/" not in posixpath.normpath(path):
+                fs.delete_dir_contents(path)
+            else:
+                fs.delete_dir(path)
+    except FileNotFoundError:
+        pass  # deleted concurrently: the outcome asked for
+    except OSError as exc:
+        raise _storage_error(exc, uri, "delete", s3_endpoint) from exc

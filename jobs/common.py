@@ -1,0 +1,67 @@
+"""Flags and start-up shared by every job: cluster address, S3 endpoint, logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+log = logging.getLogger("jobs")
+
+# Hide secrets if a config or flag dict is logged.
+SECRET_WORDS = ("secret", "password", "token", "key", "credential")
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster address (default: RAY_ADDRESS, else a local Ray started here)",
+    )
+    parser.add_argument(
+        "--s3-endpoint",
+        default=None,
+        help="S3-compatible endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL_S3 / "
+        "AWS_ENDPOINT_URL, else AWS). Credentials come from the standard AWS environment.",
+    )
+    parser.add_argument("--use-gpu", action="store_true", help="run the model on GPUs")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+
+
+def redacted(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with secret-looking values replaced, for logs and summaries."""
+    return {
+        k: "***" if any(w in k.lower() for w in SECRET_WORDS) else v for k, v in config.items()
+    }
+
+
+def init_ray(address: str | None) -> None:
+    """Connect to the cluster at `address`, or start a local Ray when there is none."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(address=address, log_to_driver=True)
+    log.info("ray cluster resources: %s", json.dumps(ray.cluster_resources()))
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """--set key=value pairs; values parsed as JSON when they can be (numbers, lists, bools)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {pair!r}: expected key=value, e.g. --set image_size=128")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out

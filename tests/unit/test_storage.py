@@ -1,0 +1,196 @@
+"""Storage layer against local folders and a real S3 protocol server (moto on loopback)."""
+
+import os
+import socket
+
+import moto.settings
+import pytest
+
+from anomaly_core import storage
+from anomaly_core.storage import StorageError
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> tuple[str, str | None]:
+    """(empty root URI, s3 endpoint) for each backend."""
+    if request.param == "local":
+        return str(tmp_path), None
+    return request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_round_trip_bytes_creates_parents(root):
+    base, ep = root
+    uri = storage.join(base, "a", "b", "c.bin")
+    data = bytes(range(256)) * 100
+    storage.write_bytes(uri, data, s3_endpoint=ep)
+    assert storage.read_bytes(uri, s3_endpoint=ep) == data
+    storage.write_bytes(uri, b"second", s3_endpoint=ep)
+    assert storage.read_bytes(uri, s3_endpoint=ep) == b"second"
+
+
+def test_relative_and_file_uri_paths_resolve_to_the_same_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    storage.write_bytes("sub/x.txt", b"hi")
+    assert (tmp_path / "sub" / "x.txt").read_bytes() == b"hi"
+    assert storage.read_bytes(f"file://{tmp_path}/sub/x.txt") == b"hi"
+    assert storage.list_files("sub") == [str(tmp_path / "sub" / "x.txt")]
+
+
+def test_list_files_is_recursive_sorted_filtered_and_keeps_uri_form(root):
+    base, ep = root
+    for key in ["b/z.PNG", "a.png", "b/c/d.jpg", "b/notes.txt", "a2.Jpg"]:
+        storage.write_bytes(storage.join(base, "imgs", key), b"x", s3_endpoint=ep)
+    folder = storage.join(base, "imgs")
+    found = storage.list_files(folder, extensions=[".png", "jpg"], s3_endpoint=ep)
+    expected = sorted(storage.join(folder, k) for k in ["a.png", "a2.Jpg", "b/z.PNG", "b/c/d.jpg"])
+    assert found == expected
+    assert all(f.startswith("s3://") for f in found) == storage.is_s3(base)
+    assert storage.list_files(folder, recursive=False, s3_endpoint=ep) == [
+        storage.join(folder, "a.png"),
+        storage.join(folder, "a2.Jpg"),
+    ]
+    assert len(storage.list_files(folder, s3_endpoint=ep)) == 5
+
+
+def test_list_files_on_missing_folder_raises(root):
+    base, ep = root
+    storage.write_bytes(storage.join(base, "there", "f.bin"), b"x", s3_endpoint=ep)
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.list_files(storage.join(base, "nowhere"), s3_endpoint=ep)
+    with pytest.raises(StorageError, match="is a file, not a folder"):
+        storage.list_files(storage.join(base, "there", "f.bin"), s3_endpoint=ep)
+
+
+def test_missing_key_error_names_the_uri(root):
+    base, ep = root
+    uri = storage.join(base, "no", "such.bin")
+    with pytest.raises(StorageError, match="does not exist") as err:
+        storage.read_bytes(uri, s3_endpoint=ep)
+    assert uri in str(err.value)
+    assert "bucket" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        lambda uri, ep: storage.read_bytes(uri, s3_endpoint=ep),
+        lambda uri, ep: storage.write_bytes(uri, b"x", s3_endpoint=ep),
+        lambda uri, ep: storage.list_files(uri, s3_endpoint=ep),
+    ],
+    ids=["read", "write", "list"],
+)
+def test_missing_bucket_error_names_bucket_and_endpoint(s3_endpoint, operation):
+    with pytest.raises(StorageError) as err:
+        operation("s3://no-such-bucket-here/images/x.png", s3_endpoint)
+    message = str(err.value)
+    assert "bucket 'no-such-bucket-here' does not exist" in message
+    assert s3_endpoint in message
+    assert "--s3-endpoint" in message
+
+
+def test_wrong_credentials_give_access_denied_without_the_secret(
+    s3_bucket, s3_endpoint, monkeypatch
+):
+    storage.write_bytes(f"{s3_bucket}/k.bin", b"x", s3_endpoint=s3_endpoint)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-shown")
+    # The server is in-process: from now on it checks every request against its (empty) IAM.
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    for operation in (storage.read_bytes, storage.list_files):
+        with pytest.raises(StorageError, match="access denied") as err:
+            operation(f"{s3_bucket}/k.bin", s3_endpoint=s3_endpoint)
+        assert "AWS_SECRET_ACCESS_KEY" in str(err.value)
+        assert "s3cr3t" not in str(err.value)
+
+
+def test_unreachable_endpoint_error_names_endpoint():
+    endpoint = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(StorageError, match="cannot reach S3") as err:
+        storage.read_bytes("s3://some-bucket/x.png", s3_endpoint=endpoint)
+    assert endpoint in str(err.value)
+
+
+def test_exists_for_file_folder_and_missing(root):
+    base, ep = root
+    storage.write_bytes(storage.join(base, "d", "f.bin"), b"x", s3_endpoint=ep)
+    assert storage.exists(storage.join(base, "d", "f.bin"), s3_endpoint=ep)
+    assert storage.exists(storage.join(base, "d"), s3_endpoint=ep)
+    assert not storage.exists(storage.join(base, "d", "g.bin"), s3_endpoint=ep)
+    assert not storage.exists(storage.join(base, "e"), s3_endpoint=ep)
+
+
+def test_exists_is_false_for_missing_bucket(s3_endpoint):
+    assert not storage.exists("s3://no-such-bucket-here/x", s3_endpoint=s3_endpoint)
+
+
+def test_delete_removes_file_or_whole_prefix_and_ignores_absent(root):
+    base, ep = root
+    for key in ["keep.bin", "d/a.bin", "d/e/b.bin"]:
+        storage.write_bytes(storage.join(base, key), b"x", s3_endpoint=ep)
+    storage.delete(storage.join(base, "keep.bin"), s3_endpoint=ep)
+    assert not storage.exists(storage.join(base, "keep.bin"), s3_endpoint=ep)
+    storage.delete(storage.join(base, "d"), s3_endpoint=ep)
+    assert storage.list_files(base, s3_endpoint=ep) == []
+    storage.delete(storage.join(base, "never", "was"), s3_endpoint=ep)
+
+
+def test_delete_on_bucket_root_empties_but_keeps_bucket(s3_bucket, s3_endpoint):
+    storage.write_bytes(f"{s3_bucket}/a/b.bin", b"x", s3_endpoint=s3_endpoint)
+    storage.delete(s3_bucket, s3_endpoint=s3_endpoint)
+    assert storage.list_files(s3_bucket, s3_endpoint=s3_endpoint) == []
+
+
+def test_local_write_leaves_no_temp_files_and_old_content_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "model.bin"
+    storage.write_bytes(str(target), b"old")
+    storage.write_bytes(str(target), b"new")
+    assert os.listdir(tmp_path) == ["model.bin"]
+
+    def crash(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StorageError, match="disk full"):
+        storage.write_bytes(str(target), b"partial")
+    assert target.read_bytes() == b"new"
+    assert os.listdir(tmp_path) == ["model.bin"]
+
+
+def test_local_write_uses_umask_permissions_not_private_temp_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        storage.write_bytes(str(tmp_path / "f.bin"), b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+
+
+def test_endpoint_comes_from_env_with_s3_specific_variable_first(
+    s3_bucket, s3_endpoint, monkeypatch
+):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    storage.write_bytes(f"{s3_bucket}/env.bin", b"via env")
+    assert storage.read_bytes(f"{s3_bucket}/env.bin") == b"via env"
+
+
+def test_join_handles_slashes_for_local_and_s3():
+    assert storage.join("s3://bucket", "a/", "/b.png") == "s3://bucket/a/b.png"
+    assert storage.join("s3://bucket/pre/", "x") == "s3://bucket/pre/x"
+    assert storage.join("/data/in", "cls", "/x.png") == "/data/in/cls/x.png"
+    assert storage.join("rel", "x") == os.path.join("rel", "x")
+    assert storage.join("s3://bucket/pre") == "s3://bucket/pre"
+
+
+def test_bad_uris_raise_with_a_fix():
+    with pytest.raises(StorageError, match="names no bucket"):
+        storage.read_bytes("s3://")
+    with pytest.raises(StorageError, match="unsupported scheme"):
+        storage.read_bytes("gs://bucket/x")
+    with pytest.raises(StorageError, match="not a URL"):
+        storage.read_bytes("s3://bucket/x", s3_endpoint="ftp://host:21")
