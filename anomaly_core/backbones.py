@@ -63,6 +63,13 @@ def offline_weights_path(name: str) -> str | None:
     return path if os.path.isfile(path) else None
 
 
+def hub_offline() -> bool:
+    """True when downloads are switched off (ANOMALY_OFFLINE or HF_HUB_OFFLINE set to 1/true)."""
+    return any(
+        os.environ.get(v, "").lower() in ("1", "true", "yes") for v in ("ANOMALY_OFFLINE", "HF_HUB_OFFLINE")
+    )
+
+
 def imagenet_weights_available(name: str) -> bool:
     """True when `name`'s ImageNet weights load without network access."""
     if name not in TORCHVISION_MODELS:
@@ -93,11 +100,13 @@ def _imagenet_torchvision_state(name: str) -> tuple[dict, str]:
             _check_hash(path)
             return torch.load(path, map_location="cpu", weights_only=True), f"imagenet ({path})"
     try:
+        if hub_offline():
+            raise ConnectionError("downloads are off: ANOMALY_OFFLINE / HF_HUB_OFFLINE is set")
         state = torch.hub.load_state_dict_from_url(url, map_location="cpu", check_hash=True)
     except Exception as exc:  # no hub access: one clear message instead of a URLError
         raise WeightsUnavailableError(
             f"ImageNet weights for {name} are not in the cache and could not be downloaded "
-            f"({type(exc).__name__}). Pre-seed the cache on a machine with access: download {url} "
+            f"({type(exc).__name__}: {exc}). Pre-seed the cache on a machine with access: download {url} "
             f"into {os.path.dirname(cached_weights_path(name))}/ (or set TORCH_HOME), or pass "
             "weights=/path/or/s3/uri/to/state_dict.pth; weights=random for tests."
         ) from exc
@@ -131,7 +140,10 @@ def load_state_dict_file(uri: str, *, s3_endpoint: str | None = None) -> dict[st
 
 
 def _load_into(model: nn.Module, state: dict, source: str) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even when not strict
+        raise WeightsUnavailableError(f"weights {source} do not fit {type(model).__name__}: {exc}") from exc
     # A classifier head may be absent from a features-only file; anything else is a wrong file.
     missing = [k for k in missing if not k.startswith(("fc.", "classifier.", "head"))]
     if missing or unexpected:
@@ -168,6 +180,7 @@ class FeatureExtractor(nn.Module):
                 f"unknown backbone {name!r}; choose one of {', '.join(TORCHVISION_MODELS)} "
                 "or timm:<model name>"
             )
+        self.body.eval()  # a probe in train mode would move the BatchNorm running statistics
         with torch.no_grad():
             probe = self.forward(torch.zeros(1, 3, 64, 64))
         self.channels = [f.shape[1] for f in probe]

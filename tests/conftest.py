@@ -1,4 +1,4 @@
-"""Shared fixtures: an in-process moto S3 server on loopback and fresh buckets on it."""
+"""Shared fixtures: an in-process moto S3 server on loopback, fresh buckets on it, one local Ray."""
 
 import os
 
@@ -8,6 +8,8 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("ANOMALY_OFFLINE", "1")  # never try a model hub from tests
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
 import logging  # noqa: E402
 import uuid  # noqa: E402
@@ -53,3 +55,15 @@ def s3_bucket(s3_endpoint: str) -> str:
     name = f"test-{uuid.uuid4().hex[:16]}"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint: str) -> Iterator[None]:
+    """One local Ray for the whole session, on 127.0.0.1; it sees the fake S3 credentials."""
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()

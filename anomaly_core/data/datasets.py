@@ -6,6 +6,7 @@ Local paths and s3:// URIs alike, through anomaly_core.storage.
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -211,7 +212,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 def _check_size(size: tuple[int, int]) -> tuple[int, int]:
     """Validate a (height, width) pair."""
-    if len(size) != 2 or not all(isinstance(s, int) and s > 0 for s in size):
+    if len(size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in size):
         raise ValueError(f"size {size!r} must be (height, width), two positive ints")
     return int(size[0]), int(size[1])
 

@@ -126,7 +126,7 @@ def _photograph(scene: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def _carpet(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Basket weave of fuzzy yarn: blocks of threads alternating direction."""
     y, x = _grid(size)
-    block = size / 7 * rng.uniform(0.95, 1.05)
+    block = size / 9 * rng.uniform(0.95, 1.05)
     u, v = _rotated(x, y, *rng.uniform(0, block, 2), rng.uniform(-0.08, 0.08))
     # Yarn wanders a little, so the weave is not a perfect lattice.
     u = u + 0.6 * _noise(rng, size, size / 12)
@@ -175,8 +175,8 @@ def _shadowed_background(
 def _capsule(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Two-tone gelatin capsule lying on a tray, its position and angle varying."""
     y, x = _grid(size)
-    cx, cy = size / 2 + np.clip(rng.normal(0, 0.04 * size, 2), -0.08 * size, 0.08 * size)
-    a, b = _rotated(x, y, cx, cy, rng.uniform(-0.4, 0.4))
+    cx, cy = size / 2 + np.clip(rng.normal(0, 0.03 * size, 2), -0.06 * size, 0.06 * size)
+    a, b = _rotated(x, y, cx, cy, rng.uniform(-0.25, 0.25))
     radius = 0.15 * size * rng.uniform(0.97, 1.03)
     core = 0.31 * size * rng.uniform(0.97, 1.03) - radius
     da = np.maximum(np.abs(a) - core, 0.0)
@@ -220,7 +220,7 @@ def _metal_nut(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndar
     rings_1d = _noise(rng, size, 0.8)[0]
     turning = np.interp(r * 2.0, np.arange(size) * 1.0, rings_1d, period=size)
     face = 0.8 + 0.05 * turning + 0.05 * np.cos(phi - light) + 0.03 * _noise(rng, size, size / 10)
-    chamfer = 0.55 + 0.3 * np.cos(phi - light - np.pi)
+    chamfer = 0.68 + 0.22 * np.cos(phi - light - np.pi)
     thread = 0.45 + 0.12 * np.sin(2 * np.pi * r / max(2.0, size / 40))
     in_chamfer = np.clip((r - 0.93 * apothem) / 1.0 + 0.5, 0, 1)
     in_thread = np.clip((1.28 * hole - r) / 1.0 + 0.5, 0, 1)
@@ -270,7 +270,7 @@ def object_region(image: np.ndarray) -> np.ndarray:
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     dist = np.abs(img - np.median(border, axis=0)).sum(-1)
     # Blurring first keeps sensor noise and the cast shadow out of the region.
-    region = _blur(dist, 1.0) > 75
+    region = _blur(dist, 1.0) > 65
     return _erode(region, max(1, round(image.shape[0] / 64)))
 
 
@@ -356,14 +356,15 @@ def _stain_alpha(rng: np.random.Generator, size: int, region: np.ndarray) -> np.
 def _scratch_look(img: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Scraped surface: lighter (bare material) or darker (groove), texture still showing."""
     amount = rng.uniform(0.3, 0.45)
-    if rng.random() < 0.5:
-        return img + amount * (255 - img)
-    return img * (1 - amount)
+    level = (img.mean(-1) * alpha).sum() / (alpha.sum() + 1e-9)
+    # A light scratch on an already light surface would hardly show, and vice versa.
+    lighter = rng.random() < 0.5 if 90 <= level <= 160 else level < 90
+    return img + amount * (255 - img) if lighter else img * (1 - amount)
 
 
 def _crack_look(img: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A split in the surface reads as a dark line."""
-    return img * (1 - rng.uniform(0.45, 0.6))
+    return img * (1 - rng.uniform(0.4, 0.55))
 
 
 def _spot_look(img: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -94,7 +94,8 @@ class Padim(Detector):
         cov += self.config.regularization * torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
         self.mean = mean.float()
         self.covariance = cov.float()
-        self.inv_covariance = torch.linalg.inv(cov).float()
+        # contiguous: inv() returns column-major, and a loaded copy must compute bit-identically.
+        self.inv_covariance = torch.linalg.inv(cov).float().contiguous()
         self._count, self._sum, self._outer = 0, None, None
 
     @torch.no_grad()
