@@ -153,9 +153,13 @@ def _wood(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     y, x = _grid(size)
     grain = np.pi / 2 + rng.uniform(-0.12, 0.12)
     across, _ = _rotated(x, y, 0.0, 0.0, grain - np.pi / 2)
-    warp = size * (0.045 * _noise(rng, size, size / 4) + 0.02 * _noise(rng, size, size / 3, size / 25, grain))
+    bends = _noise(rng, size, size / 4)
+    streaks = _noise(rng, size, size / 3, size / 25, grain)
+    warp = 0.045 * bends + 0.02 * streaks
     period = size / 7 * rng.uniform(0.9, 1.1)
-    rings = (0.5 + 0.5 * np.sin(2 * np.pi * (across + warp) / period + rng.uniform(0, 2 * np.pi))) ** 3
+    phase = 2 * np.pi * (across + size * warp) / period + rng.uniform(0, 2 * np.pi)
+    # Cubed, so the dark latewood bands are narrower than the light earlywood.
+    rings = (0.5 + 0.5 * np.sin(phase)) ** 3
     fibres = _noise(rng, size, size / 6, 0.7, grain)
     tone = np.clip(0.6 * rings + 0.14 * fibres + 0.08 * _noise(rng, size, size / 8) + 0.15, 0, 1)
     light, dark = (198, 162, 120), (138, 98, 64)
@@ -169,7 +173,8 @@ def _shadowed_background(
     mottle = 1 + 0.035 * _noise(rng, size, size / 8) + 0.02 * _noise(rng, size, 1.5)
     shift = max(1, round(size / 50))
     shadow = _blur(np.roll(cover, (shift, shift), axis=(0, 1)), size / 40)
-    return np.asarray(colour, np.float64) * (mottle * (1 - depth * np.clip(shadow, 0, 1)))[..., None]
+    light = mottle * (1 - depth * np.clip(shadow, 0, 1))
+    return np.asarray(colour, np.float64) * light[..., None]
 
 
 def _capsule(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -281,7 +286,8 @@ def _stroke_alpha(size: int, strokes: list[np.ndarray], width: float) -> np.ndar
     draw = ImageDraw.Draw(canvas)
     w = max(1, round(width * s))
     for pts in strokes:
-        draw.line([(float(px * s), float(py * s)) for px, py in pts], fill=255, width=w, joint="curve")
+        xy = [(float(px * s), float(py * s)) for px, py in pts]
+        draw.line(xy, fill=255, width=w, joint="curve")
     return np.asarray(canvas.resize((size, size), Image.Resampling.BOX), np.float64) / 255.0
 
 
@@ -289,7 +295,7 @@ def _walk(
     rng: np.random.Generator, start: np.ndarray, heading: float, length: float, step: float,
     bend: float, jitter: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A path that turns by a steady `bend` plus random `jitter` per step; returns points, headings."""
+    """A path turning by a steady `bend` plus random `jitter` per step: (points, headings)."""
     n = max(2, int(length / step))
     turns = bend + jitter * rng.standard_normal(n)
     headings = heading + np.cumsum(turns)
@@ -346,10 +352,12 @@ def _blob_alpha(
 
 
 def _spot_alpha(rng: np.random.Generator, size: int, region: np.ndarray) -> np.ndarray:
+    """A compact blob with a fairly sharp edge."""
     return _blob_alpha(rng, size, region, size * rng.uniform(0.07, 0.12), 0.25)
 
 
 def _stain_alpha(rng: np.random.Generator, size: int, region: np.ndarray) -> np.ndarray:
+    """A wider blob fading out at its edge."""
     return _blob_alpha(rng, size, region, size * rng.uniform(0.09, 0.15), 0.6)
 
 
@@ -375,7 +383,8 @@ def _spot_look(img: np.ndarray, alpha: np.ndarray, rng: np.random.Generator) -> 
     if rng.random() < 0.5:
         colour = local * rng.uniform(0.5, 0.7)  # hole: the darker layer beneath
     else:
-        colour = local * (1 + rng.normal(0, 0.05, 3)) * rng.uniform(0.65, 0.85)  # deposit
+        dirt = np.array([1.0, 0.92, 0.82]) * (1 + rng.normal(0, 0.03, 3))
+        colour = local * dirt * rng.uniform(0.65, 0.85)  # deposit: dirt or rust, brownish
     grain = 1 + 0.12 * _noise(rng, size, 1.2)
     # Sensor noise too, or the patch would stand out as too clean.
     return colour * grain[..., None] + rng.normal(0, 2.5, img.shape)
@@ -475,8 +484,9 @@ def generate(
     n_test_defect: int = 6,
     seed: int = 0,
 ) -> dict:
-    """Write an MVTec-AD-layout data set under local directory `out`; `n_test_defect` is per defect type.
+    """Write an MVTec-AD-layout data set under the local directory `out`.
 
+    `n_test_defect` is per defect type. Existing files of the same names are overwritten.
     Returns {category: {"train": n, "test_good": n, "test_defect": n}}.
     """
     names = list(CATEGORIES) if categories is None else list(categories)
@@ -485,7 +495,8 @@ def generate(
     for name in names:
         _check_category(name)
     _check_size(size)
-    for label, n in (("n_train", n_train), ("n_test_good", n_test_good), ("n_test_defect", n_test_defect)):
+    counts = {"n_train": n_train, "n_test_good": n_test_good, "n_test_defect": n_test_defect}
+    for label, n in counts.items():
         if n < 0:
             raise ValueError(f"{label}={n} must be zero or more")
     root = Path(out)
@@ -496,7 +507,8 @@ def generate(
             folder = cat_dir / sub
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                _save_png(make_image(name, _rng(seed, name, split, 0, i), size), folder / f"{i:03d}.png")
+                image = make_image(name, _rng(seed, name, split, 0, i), size)
+                _save_png(image, folder / f"{i:03d}.png")
         for kind, defect in enumerate(DEFECTS, start=1):
             img_dir = cat_dir / "test" / defect
             mask_dir = cat_dir / "ground_truth" / defect
@@ -520,28 +532,33 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: generate the data set and print what went where."""
     parser = argparse.ArgumentParser(
         prog="python -m anomaly_core.data.synthetic",
-        description="Write a procedural MVTec-AD-style data set (textures and objects with defects).",
+        description="Write a procedural MVTec-AD-style data set of textures and objects.",
     )
     parser.add_argument("--out", required=True, help="output directory (local)")
     parser.add_argument("--categories", default=None,
                         help=f"comma-separated subset of {','.join(CATEGORIES)} (default: all)")
     parser.add_argument("--size", type=int, default=128, help="image side in pixels")
-    parser.add_argument("--n-train", type=int, default=40, help="normal training images per category")
-    parser.add_argument("--n-test-good", type=int, default=10, help="normal test images per category")
+    parser.add_argument("--n-train", type=int, default=40,
+                        help="normal training images per category")
+    parser.add_argument("--n-test-good", type=int, default=10,
+                        help="normal test images per category")
     parser.add_argument("--n-test-defect", type=int, default=6,
                         help="defective test images per category and defect type")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    cats = None if args.categories is None else [c.strip() for c in args.categories.split(",") if c.strip()]
+    cats = None
+    if args.categories is not None:
+        cats = [c.strip() for c in args.categories.split(",") if c.strip()]
     start = time.perf_counter()
     try:
         summary = generate(args.out, categories=cats, size=args.size, n_train=args.n_train,
-                           n_test_good=args.n_test_good, n_test_defect=args.n_test_defect, seed=args.seed)
+                           n_test_good=args.n_test_good, n_test_defect=args.n_test_defect,
+                           seed=args.seed)
     except ValueError as err:
         parser.error(str(err))
-    for name, counts in summary.items():
-        print(f"{name:10s} ({CATEGORIES[name]}): {counts['train']} train, {counts['test_good']} test good, "
-              f"{counts['test_defect']} test defect ({', '.join(DEFECTS)})")
+    for name, n in summary.items():
+        print(f"{name:10s} ({CATEGORIES[name]}): {n['train']} train, {n['test_good']} test good, "
+              f"{n['test_defect']} test defect ({', '.join(DEFECTS)})")
     print(f"wrote {args.size}x{args.size} PNGs to {Path(args.out).resolve()} "
           f"in {time.perf_counter() - start:.1f} s (seed {args.seed})")
 
