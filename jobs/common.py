@@ -15,6 +15,13 @@ log = logging.getLogger("jobs")
 SECRET_WORDS = ("secret", "password", "token", "key", "credential")
 
 
+LOCAL_RAY_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_AUTH_MODE": "disabled",
+}
+
+
 def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--address",
@@ -45,6 +52,10 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
 
 def init_ray(address: str | None) -> None:
     """Connect to the cluster at `address`, or start a local Ray when there is none."""
+    if address is None:
+        # A local Ray for a laptop or a test: keep it on loopback and quiet (no usage report).
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     import ray
 
     if ray.is_initialized():
