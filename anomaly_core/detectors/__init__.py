@@ -5,13 +5,12 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib
+import pkgutil
 from typing import Any
 
 from anomaly_core.detectors.base import AnomalyOutput, Detector, DetectorConfig
 
 _REGISTRY: dict[str, type[Detector]] = {}
-# Modules that register detectors; imported on first lookup so `import anomaly_core` stays light.
-_MODULES = ("padim",)
 
 
 def register(cls: type[Detector]) -> type[Detector]:
@@ -23,8 +22,11 @@ def register(cls: type[Detector]) -> type[Detector]:
 
 
 def _load_all() -> None:
-    for module in _MODULES:
-        importlib.import_module(f"anomaly_core.detectors.{module}")
+    # Every module in this package registers its detector on import; done on first lookup so
+    # `import anomaly_core` stays light and a new detector needs no list to be edited.
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base":
+            importlib.import_module(f"{__name__}.{info.name}")
 
 
 def list_detectors(pattern: str = "*") -> list[str]:
