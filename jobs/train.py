@@ -32,6 +32,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpus-per-worker", type=float, default=1)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=1, help="epochs for gradient detectors")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (the detector's `lr` option; others via --set)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16 autocast (for GPUs)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--max-failures", type=int, default=3,
+                   help="worker failures to survive, resuming from the last checkpoint")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
     p.add_argument("--storage-path", default=None, help="Ray Train run storage (local or s3://)")
     p.add_argument("--seed", type=int, default=0)
@@ -49,6 +56,8 @@ def detector_options(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
         options.update(spec.get("options", {}))
     name = args.detector or name
     options.update(parse_overrides(args.overrides))
+    if args.lr is not None:
+        options["lr"] = args.lr
     return name, options
 
 
@@ -73,8 +82,53 @@ def training_records(args: argparse.Namespace) -> tuple[list, list]:
     return train, val
 
 
+def _checkpointing_report(rank: int):
+    """fit's report hook: every rank reports metrics; rank 0 attaches the resumable state."""
+    import tempfile
+
+    import ray.train
+    import torch
+
+    def report(metrics: dict, state: dict | None) -> None:
+        if state is None or rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save(state, f"{tmp}/state.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    return report
+
+
+def _resume_state() -> dict | None:
+    """The state saved with the last reported checkpoint, when Ray Train restarted this run."""
+    import ray.train
+    import torch
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path:
+        return torch.load(f"{path}/state.pt", map_location="cpu", weights_only=True)
+
+
+def validation_hook(val, batch_size: int, device):
+    """Per-epoch validation metrics: image AUROC when the split has defects and normals."""
+    from anomaly_core import metrics
+    from anomaly_core.evaluate import predict
+
+    def validate(detector) -> dict:
+        pred = predict(detector, val, batch_size=batch_size, device=device)
+        labels = pred["labels"]
+        if not ((labels == 1).any() and (labels == 0).any()):
+            return {"val_normal_score_mean": float(pred["scores"].mean())}
+        return {"val_image_auroc": metrics.image_auroc(labels, pred["scores"])}
+
+    return validate
+
+
 def train_worker(cfg: dict) -> None:
-    """Ray Train worker: fit on this rank's shard; rank 0 calibrates and writes the artifact."""
+    """Ray Train worker: fit on this rank's shard; rank 0 validates, calibrates, writes the artifact."""
     import ray.train
     import ray.train.torch
 
@@ -85,17 +139,21 @@ def train_worker(cfg: dict) -> None:
     from anomaly_core.fit import fit
 
     device = ray.train.torch.get_device()
+    rank = ray.train.get_context().get_world_rank()
     detector = build_detector(cfg["detector"], **cfg["options"])
     size = (detector.config.image_size,) * 2
     train = [ImageRecord(**r) for r in cfg["train"]]
-    dataset = ImageDataset(train, size, s3_endpoint=cfg["s3_endpoint"])
+    val = ImageDataset([ImageRecord(**r) for r in cfg["val"]], size, s3_endpoint=cfg["s3_endpoint"])
+    resume = _resume_state()
     metrics = fit(
-        detector, dataset, batch_size=cfg["batch_size"], epochs=cfg["epochs"], device=device,
-        loader_workers=cfg["loader_workers"], seed=cfg["seed"], report=ray.train.report,
+        detector, ImageDataset(train, size, s3_endpoint=cfg["s3_endpoint"]),
+        batch_size=cfg["batch_size"], epochs=cfg["epochs"], device=device,
+        loader_workers=cfg["loader_workers"], seed=cfg["seed"], report=_checkpointing_report(rank),
+        validate=validation_hook(val, cfg["batch_size"], device) if rank == 0 else None,
+        resume=resume, precision=cfg["precision"], channels_last=cfg["channels_last"],
     )
-    final: dict[str, Any] = {"done": 1}
-    if ray.train.get_context().get_world_rank() == 0:
-        val = ImageDataset([ImageRecord(**r) for r in cfg["val"]], size, s3_endpoint=cfg["s3_endpoint"])
+    final: dict[str, Any] = {"done": 1, "resumed_from_epoch": -1 if resume is None else resume["epoch"]}
+    if rank == 0:
         pred = predict(detector, val, batch_size=cfg["batch_size"], device=device)
         calibration, val_metrics = calibrate(pred["scores"], pred["maps"], pred["labels"], pred["masks"])
         artifact = ModelArtifact(
@@ -108,11 +166,13 @@ def train_worker(cfg: dict) -> None:
                 "fingerprint": fingerprint([r.uri for r in train]),
                 "workers": ray.train.get_context().get_world_size(),
                 "epochs": cfg["epochs"],
+                "best_epoch": metrics.get("best_epoch", 0),
                 "last_epoch": metrics,
             },
         )
         artifact.save(cfg["output"], s3_endpoint=cfg["s3_endpoint"])
-        final.update(val_metrics, model_version=artifact.model_version, threshold=calibration.threshold)
+        final.update(val_metrics, model_version=artifact.model_version, threshold=calibration.threshold,
+                     best_epoch=metrics.get("best_epoch", 0))
     ray.train.report(final)
 
 
@@ -122,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
     name, options = detector_options(args)
     from dataclasses import asdict
 
+    from anomaly_core import storage
     from anomaly_core.detectors import make_config
 
     options = asdict(make_config(name, **options))  # fail on a bad option before any Ray work
@@ -129,15 +190,19 @@ def main(argv: list[str] | None = None) -> dict:
     log.info("train %s: %d training, %d validation images; options %s",
              name, len(train), len(val), json.dumps(redacted(options)))
     init_ray(args.address)
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg = {
         "detector": name, "options": options, "output": args.output, "s3_endpoint": args.s3_endpoint,
         "train": [asdict(r) for r in train], "val": [asdict(r) for r in val],
         "batch_size": args.batch_size, "epochs": args.epochs, "loader_workers": args.loader_workers,
-        "seed": args.seed,
+        "seed": args.seed, "precision": args.precision, "channels_last": args.channels_last,
     }
+    storage_path, storage_fs = args.storage_path, None
+    if storage_path and storage.is_s3(storage_path):
+        # Ray would build its own S3 client without our endpoint; hand it ours.
+        storage_fs, storage_path = storage.filesystem(storage_path, s3_endpoint=args.s3_endpoint)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=cfg,
@@ -145,10 +210,18 @@ def main(argv: list[str] | None = None) -> dict:
             num_workers=args.num_workers, use_gpu=args.use_gpu,
             resources_per_worker={"CPU": args.cpus_per_worker},
         ),
-        run_config=RunConfig(name=f"train-{name}-{int(time.time())}", storage_path=args.storage_path),
+        run_config=RunConfig(
+            name=f"train-{name}-{int(time.time())}",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
     )
     start = time.perf_counter()
     result = trainer.fit()
+    if result.error:
+        raise SystemExit(f"training failed: {result.error}")
     summary = {"detector": name, "artifact": args.output, "workers": args.num_workers,
                "train_images": len(train), "validation_images": len(val),
                "wall_s": round(time.perf_counter() - start, 1), **(result.metrics or {})}
