@@ -10,7 +10,7 @@ import hashlib
 import json
 import platform
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import torch
@@ -95,7 +95,7 @@ class ModelArtifact:
         state = {k: v.detach().cpu().contiguous() for k, v in self.detector.state_dict().items()}
         weights = save(state)
         self.model_version = hashlib.sha256(weights).hexdigest()[:12]
-        self.created_at = self.created_at or datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.created_at = self.created_at or datetime.now(UTC).isoformat(timespec="seconds")
         storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights, s3_endpoint=s3_endpoint)
         body = json.dumps(self.metadata(), indent=2, sort_keys=True).encode()
         storage.write_bytes(storage.join(uri, MODEL_FILE), body, s3_endpoint=s3_endpoint)

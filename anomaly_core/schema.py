@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -29,7 +29,7 @@ COLUMNS = tuple(SCORE_SCHEMA.names)
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def score_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -45,7 +45,7 @@ def _resolve_region() -> str:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
     if endpoint is None:
         return pafs.S3FileSystem(region=region)

@@ -37,10 +37,10 @@ def main() -> None:
     p.add_argument("--num-actors", type=int, default=1)
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    from anomaly_core.artifact import ModelArtifact
     from anomaly_core.data.datasets import ImageDataset, folder_records, mvtec_records
     from anomaly_core.data.synthetic import generate
     from anomaly_core.detectors import build_detector
-    from anomaly_core.artifact import ModelArtifact
     from anomaly_core.evaluate import calibrate, predict
     from anomaly_core.fit import fit
     from jobs import score

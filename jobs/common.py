@@ -76,3 +76,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         except ValueError:
             out[key] = value
     return out
+
+
+def run_job(main) -> None:
+    """Run a job's main; a known bad input ends it with exit code 2 and the reason last."""
+    from anomaly_core.artifact import ArtifactError
+    from anomaly_core.backbones import WeightsUnavailableError
+    from anomaly_core.storage import StorageError
+
+    try:
+        main()
+    except (ArtifactError, StorageError, WeightsUnavailableError, ValueError, FileNotFoundError) as exc:
+        log.error("failed: %s", exc)
+        sys.exit(2)

@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from jobs.common import log, setup_logging
+from jobs.common import log, run_job, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -119,4 +119,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

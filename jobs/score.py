@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from jobs.common import add_cluster_flags, init_ray, log, setup_logging
+from jobs.common import add_cluster_flags, init_ray, log, run_job, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,4 +149,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -12,7 +12,15 @@ from typing import Any
 
 import yaml
 
-from jobs.common import add_cluster_flags, init_ray, log, parse_overrides, redacted, setup_logging
+from jobs.common import (
+    add_cluster_flags,
+    init_ray,
+    log,
+    parse_overrides,
+    redacted,
+    run_job,
+    setup_logging,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -231,4 +239,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -10,7 +10,13 @@ import torch.nn.functional as F
 
 from anomaly_core.backbones import FeatureExtractor, freeze
 from anomaly_core.detectors import register
-from anomaly_core.detectors.base import AnomalyOutput, Detector, DetectorConfig, gaussian_blur, upsample
+from anomaly_core.detectors.base import (
+    AnomalyOutput,
+    Detector,
+    DetectorConfig,
+    gaussian_blur,
+    upsample,
+)
 
 # The paper's random channel subset sizes; other backbones keep at most DEFAULT_FEATURES.
 PAPER_FEATURES = {"wide_resnet50_2": 550, "resnet18": 100}

@@ -23,8 +23,8 @@ class Toy(Detector):
 
     name, family, Config = "toy", "gradient", ToyConfig
 
-    def __init__(self, config: ToyConfig = ToyConfig()) -> None:
-        super().__init__(config)
+    def __init__(self, config: ToyConfig | None = None) -> None:
+        super().__init__(config or ToyConfig())
         self.net = nn.Conv2d(3, 3, 3, padding=1)
         self.steps = 0
 
