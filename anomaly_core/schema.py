@@ -1,20 +1,28 @@
-"""The one owner of the Parquet score-row schema: columns, types, and how a row is made."""
+"""The one owner of the Parquet score-row schema: columns, types, partitions, file encoding.
+
+Rows live under <output>/dt=YYYY-MM-DD/model=NAME/. As in Hive and Spark, the partition
+columns `dt` and `model` are in the directory names, not inside the files: readers of the
+directory (pyarrow.dataset, pandas, DuckDB, Spark, Athena) add them, and a column stored in both
+places makes pandas and pyarrow refuse the dataset.
+"""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import io
+from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-SCORE_SCHEMA = pa.schema(
+PARTITION_COLUMNS = ("dt", "model")
+FILE_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
-        pa.field("etag", pa.string()),  # content digest "sha256:<hex>" for files we hashed
+        pa.field("etag", pa.string()),  # S3 ETag, or "sha256:<hex>" of a local file's bytes
         pa.field("size_bytes", pa.int64()),
         pa.field("width", pa.int32()),
         pa.field("height", pa.int32()),
-        pa.field("model", pa.string(), nullable=False),
         pa.field("model_version", pa.string(), nullable=False),
         pa.field("score", pa.float64()),
         pa.field("score_normalized", pa.float64()),
@@ -23,21 +31,32 @@ SCORE_SCHEMA = pa.schema(
         pa.field("heatmap_png", pa.binary()),
         pa.field("error", pa.string()),  # null when scored; the reason when not
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("run_id", pa.string(), nullable=False),
     ]
 )
-COLUMNS = tuple(SCORE_SCHEMA.names)
+# What a reader of the output directory sees.
+COLUMNS = (*FILE_SCHEMA.names, *PARTITION_COLUMNS)
 
 
 def utc_now() -> datetime:
-    return datetime.now(UTC)
+    return datetime.now(timezone.utc)
 
 
 def score_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Rows (dicts; missing columns are null) as a table with exactly SCORE_SCHEMA."""
-    unknown = {k for row in rows for k in row} - set(COLUMNS)
+    """Rows (dicts; missing columns are null) as a table with exactly FILE_SCHEMA."""
+    unknown = {k for row in rows for k in row} - set(FILE_SCHEMA.names)
     if unknown:
         raise ValueError(f"score rows have columns outside the schema: {sorted(unknown)}")
-    return pa.Table.from_pylist(rows, schema=SCORE_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=FILE_SCHEMA)
+
+
+def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> bytes:
+    """One Parquet file's bytes (zstd), with optional key-value metadata."""
+    if metadata:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
 
 
 def partition_path(root: str, model: str, day: datetime) -> str:

@@ -14,25 +14,40 @@ from PIL import Image
 from anomaly_core import storage
 from anomaly_core.artifact import ModelArtifact
 from anomaly_core.data.datasets import prepare_image
-from anomaly_core.data.decode import ImageDecodeError, decode_image
+from anomaly_core.data.decode import MAX_PIXELS, ImageDecodeError, decode_image
 from anomaly_core.evaluate import Calibration
 
 
 def read_image(
-    uri: str, size: tuple[int, int], *, s3_endpoint: str | None = None
+    uri: str,
+    size: tuple[int, int],
+    *,
+    etag: str | None = None,
+    prev_etag: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    s3_endpoint: str | None = None,
 ) -> dict[str, Any]:
-    """One input row: file facts plus the model-ready image, or `error` set and no image."""
-    row: dict[str, Any] = {"uri": uri, "etag": None, "size_bytes": None, "width": None,
-                           "height": None, "error": None, "image": None}
+    """One input row: file facts plus the model-ready image, or `error` set and no image.
+
+    `etag` is the listing's (S3); without one the content hash is the etag. A row whose etag
+    equals `prev_etag` (already scored by this model version) comes back `skipped`, undecoded.
+    """
+    row: dict[str, Any] = {"uri": uri, "etag": etag, "size_bytes": None, "width": None,
+                           "height": None, "error": None, "image": None, "skipped": False}
     try:
         data = storage.read_bytes(uri, s3_endpoint=s3_endpoint)
         row["size_bytes"] = len(data)
-        row["etag"] = "sha256:" + hashlib.sha256(data).hexdigest()
-        pixels = decode_image(data, uri)
+        row["etag"] = etag or "sha256:" + hashlib.sha256(data).hexdigest()
+        if prev_etag is not None and row["etag"] == prev_etag:
+            row["skipped"] = True
+            return row
+        pixels = decode_image(data, uri, max_pixels=max_pixels)
         row["height"], row["width"] = pixels.shape[:2]
         row["image"] = prepare_image(pixels, size).numpy()
     except (storage.StorageError, ImageDecodeError) as exc:
         row["error"] = str(exc)
+    except Exception as exc:  # never lose a row to a surprise in a decoder
+        row["error"] = f"{uri}: unexpected {type(exc).__name__}: {exc}"
     return row
 
 
@@ -67,7 +82,8 @@ def outputs(
     calibration: Calibration,
     size: tuple[int, int],
 ) -> dict[str, Any]:
-    """Score-row fields from one raw output; mask and heatmap at `size` (height, width)."""
+    """Score-row fields from one raw output; mask and heatmap at `size` (height, width):
+    the image's own size, or the job's --mask-size."""
     amap = resize_map(amap, size)
     normalized = float(calibration.normalize(score))
     return {

@@ -9,7 +9,7 @@ import functools
 import os
 import posixpath
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
@@ -223,3 +223,91 @@ def delete(uri: str, *, s3_endpoint: str | None = None) -> None:
         pass  # deleted concurrently: the outcome asked for
     except OSError as exc:
         raise _storage_error(exc, uri, "delete", s3_endpoint) from exc
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_client(endpoint: str | None, region: str):
+    import boto3
+
+    # boto3 only for listing: it pages and returns ETags, which pyarrow's listing does not.
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+
+
+def _boto_error(exc: Exception, uri: str, s3_endpoint: str | None) -> StorageError:
+    code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
+    where = _endpoint_text(s3_endpoint)
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    if code == "NoSuchBucket":
+        return StorageError(
+            f"bucket {bucket!r} does not exist or is not reachable at {where}; "
+            "create it or check --s3-endpoint"
+        )
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
+        return StorageError(
+            f"access denied to list {uri} at {where}; check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy"
+        )
+    if type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError"):
+        return StorageError(f"cannot reach S3 at {where} to list {uri}; check --s3-endpoint")
+    return StorageError(f"could not list {uri} at {where}: {code or type(exc).__name__}")
+
+
+def list_objects(
+    uri: str,
+    *,
+    extensions: Iterable[str] | None = None,
+    s3_endpoint: str | None = None,
+    page_size: int = 1000,
+) -> Iterator[list[tuple[str, int, str | None]]]:
+    """Pages of (uri, size_bytes, etag) under a folder/prefix, recursive, in key order.
+
+    S3 gives its ETag; local files have none (their content hash is taken when read).
+    Raises StorageError when the folder/prefix holds nothing at all.
+    """
+    suffixes = tuple("." + e.lower().lstrip(".") for e in extensions) if extensions else None
+
+    def wanted(name: str) -> bool:
+        return suffixes is None or name.lower().endswith(suffixes)
+
+    found = False
+    if is_s3(uri):
+        _, path = filesystem(uri, s3_endpoint=s3_endpoint)
+        bucket, _, prefix = path.partition("/")
+        prefix = prefix + "/" if prefix else ""
+        client = _s3_client(_resolve_endpoint(s3_endpoint), _resolve_region())
+        pages = client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
+        )
+        try:
+            for page in pages:
+                found = found or bool(page.get("Contents"))
+                batch = [
+                    (f"s3://{bucket}/{o['Key']}", int(o["Size"]), o["ETag"].strip('"'))
+                    for o in page.get("Contents", [])
+                    if not o["Key"].endswith("/") and wanted(o["Key"])
+                ]
+                if batch:
+                    yield batch
+        except Exception as exc:  # botocore's errors carry the S3 error code
+            if isinstance(exc, StorageError):
+                raise
+            raise _boto_error(exc, uri, s3_endpoint) from exc
+    else:
+        _, root = filesystem(uri)
+        if not os.path.isdir(root):
+            raise StorageError(f"{uri} is not a folder; check the path")
+        batch: list[tuple[str, int, str | None]] = []
+        for parent, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                found = True
+                if wanted(name) and not name.startswith("."):
+                    full = os.path.join(parent, name)
+                    batch.append((full, os.path.getsize(full), None))
+                    if len(batch) >= page_size:
+                        yield batch
+                        batch = []
+        if batch:
+            yield batch
+    if not found:
+        raise StorageError(f"nothing under {uri}; check the prefix or folder")

@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"pixel AUROC   {result['pixel_auroc']:.3f}   (same, per pixel, from the 8-bit heatmaps in the Parquet rows)")
     print(f"accuracy      {result['accuracy_at_threshold']:.3f}   at the threshold calibrated on held-out normal images")
     print(f"model         {model}")
-    print(f"scores        {scored['output']}")
+    print(f"scores        {scored['partition']}")
     print(f"wall time     {wall:.0f} s")
     return {**result, "wall_s": wall, "backbone": backbone, "scored": scored, "trained": trained}
 

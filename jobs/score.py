@@ -1,9 +1,10 @@
-"""Score every image in a folder or s3:// prefix with a trained artifact into Parquet, with Ray Data.
+"""Score every image in a folder, s3:// prefix or manifest with a trained artifact into Parquet.
 
-    python -m jobs.score --model ARTIFACT_URI --input DIR_OR_S3 --output DIR_OR_S3
+    python -m jobs.score --model ARTIFACT_URI --input DIR_OR_S3 --output DIR_OR_S3 [--incremental]
 
-Pipeline: list once -> read+decode+resize (CPU tasks) -> model (actor pool) -> rows (CPU tasks)
--> Parquet under <output>/dt=YYYY-MM-DD/model=NAME/. Unreadable images become rows with `error`.
+List once -> read + decode + resize (CPU tasks) -> model (actor pool) -> rows and atomic part
+files (CPU tasks) -> <output>/dt=YYYY-MM-DD/model=NAME/. Starting the same command again resumes
+the run; unreadable images become rows with `error` and the run goes on.
 """
 
 from __future__ import annotations
@@ -14,32 +15,58 @@ import time
 
 import numpy as np
 
-from jobs.common import add_cluster_flags, init_ray, log, run_job, setup_logging
+from jobs.common import add_cluster_flags, init_ray, log, redacted, run_job, setup_logging
+
+TEXT_COLUMNS = ("uri", "etag", "error")
+INT_COLUMNS = ("size_bytes", "width", "height")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="artifact directory written by jobs.train")
-    p.add_argument("--input", required=True, help="folder or s3://bucket/prefix of images (recursive)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="folder or s3://bucket/prefix of images (recursive)")
+    source.add_argument("--manifest", help="Parquet or CSV file with a `uri` column (optional etag)")
     p.add_argument("--output", required=True, help="Parquet output root (local or s3://)")
     p.add_argument("--extensions", default=".png,.jpg,.jpeg,.bmp,.tif,.tiff",
-                   help="comma-separated file extensions to score")
+                   help="comma-separated file extensions to score (folder/prefix input)")
+    p.add_argument("--incremental", action="store_true",
+                   help="skip images this model version already scored with the same etag")
+    p.add_argument("--run-id", help="resume this run (default: one per command, model and day)")
     p.add_argument("--batch-size", type=int, default=16, help="images per model call")
+    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part file")
     p.add_argument("--num-actors", type=int, default=1, help="model replicas (actor pool size)")
     p.add_argument("--cpus-per-actor", type=float, default=1)
+    p.add_argument("--mask-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                   help="mask/heatmap size (default: each image's own size)")
+    p.add_argument("--max-pixels", type=int, default=100_000_000,
+                   help="refuse images with more pixels (decompression bombs)")
+    p.add_argument("--max-error-rate", type=float, default=1.0,
+                   help="exit 3 when more than this share of images could not be read")
+    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     add_cluster_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.rows_per_file < 1 or args.num_actors < 1:
+        p.error("--batch-size, --rows-per-file and --num-actors must be at least 1")
+    if not 0.0 <= args.max_error_rate <= 1.0:
+        p.error("--max-error-rate is a share between 0 and 1")
+    return args
 
 
-def read_images(batch: dict, size: tuple[int, int], s3_endpoint: str | None) -> dict:
+def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint: str | None) -> dict:
     """CPU task: bytes -> decoded, resized image per row; failures keep the row with `error`."""
     from anomaly_core.scoring import read_image
 
-    rows = [read_image(str(uri), size, s3_endpoint=s3_endpoint) for uri in batch["uri"]]
+    rows = [
+        read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,
+                   max_pixels=max_pixels, s3_endpoint=s3_endpoint)
+        for uri, etag, prev in zip(batch["uri"], batch["etag"], batch["prev_etag"])
+    ]
     blank = np.zeros((3, *size), dtype=np.float32)
-    # Ray turns an all-None column into floats; carry "" and -1 for missing, nulls again in to_rows.
-    out = {k: [r[k] or "" for r in rows] for k in ("uri", "etag", "error")}
-    out.update({k: [r[k] or -1 for r in rows] for k in ("size_bytes", "width", "height")})
+    # Ray turns an all-None column into floats; carry "" and -1 for missing, nulls again in rows.
+    out = {k: [r[k] or "" for r in rows] for k in TEXT_COLUMNS}
+    out.update({k: [r[k] or -1 for r in rows] for k in INT_COLUMNS})
+    out["skipped"] = np.array([r["skipped"] for r in rows])
     out["image"] = np.stack([blank if r["image"] is None else r["image"] for r in rows])
     return out
 
@@ -56,7 +83,7 @@ class ScoringActor:
     def __call__(self, batch: dict) -> dict:
         from anomaly_core.scoring import run_model
 
-        ok = [i for i, e in enumerate(batch["error"]) if not e]
+        ok = [i for i, (e, s) in enumerate(zip(batch["error"], batch["skipped"])) if not e and not s]
         n, (h, w) = len(batch["uri"]), self.artifact.input_size
         scores = np.full(n, np.nan, dtype=np.float32)
         maps = np.zeros((n, h, w), dtype=np.float32)
@@ -67,84 +94,108 @@ class ScoringActor:
         return out
 
 
-def to_rows(batch: dict, calibration: dict, model: str, model_version: str):
-    """CPU task: raw outputs -> schema rows (normalized score, mask and heatmap PNGs)."""
+def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
+    """CPU task: raw outputs -> schema rows -> one atomic part file; returns the counts."""
     from anomaly_core.evaluate import Calibration
-    from anomaly_core.schema import score_table, utc_now
+    from anomaly_core.runs import ScoreRun, commit_part
+    from anomaly_core.schema import utc_now
     from anomaly_core.scoring import outputs
 
-    cal, now, rows = Calibration(**calibration), utc_now(), []
+    score_run, cal, now, rows = ScoreRun(**run), Calibration(**calibration), utc_now(), []
     for i, uri in enumerate(batch["uri"]):
-        row = {k: batch[k][i] for k in ("uri", "etag", "size_bytes", "width", "height", "error")}
+        if batch["skipped"][i]:
+            continue
+        row = {k: batch[k][i] for k in (*TEXT_COLUMNS, *INT_COLUMNS)}
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         row = {k: None if v in ("", -1) else v for k, v in row.items()}
-        row.update(model=model, model_version=model_version, scored_at=now)
+        row.update(model_version=score_run.model_version, scored_at=now, run_id=score_run.run_id)
         if row["error"] is None:
-            size = (int(row["height"]), int(row["width"]))
+            size = tuple(mask_size) if mask_size else (int(row["height"]), int(row["width"]))
             row.update(outputs(float(batch["raw_score"][i]), batch["raw_map"][i], cal, size))
         rows.append(row)
-    return score_table(rows)
+    commit_part(score_run, rows)
+    errors = sum(r["error"] is not None for r in rows)
+    return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors]}
 
 
-def _parquet_files(root: str, s3_endpoint: str | None) -> list[str]:
-    from anomaly_core import storage
+class Progress:
+    """A log line every few seconds: done/total, images/s, ETA."""
 
-    if not storage.exists(root, s3_endpoint=s3_endpoint):
-        return []
-    return storage.list_files(root, extensions=[".parquet"], s3_endpoint=s3_endpoint)
+    def __init__(self, total: int, every: float) -> None:
+        self.total, self.every, self.done, self.errors = total, every, 0, 0
+        self.start = self.last = time.perf_counter()
+
+    def update(self, images: int, errors: int) -> None:
+        self.done += images
+        self.errors += errors
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate else float("inf")
+            log.info("scored %d/%d images (%.0f%%), %d errors, %.1f images/s, ETA %.0f s",
+                     self.done, self.total, 100 * self.done / max(self.total, 1), self.errors, rate, eta)
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
-    from anomaly_core import storage
     from anomaly_core.artifact import ModelArtifact
-    from anomaly_core.schema import partition_path, utc_now
+    from anomaly_core.runs import finish, open_run, pending
 
-    # Fail before any work if the model or the input cannot be read.
+    t0 = time.perf_counter()
+    # Fail before any work when the model, the input or the output cannot be used.
     artifact = ModelArtifact.load(args.model, s3_endpoint=args.s3_endpoint)
     extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
-    uris = storage.list_files(args.input, extensions=extensions, s3_endpoint=args.s3_endpoint)
-    if not uris:
-        raise SystemExit(f"no images with extensions {extensions} under {args.input}")
-    out_dir = partition_path(args.output, artifact.name, utc_now())
-    log.info("scoring %d images from %s with %s@%s into %s", len(uris), args.input,
-             artifact.name, artifact.model_version, out_dir)
-    init_ray(args.address)
-    import ray
-
-    start = time.perf_counter()
-    ds = ray.data.from_items([{"uri": u} for u in uris])
-    ds = ds.map_batches(read_images, batch_size=args.batch_size,
-                        fn_kwargs={"size": artifact.input_size, "s3_endpoint": args.s3_endpoint})
-    ds = ds.map_batches(
-        ScoringActor,
-        fn_constructor_kwargs={"model_uri": args.model, "s3_endpoint": args.s3_endpoint,
-                               "use_gpu": args.use_gpu},
-        compute=ray.data.ActorPoolStrategy(size=args.num_actors),
-        batch_size=args.batch_size,
-        num_cpus=args.cpus_per_actor,
-        num_gpus=1 if args.use_gpu else 0,
+    run = open_run(
+        source=args.input or args.manifest, manifest=bool(args.manifest), output=args.output,
+        model=artifact.name, model_version=artifact.model_version, extensions=extensions,
+        incremental=args.incremental, run_id=args.run_id, s3_endpoint=args.s3_endpoint,
     )
-    ds = ds.map_batches(to_rows, batch_size=args.batch_size, fn_kwargs={
-        "calibration": artifact.calibration.to_dict(), "model": artifact.name,
-        "model_version": artifact.model_version})
-    fs, path = storage.filesystem(out_dir, s3_endpoint=args.s3_endpoint)
-    before = set(_parquet_files(out_dir, args.s3_endpoint))
-    ds.write_parquet(path, filesystem=fs)
-    wall = time.perf_counter() - start
-    import pyarrow.dataset as pads
+    todo = pending(run)
+    t_plan = time.perf_counter() - t0
+    log.info("run %s (%s): %d images listed, %d to score; model %s@%s; rows to %s; options %s",
+             run.run_id, "resumed" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
+             artifact.name, artifact.model_version, run.partition, json.dumps(redacted(vars(args))))
+    if todo.num_rows:
+        init_ray(args.address)
+        import ray
 
-    # Count this run's files only: the partition may hold earlier runs of the same day.
-    written = [f for f in _parquet_files(out_dir, args.s3_endpoint) if f not in before]
-    paths = [storage.filesystem(f, s3_endpoint=args.s3_endpoint)[1] for f in written]
-    table = pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=["error"])
-    errors = table.num_rows - table["error"].null_count
-    summary = {"images": len(uris), "rows": table.num_rows, "scored": table.num_rows - errors,
-               "errors": errors, "output": out_dir, "wall_s": round(wall, 1),
-               "images_per_s": round(len(uris) / wall, 2), "model": artifact.name,
-               "model_version": artifact.model_version}
-    print(json.dumps(summary, indent=2))
+        t1 = time.perf_counter()
+        chunk = max(args.batch_size, 64)
+        ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, todo.num_rows, chunk)])
+        ds = ds.map_batches(read_images, batch_size=args.batch_size, fn_kwargs={
+            "size": artifact.input_size, "max_pixels": args.max_pixels,
+            "s3_endpoint": args.s3_endpoint})
+        ds = ds.map_batches(
+            ScoringActor,
+            fn_constructor_kwargs={"model_uri": args.model, "s3_endpoint": args.s3_endpoint,
+                                   "use_gpu": args.use_gpu},
+            compute=ray.data.ActorPoolStrategy(size=args.num_actors),
+            batch_size=args.batch_size,
+            num_cpus=args.cpus_per_actor,
+            num_gpus=1 if args.use_gpu else 0,
+        )
+        run_fields = {**run.describe(), "s3_endpoint": args.s3_endpoint}
+        ds = ds.map_batches(write_rows, batch_size=args.rows_per_file, fn_kwargs={
+            "run": run_fields, "calibration": artifact.calibration.to_dict(),
+            "mask_size": args.mask_size})
+        progress = Progress(todo.num_rows, args.progress_every)
+        for counts in ds.iter_rows():
+            progress.update(counts["images"], counts["errors"])
+        t_score = time.perf_counter() - t1
+    else:
+        t_score = 0.0
+    summary = finish(run, {"plan": t_plan, "score": t_score, "total": time.perf_counter() - t0},
+                     {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None})
+    table = [("run", run.run_id), ("inputs", summary["inputs"]), ("scored", summary["scored"]),
+             ("errors", summary["errors"]), ("skipped", summary["skipped"]),
+             ("images/s", summary["images_per_s"]), ("rows in", run.partition)]
+    print("\n".join(f"{k:<10} {v}" for k, v in table))
+    rate = summary["errors"] / max(summary["rows"], 1)
+    if rate > args.max_error_rate:
+        raise SystemExit(f"error rate {rate:.1%} is above --max-error-rate {args.max_error_rate:.1%}; "
+                         f"the rows are written, see the `error` column under {run.partition}")
     return summary
 
 

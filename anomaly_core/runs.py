@@ -1,0 +1,237 @@
+"""Scoring runs that write every row exactly once: a frozen input list, atomic part files with
+deterministic names, resume by what is committed, and a _SUCCESS manifest with the counts.
+
+Layout under the output root:
+    dt=YYYY-MM-DD/model=NAME/part-<run_id>-<digest>.parquet   the rows (committed = visible)
+    _runs/<run_id>/run.json        what the run is (written first, with the input list)
+    _runs/<run_id>/inputs.arrow    the input list, frozen at the run's first start
+    _runs/<run_id>/_SUCCESS.json   counts and timings (written last)
+Readers skip `_runs` (names starting with "_" are hidden by pyarrow, pandas, Spark and Hive).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
+import pyarrow.ipc as ipc
+
+from anomaly_core import storage
+from anomaly_core.schema import parquet_bytes, partition_path, score_table, utc_now
+
+RUNS_DIR = "_runs"
+INPUT_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string()), ("prev_etag", pa.string())]
+)
+
+
+@dataclass
+class ScoreRun:
+    """One scoring run: which images, which model, where the rows go."""
+
+    run_id: str
+    output: str
+    model: str
+    model_version: str
+    day: str  # YYYY-MM-DD of the partition the run writes
+    source: str
+    incremental: bool
+    created_at: str
+    resumed: bool = False
+    s3_endpoint: str | None = field(default=None, repr=False)
+    inputs: pa.Table = field(default=None, repr=False)
+
+    @property
+    def partition(self) -> str:
+        return partition_path(self.output, self.model, datetime.strptime(self.day, "%Y-%m-%d"))
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.output, RUNS_DIR, self.run_id)
+
+    def describe(self) -> dict[str, Any]:
+        keep = ("run_id", "output", "model", "model_version", "day", "source", "incremental", "created_at")
+        return {k: v for k, v in asdict(self).items() if k in keep}
+
+
+def default_run_id(day: str, model_version: str, source: str, incremental: bool) -> str:
+    """Same command, same model, same day -> same run, so starting it again resumes it."""
+    digest = hashlib.sha256(f"{source}|{incremental}".encode()).hexdigest()[:8]
+    return f"{day.replace('-', '')}-{model_version}-{digest}"
+
+
+def list_inputs(
+    source: str, *, extensions: list[str], manifest: bool = False, s3_endpoint: str | None = None
+) -> pa.Table:
+    """The images to score: a folder/prefix listed once in pages, or a manifest file of URIs."""
+    if manifest:
+        data = storage.read_bytes(source, s3_endpoint=s3_endpoint)
+        try:
+            if source.lower().endswith(".csv"):
+                table = pacsv.read_csv(io.BytesIO(data))
+            else:
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(io.BytesIO(data))
+        except pa.ArrowInvalid as exc:
+            raise ValueError(f"manifest {source} is not a readable Parquet/CSV file ({exc})") from exc
+        if "uri" not in table.column_names:
+            raise ValueError(f"manifest {source} has no `uri` column; its columns: {table.column_names}")
+        n = table.num_rows
+        columns = {
+            "uri": table["uri"].cast(pa.string()),
+            "size_bytes": table["size_bytes"].cast(pa.int64()) if "size_bytes" in table.column_names
+            else pa.nulls(n, pa.int64()),
+            "etag": table["etag"].cast(pa.string()) if "etag" in table.column_names
+            else pa.nulls(n, pa.string()),
+            "prev_etag": pa.nulls(n, pa.string()),
+        }
+        table = pa.table(columns, schema=INPUT_SCHEMA)
+        duplicates = table.num_rows - len(pc.unique(table["uri"]))
+        if duplicates:
+            raise ValueError(f"manifest {source} lists {duplicates} URIs more than once; dedupe it")
+        return table
+    uris, sizes, etags = [], [], []
+    for page in storage.list_objects(source, extensions=extensions, s3_endpoint=s3_endpoint):
+        for uri, size, etag in page:
+            uris.append(uri)
+            sizes.append(size)
+            etags.append(etag)
+    return pa.table(
+        [uris, sizes, etags, pa.nulls(len(uris), pa.string())], schema=INPUT_SCHEMA
+    )
+
+
+def scored_index(output: str, model: str, model_version: str, s3_endpoint: str | None) -> pa.Table:
+    """(uri, etag) of every image this model version already scored without error, any run."""
+    empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string())})
+    if not storage.exists(output, s3_endpoint=s3_endpoint):
+        return empty
+    files = [
+        f for f in storage.list_files(output, extensions=[".parquet"], s3_endpoint=s3_endpoint)
+        if f"/model={model}/" in f and f"/{RUNS_DIR}/" not in f
+    ]
+    if not files:
+        return empty
+    fs, _ = storage.filesystem(output, s3_endpoint=s3_endpoint)
+    paths = [storage.filesystem(f, s3_endpoint=s3_endpoint)[1] for f in files]
+    data = pads.dataset(paths, filesystem=fs, format="parquet")
+    condition = (pc.field("model_version") == model_version) & pc.field("error").is_null()
+    return data.to_table(columns=["uri", "etag"], filter=condition)
+
+
+def open_run(
+    *,
+    source: str,
+    output: str,
+    model: str,
+    model_version: str,
+    extensions: list[str],
+    manifest: bool = False,
+    incremental: bool = False,
+    run_id: str | None = None,
+    s3_endpoint: str | None = None,
+) -> ScoreRun:
+    """Start a run, or resume it when its input list was already frozen."""
+    now = utc_now()
+    day = f"{now:%Y-%m-%d}"
+    run_id = run_id or default_run_id(day, model_version, f"{source}|{','.join(extensions)}", incremental)
+    run_dir = storage.join(output, RUNS_DIR, run_id)
+    meta_uri, inputs_uri = storage.join(run_dir, "run.json"), storage.join(run_dir, "inputs.arrow")
+    if storage.exists(meta_uri, s3_endpoint=s3_endpoint):
+        meta = json.loads(storage.read_bytes(meta_uri, s3_endpoint=s3_endpoint))
+        if meta["model_version"] != model_version:
+            raise ValueError(
+                f"run {run_id} in {output} was started with model version {meta['model_version']}, "
+                f"not {model_version}; pass another --run-id"
+            )
+        data = storage.read_bytes(inputs_uri, s3_endpoint=s3_endpoint)
+        inputs = ipc.open_file(pa.BufferReader(data)).read_all()
+        return ScoreRun(**meta, resumed=True, s3_endpoint=s3_endpoint, inputs=inputs)
+    inputs = list_inputs(source, extensions=extensions, manifest=manifest, s3_endpoint=s3_endpoint)
+    if incremental:
+        done = scored_index(output, model, model_version, s3_endpoint)
+        joined = inputs.drop_columns(["prev_etag"]).join(
+            done.rename_columns(["uri", "prev_etag"]), keys="uri", join_type="left outer"
+        )
+        inputs = joined.select(INPUT_SCHEMA.names).sort_by("uri").cast(INPUT_SCHEMA)
+    run = ScoreRun(run_id, output, model, model_version, day, source, incremental,
+                   now.isoformat(timespec="seconds"), s3_endpoint=s3_endpoint, inputs=inputs)
+    sink = pa.BufferOutputStream()
+    with ipc.new_file(sink, inputs.schema) as writer:
+        writer.write_table(inputs)
+    # The input list first, run.json second: run.json's presence means the list is complete.
+    storage.write_bytes(inputs_uri, sink.getvalue().to_pybytes(), s3_endpoint=s3_endpoint)
+    storage.write_bytes(meta_uri, json.dumps(run.describe(), indent=2).encode(), s3_endpoint=s3_endpoint)
+    return run
+
+
+def part_files(run: ScoreRun) -> list[str]:
+    """The run's committed part files."""
+    if not storage.exists(run.partition, s3_endpoint=run.s3_endpoint):
+        return []
+    prefix = f"part-{run.run_id}-"
+    files = storage.list_files(run.partition, extensions=[".parquet"], s3_endpoint=run.s3_endpoint)
+    return [f for f in files if f.rsplit("/", 1)[-1].startswith(prefix)]
+
+
+def _read_parts(run: ScoreRun, columns: list[str]) -> pa.Table:
+    files = part_files(run)
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    fs, _ = storage.filesystem(run.output, s3_endpoint=run.s3_endpoint)
+    paths = [storage.filesystem(f, s3_endpoint=run.s3_endpoint)[1] for f in files]
+    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def pending(run: ScoreRun) -> pa.Table:
+    """Inputs still to do: not in a committed part file, and not unchanged since last scored."""
+    inputs = run.inputs
+    done = _read_parts(run, ["uri"])["uri"]
+    keep = pc.invert(pc.is_in(inputs["uri"], value_set=done))
+    # An ETag known from the listing equal to the one already scored: skip without reading.
+    unchanged = pc.fill_null(pc.equal(inputs["etag"], inputs["prev_etag"]), False)
+    return inputs.filter(pc.and_(keep, pc.invert(unchanged)))
+
+
+def commit_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
+    """Write one part file atomically; its name is a digest of its URIs (same rows, same name)."""
+    if not rows:
+        return None
+    rows = sorted(rows, key=lambda r: r["uri"])
+    digest = hashlib.sha256("\n".join(r["uri"] for r in rows).encode()).hexdigest()[:20]
+    uri = storage.join(run.partition, f"part-{run.run_id}-{digest}.parquet")
+    storage.write_bytes(uri, parquet_bytes(score_table(rows)), s3_endpoint=run.s3_endpoint)
+    return uri
+
+
+def finish(run: ScoreRun, timings: dict[str, float], extra: dict[str, Any] | None = None) -> dict:
+    """Count what the run's committed files hold and write _SUCCESS.json; returns the summary."""
+    errors = _read_parts(run, ["error"])["error"]
+    n_rows = len(errors)
+    n_errors = n_rows - errors.null_count
+    summary = {
+        **run.describe(),
+        "inputs": run.inputs.num_rows,
+        "rows": n_rows,
+        "scored": n_rows - n_errors,
+        "errors": n_errors,
+        "skipped": run.inputs.num_rows - n_rows,
+        "files": len(part_files(run)),
+        "partition": run.partition,
+        "resumed": run.resumed,
+        "finished_at": utc_now().isoformat(timespec="seconds"),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        **(extra or {}),
+    }
+    body = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
+    storage.write_bytes(storage.join(run.run_dir, "_SUCCESS.json"), body, s3_endpoint=run.s3_endpoint)
+    return summary
