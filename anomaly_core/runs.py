@@ -125,7 +125,15 @@ def scored_index(output: str, model: str, model_version: str, s3_endpoint: str |
     paths = [storage.filesystem(f, s3_endpoint=s3_endpoint)[1] for f in files]
     data = pads.dataset(paths, filesystem=fs, format="parquet")
     condition = (pc.field("model_version") == model_version) & pc.field("error").is_null()
-    return data.to_table(columns=["uri", "etag"], filter=condition)
+    rows = data.to_table(columns=["uri", "etag", "scored_at"], filter=condition)
+    if rows.num_rows == 0:
+        return empty
+    # The latest scoring of each image counts: a file changed and changed back is rescored.
+    rows = rows.sort_by([("uri", "ascending"), ("scored_at", "descending")])
+    uris = rows["uri"].combine_chunks()
+    first = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))
+    keep = pa.concat_arrays([pa.array([True]), first])
+    return rows.filter(keep).select(["uri", "etag"])
 
 
 def open_run(

@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part file")
     p.add_argument("--num-actors", type=int, default=1, help="model replicas (actor pool size)")
     p.add_argument("--cpus-per-actor", type=float, default=1)
+    p.add_argument("--decode-cpus", type=float, default=1, help="CPUs per decode task")
     p.add_argument("--mask-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                    help="mask/heatmap size (default: each image's own size)")
     p.add_argument("--max-pixels", type=int, default=100_000_000,
@@ -164,9 +165,14 @@ def main(argv: list[str] | None = None) -> dict:
         t1 = time.perf_counter()
         chunk = max(args.batch_size, 64)
         ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, todo.num_rows, chunk)])
-        ds = ds.map_batches(read_images, batch_size=args.batch_size, fn_kwargs={
-            "size": artifact.input_size, "max_pixels": args.max_pixels,
-            "s3_endpoint": args.s3_endpoint})
+        ds = ds.map_batches(
+            read_images, batch_size=args.batch_size, fn_kwargs={
+                "size": artifact.input_size, "max_pixels": args.max_pixels,
+                "s3_endpoint": args.s3_endpoint},
+            # Remote args from a function keep Ray Data from fusing decoding into the model
+            # actor: decoding scales out on CPU tasks, the actor only runs the model.
+            ray_remote_args_fn=lambda: {"num_cpus": args.decode_cpus},
+        )
         ds = ds.map_batches(
             ScoringActor,
             fn_constructor_kwargs={"model_uri": args.model, "s3_endpoint": args.s3_endpoint,

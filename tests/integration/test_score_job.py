@@ -1,0 +1,248 @@
+"""jobs/score.py as a plant runs it: folders and S3, incremental nights, kill and resume, bad input."""
+
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import torch
+from PIL import Image
+
+from anomaly_core import storage
+from anomaly_core.artifact import ModelArtifact
+from anomaly_core.data.datasets import ImageDataset, mvtec_records
+from anomaly_core.data.synthetic import generate
+from anomaly_core.detectors import build_detector
+from anomaly_core.evaluate import calibrate, predict
+from anomaly_core.fit import fit
+from anomaly_core.schema import COLUMNS
+from jobs import score
+
+SIZE = 64
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    root = str(tmp_path_factory.mktemp("synthetic"))
+    generate(root, categories=["capsule"], size=SIZE, n_train=12, n_test_good=6, n_test_defect=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(data, tmp_path_factory) -> str:
+    """A small PaDiM fitted in-process (training through Ray is tested elsewhere)."""
+    torch.manual_seed(0)
+    detector = build_detector("padim", backbone="mobilenet_v2", image_size=SIZE, layers=["layer2"])
+    train = ImageDataset(mvtec_records(data, "capsule", "train"), (SIZE, SIZE))
+    fit(detector, train, batch_size=6)
+    pred = predict(detector, train)
+    path = str(tmp_path_factory.mktemp("model"))
+    ModelArtifact(detector, calibrate(pred["scores"], pred["maps"], pred["labels"])[0]).save(path)
+    return path
+
+
+def images_dir(data: str, dest) -> str:
+    shutil.copytree(f"{data}/capsule/test", dest)
+    return str(dest)
+
+
+def read_rows(output: str, s3_endpoint: str | None = None) -> list[dict]:
+    fs, path = storage.filesystem(output, s3_endpoint=s3_endpoint)
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pylist()
+
+
+def run_score(model: str, source: str, output: str, *extra: str) -> dict:
+    return score.main(["--model", model, "--input", source, "--output", output,
+                       "--batch-size", "4", "--rows-per-file", "7", "--progress-every", "0", *extra])
+
+
+def test_folder_in_folder_out_one_row_per_image_readable_as_one_table(model, data, tmp_path):
+    source = images_dir(data, tmp_path / "in")
+    out = str(tmp_path / "out")
+    summary = run_score(model, source, out)
+    rows = read_rows(out)
+    listed = storage.list_files(source)
+    assert sorted(r["uri"] for r in rows) == listed  # every image once: no gaps, no duplicates
+    assert summary["scored"] == len(listed) and summary["errors"] == 0 and summary["files"] >= 2
+    assert set(COLUMNS) <= set(rows[0]) and {r["model"] for r in rows} == {"padim"}
+    first = rows[0]
+    mask = np.asarray(Image.open(io.BytesIO(first["mask_png"])))
+    heat = np.asarray(Image.open(io.BytesIO(first["heatmap_png"])))
+    assert mask.shape == heat.shape == (first["height"], first["width"]) and heat.dtype == np.uint8
+    assert set(np.unique(mask)) <= {0, 255} and first["etag"].startswith("sha256:")
+    import pandas as pd
+
+    assert len(pd.read_parquet(out)) == len(listed)
+    import duckdb
+
+    count = duckdb.sql(f"select count(*), count(distinct uri) from read_parquet('{out}/dt=*/model=*/*.parquet',"
+                       " hive_partitioning = true) where model = 'padim'").fetchall()[0]
+    assert count == (len(listed), len(listed))
+    manifest = json.loads((tmp_path / "out" / "_runs" / summary["run_id"] / "_SUCCESS.json").read_text())
+    assert manifest["scored"] == len(listed) and manifest["skipped"] == 0 and "timings_s" in manifest
+
+
+def test_mask_size_flag_sets_the_mask_and_heatmap_size(model, data, tmp_path):
+    out = str(tmp_path / "out")
+    run_score(model, images_dir(data, tmp_path / "in"), out, "--mask-size", "16", "24")
+    row = read_rows(out)[0]
+    assert np.asarray(Image.open(io.BytesIO(row["mask_png"]))).shape == (16, 24)
+
+
+def test_s3_in_s3_out(model, data, s3_bucket, s3_endpoint):
+    src = f"{s3_bucket}/incoming"
+    local = storage.list_files(f"{data}/capsule/test")
+    for path in local:
+        storage.write_bytes(src + path.split("/capsule/test", 1)[1], open(path, "rb").read(),
+                            s3_endpoint=s3_endpoint)
+    out = f"{s3_bucket}/scores"
+    summary = run_score(model, src, out, "--s3-endpoint", s3_endpoint)
+    rows = read_rows(out, s3_endpoint)
+    assert len(rows) == len({r["uri"] for r in rows}) == len(local) == summary["scored"]
+    assert all(r["uri"].startswith(src) for r in rows)
+    assert all(r["etag"] and not r["etag"].startswith("sha256:") for r in rows)  # S3 ETags
+    assert storage.exists(f"{out}/_runs/{summary['run_id']}/_SUCCESS.json", s3_endpoint=s3_endpoint)
+
+
+def test_rerunning_a_finished_run_writes_nothing_new(model, data, tmp_path):
+    source, out = images_dir(data, tmp_path / "in"), str(tmp_path / "out")
+    run_score(model, source, out)
+    files = sorted(os.listdir(next((tmp_path / "out").glob("dt=*/model=padim"))))
+    again = run_score(model, source, out)
+    assert again["resumed"] and sorted(os.listdir(next((tmp_path / "out").glob("dt=*/model=padim")))) == files
+    assert len(read_rows(out)) == again["rows"]
+
+
+def test_incremental_scores_only_new_and_changed_images(model, data, tmp_path):
+    source, out = images_dir(data, tmp_path / "in"), str(tmp_path / "out")
+    first = run_score(model, source, out, "--incremental")
+    n = first["scored"]
+    changed = tmp_path / "in" / "good" / "000.png"
+    shutil.copy(tmp_path / "in" / "good" / "001.png", changed)  # same name, new content
+    shutil.copy(tmp_path / "in" / "good" / "002.png", tmp_path / "in" / "good" / "new.png")
+    # A later night is a new run; --run-id stands in for tomorrow's date.
+    second = run_score(model, source, out, "--incremental", "--run-id", "night-2")
+    assert second["scored"] == 2 and second["skipped"] == n - 1
+    rows = read_rows(out)
+    new = {r["uri"] for r in rows if r["run_id"] == "night-2"}
+    assert new == {str(changed), str(tmp_path / "in" / "good" / "new.png")}
+    third = run_score(model, source, out, "--incremental", "--run-id", "night-3")
+    assert third["scored"] == 0 and third["skipped"] == n + 1
+
+
+def test_a_new_model_version_rescores_everything(model, data, tmp_path):
+    source, out = images_dir(data, tmp_path / "in"), str(tmp_path / "out")
+    first = run_score(model, source, out, "--incremental")
+    other = tmp_path / "model2"
+    artifact = ModelArtifact.load(model)
+    artifact.detector.mean += 0.01  # a retrained model: different weights, new version
+    artifact.save(str(other))
+    second = run_score(str(other), source, out, "--incremental")
+    assert artifact.model_version != first["model_version"]
+    assert second["scored"] == first["scored"] and second["skipped"] == 0
+
+
+def _write(path, image: Image.Image, **kwargs) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, **kwargs)
+
+
+def test_every_bad_input_kind_is_a_row_and_the_run_goes_on(model, data, tmp_path):
+    source = tmp_path / "in"
+    images_dir(data, source)
+    bad = source / "bad"
+    bad.mkdir()
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "text.jpg").write_bytes(b"this is a text file")
+    good_png = (source / "good" / "000.png").read_bytes()
+    (bad / "truncated.png").write_bytes(good_png[: len(good_png) // 2])
+    (bad / "corrupt.png").write_bytes(good_png[:40] + bytes(200) + good_png[240:])
+    _write(bad / "huge.png", Image.new("L", (3000, 3000)))
+    _write(source / "odd" / "gray.png", Image.new("L", (40, 30), 128))
+    _write(source / "odd" / "cmyk.jpg", Image.new("CMYK", (40, 30), (0, 50, 100, 0)))
+    gray16 = Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))
+    _write(source / "odd" / "gray16.png", gray16)
+    out = str(tmp_path / "out")
+    summary = run_score(model, str(source), out, "--max-pixels", "4000000")
+    rows = {r["uri"].rsplit("/", 1)[-1]: r for r in read_rows(out)}
+    for name in ("zero.png", "text.jpg", "truncated.png", "corrupt.png", "huge.png"):
+        assert rows[name]["error"] and name in rows[name]["error"], name
+        assert rows[name]["score"] is None
+    assert "pixels" in rows["huge.png"]["error"]
+    for name in ("gray.png", "cmyk.jpg", "gray16.png"):  # converted to RGB and scored
+        assert rows[name]["error"] is None and rows[name]["score"] is not None
+        assert (rows[name]["width"], rows[name]["height"]) == (40, 30)
+    assert summary["errors"] == 5 and summary["rows"] == len(storage.list_files(str(source)))
+
+
+def test_max_error_rate_fails_the_run_after_writing_the_rows(model, tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    (source / "a.png").write_bytes(b"")
+    _write(source / "b.png", Image.new("RGB", (32, 32)))
+    with pytest.raises(SystemExit, match="above --max-error-rate"):
+        run_score(model, str(source), str(tmp_path / "out"), "--max-error-rate", "0.2")
+    assert len(read_rows(str(tmp_path / "out"))) == 2
+
+
+@pytest.mark.parametrize("case", ["missing bucket", "missing prefix", "bad credentials", "bad model"])
+def test_unusable_input_or_model_fails_before_any_work(case, model, s3_bucket, s3_endpoint, tmp_path, monkeypatch):
+    source, model_uri, out = f"{s3_bucket}/nothing-here", model, str(tmp_path / "out")
+    expected = "nothing under"
+    if case == "missing bucket":
+        source, expected = "s3://no-such-bucket-xyz/images", "no-such-bucket-xyz"
+    elif case == "bad credentials":
+        import moto.settings
+
+        monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAWRONGWRONGWRONG0")
+        storage._s3_client.cache_clear()
+        source, expected = f"{s3_bucket}/images", "access denied"
+    elif case == "bad model":
+        model_uri, expected = str(tmp_path), "model.json"
+    try:
+        with pytest.raises((storage.StorageError, ValueError)) as err:
+            run_score(model_uri, source, out, "--s3-endpoint", s3_endpoint)
+    finally:
+        storage._s3_client.cache_clear()
+    assert expected in str(err.value)
+    assert not os.path.exists(out)  # nothing written
+
+
+def test_killed_driver_resumes_to_exactly_one_row_per_image(model, data, tmp_path):
+    import ray
+
+    source = tmp_path / "in"
+    source.mkdir()
+    originals = storage.list_files(f"{data}/capsule/test")
+    for i in range(160):  # enough work that the kill lands mid-run
+        shutil.copy(originals[i % len(originals)], source / f"{i:04d}.png")
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "jobs.score", "--model", model, "--input", str(source),
+           "--output", str(out), "--batch-size", "2", "--rows-per-file", "4",
+           "--address", ray.get_runtime_context().gcs_address]
+    env = dict(os.environ, AWS_SECRET_ACCESS_KEY="s3cr3t-never-logged")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("dt=*/model=*/part-*.parquet"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(read_rows(str(out)))
+    assert 0 < partial < 160, "the kill must land mid-run"
+    finished = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    rows = read_rows(str(out))
+    uris = [r["uri"] for r in rows]
+    assert len(uris) == len(set(uris)) == 160  # exactly once: no duplicates, no gaps
+    assert "resumed" in finished.stderr
+    for text in (finished.stdout, finished.stderr, *[p.read_text() for p in out.glob("_runs/*/*.json")]):
+        assert "s3cr3t-never-logged" not in text
