@@ -101,23 +101,16 @@ class ModelArtifact:
         storage.write_bytes(storage.join(uri, MODEL_FILE), body, s3_endpoint=s3_endpoint)
         return uri
 
-    @classmethod
-    def load(
-        cls, uri: str, *, s3_endpoint: str | None = None, device: str = "cpu"
-    ) -> ModelArtifact:
-        """Read an artifact directory; every failure names the file and what to do."""
-        from safetensors.torch import load
-
+    @staticmethod
+    def read_metadata(uri: str, *, s3_endpoint: str | None = None) -> dict[str, Any]:
+        """model.json alone (no weights): provenance, calibration and metrics."""
         meta_uri = storage.join(uri, MODEL_FILE)
-        weights_uri = storage.join(uri, WEIGHTS_FILE)
         try:
-            raw = storage.read_bytes(meta_uri, s3_endpoint=s3_endpoint)
+            meta = json.loads(storage.read_bytes(meta_uri, s3_endpoint=s3_endpoint))
         except storage.StorageError as exc:
             raise ArtifactError(
                 f"{meta_uri}: cannot read ({exc}); pass the directory that jobs/train.py wrote"
             ) from exc
-        try:
-            meta = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{meta_uri}: truncated or not JSON ({exc}); retrain or re-copy it") from exc
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -127,6 +120,17 @@ class ModelArtifact:
                 f"{meta_uri}: schema version {meta['schema_version']} is newer than this package "
                 f"reads ({SCHEMA_VERSION}); upgrade the package"
             )
+        return meta
+
+    @classmethod
+    def load(
+        cls, uri: str, *, s3_endpoint: str | None = None, device: str = "cpu"
+    ) -> ModelArtifact:
+        """Read an artifact directory; every failure names the file and what to do."""
+        from safetensors.torch import load
+
+        meta = cls.read_metadata(uri, s3_endpoint=s3_endpoint)
+        weights_uri = storage.join(uri, WEIGHTS_FILE)
         try:
             data = storage.read_bytes(weights_uri, s3_endpoint=s3_endpoint)
         except storage.StorageError as exc:

@@ -15,17 +15,29 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def bare_loop(model: str, uris: list[str], batch_size: int) -> float:
-    """images/s of the job's own three stages called in one process, one batch at a time."""
-    from jobs.score import ScoringActor, read_images, to_rows
+def bare_loop(model: str, source: str, output: str, batch_size: int, rows_per_file: int) -> float:
+    """images/s of the job's own stages called in one process: no Ray, no parallelism."""
+    import numpy as np
 
+    from anomaly_core.runs import open_run, pending
+    from jobs.score import ScoringActor, read_images, write_rows
+
+    start = time.perf_counter()
     actor = ScoringActor(model, None, use_gpu=False)
     artifact = actor.artifact
-    start = time.perf_counter()
-    for i in range(0, len(uris), batch_size):
-        batch = read_images({"uri": uris[i : i + batch_size]}, artifact.input_size, None)
-        to_rows(actor(batch), artifact.calibration.to_dict(), artifact.name, artifact.model_version)
-    return len(uris) / (time.perf_counter() - start)
+    run = open_run(source=source, output=output, model=artifact.name,
+                   model_version=artifact.model_version, extensions=[".png"])
+    todo = pending(run).to_pydict()
+    fields, cal = run.describe(), artifact.calibration.to_dict()
+    done: list[dict] = []
+    for i in range(0, len(todo["uri"]), batch_size):
+        batch = {k: v[i : i + batch_size] for k, v in todo.items()}
+        done.append(actor(read_images(batch, artifact.input_size, 100_000_000, None)))
+        if sum(len(d["uri"]) for d in done) >= rows_per_file or i + batch_size >= len(todo["uri"]):
+            merged = {k: np.concatenate([np.asarray(d[k]) for d in done]) for k in done[0]}
+            write_rows(merged, fields, cal, None)
+            done = []
+    return len(todo["uri"]) / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -57,10 +69,10 @@ def main() -> None:
     ModelArtifact(detector, calibrate(pred["scores"], pred["maps"], pred["labels"])[0]).save(model)
     uris = [r.uri for r in folder_records(os.path.join(data, "capsule", "test"))]
 
-    bare = bare_loop(model, uris, args.batch_size)
-    result = score.main(["--model", model, "--input", os.path.join(data, "capsule", "test"),
-                         "--output", os.path.join(work, "scores"), "--batch-size",
-                         str(args.batch_size), "--num-actors", str(args.num_actors)])
+    source = os.path.join(data, "capsule", "test")
+    bare = bare_loop(model, source, os.path.join(work, "bare"), args.batch_size, 1000)
+    result = score.main(["--model", model, "--input", source, "--output", os.path.join(work, "scores"),
+                         "--batch-size", str(args.batch_size), "--num-actors", str(args.num_actors)])
     ray_rate = result["images_per_s"]
     print(f"\nscoring {len(uris)} images ({args.source_size}px files, padim mobilenet_v2 at "
           f"{args.image_size}px), {os.cpu_count()} cores")

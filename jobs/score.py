@@ -103,7 +103,7 @@ def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
     from anomaly_core.scoring import outputs
 
     score_run, cal, now, rows = ScoreRun(**run), Calibration(**calibration), utc_now(), []
-    for i, uri in enumerate(batch["uri"]):
+    for i in range(len(batch["uri"])):
         if batch["skipped"][i]:
             continue
         row = {k: batch[k][i] for k in (*TEXT_COLUMNS, *INT_COLUMNS)}

@@ -160,7 +160,6 @@ def train_worker(cfg: dict) -> None:
         validate=validation_hook(val, cfg["batch_size"], device) if rank == 0 else None,
         resume=resume, precision=cfg["precision"], channels_last=cfg["channels_last"],
     )
-    final: dict[str, Any] = {"done": 1, "resumed_from_epoch": -1 if resume is None else resume["epoch"]}
     if rank == 0:
         pred = predict(detector, val, batch_size=cfg["batch_size"], device=device)
         calibration, val_metrics = calibrate(pred["scores"], pred["maps"], pred["labels"], pred["masks"])
@@ -176,12 +175,10 @@ def train_worker(cfg: dict) -> None:
                 "epochs": cfg["epochs"],
                 "best_epoch": metrics.get("best_epoch", 0),
                 "last_epoch": metrics,
+                "resumed_from_epoch": None if resume is None else resume["epoch"],
             },
         )
         artifact.save(cfg["output"], s3_endpoint=cfg["s3_endpoint"])
-        final.update(val_metrics, model_version=artifact.model_version, threshold=calibration.threshold,
-                     best_epoch=metrics.get("best_epoch", 0))
-    ray.train.report(final)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -230,10 +227,16 @@ def main(argv: list[str] | None = None) -> dict:
     result = trainer.fit()
     if result.error:
         raise SystemExit(f"training failed: {result.error}")
-    summary = {"detector": name, "artifact": args.output, "workers": args.num_workers,
-               "train_images": len(train), "validation_images": len(val),
-               "wall_s": round(time.perf_counter() - start, 1), **(result.metrics or {})}
-    summary.pop("done", None)
+    # model.json is the record of what was trained (Ray keeps only checkpointed metrics).
+    from anomaly_core.artifact import ModelArtifact
+
+    meta = ModelArtifact.read_metadata(args.output, s3_endpoint=args.s3_endpoint)
+    summary = {"detector": name, "artifact": args.output, "model_version": meta["model_version"],
+               "workers": args.num_workers, "train_images": len(train), "validation_images": len(val),
+               "wall_s": round(time.perf_counter() - start, 1),
+               "threshold": meta["calibration"]["threshold"], "calibration": meta["calibration"]["method"],
+               **{k: meta["training"].get(k) for k in ("best_epoch", "resumed_from_epoch")},
+               "validation_metrics": meta["validation_metrics"]}
     print(json.dumps(summary, indent=2, default=str))
     return summary
 
