@@ -23,7 +23,7 @@ from anomaly_core.detectors.base import Detector
 # a checkpoint must hold to resume (gradient detectors), or None.
 EpochReport = Callable[[dict, "dict | None"], None]
 Validate = Callable[[Detector], dict]
-SELECTION_METRIC = "val_image_auroc"
+SELECTION_METRIC = "objective"  # higher is better; from the validation hook
 PRECISIONS = ("fp32", "bf16")
 
 
@@ -59,7 +59,9 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def _fit_memory(detector: Detector, dataset: Dataset, loader_kwargs: dict, device, precision) -> dict:
+def _fit_memory(
+    detector: Detector, dataset: Dataset, loader_kwargs: dict, device, precision, validate
+) -> dict:
     rank, size = world()
     # Every image exactly once across ranks (no padding): the reduction must equal one worker's.
     shard = Subset(dataset, range(rank, len(dataset), size))
@@ -71,7 +73,11 @@ def _fit_memory(detector: Detector, dataset: Dataset, loader_kwargs: dict, devic
                 detector.observe(batch["image"].to(device, non_blocking=True))
             seen += len(batch["image"])
     detector.finalize()
-    return {"epoch": 0, "images": seen}
+    metrics = {"epoch": 0, "images": seen}
+    if validate is not None:
+        with autocast(device, precision):
+            metrics.update(validate(detector))
+    return metrics
 
 
 def _fit_gradient(
@@ -182,9 +188,10 @@ def fit(
     """Fit `detector` on `dataset` (items with an "image" tensor) and return the last epoch's metrics.
 
     Under torch.distributed each rank sees its shard; memory detectors reduce their state in
-    finalize(), gradient detectors are wrapped in DDP. Gradient detectors: `validate(detector)`
-    runs after each epoch and the epoch with the best `val_image_auroc` is kept; `resume` is a
-    `state` that `report` received, to continue after it.
+    finalize(), gradient detectors are wrapped in DDP. `validate(detector)` runs after each
+    epoch (after finalize for memory detectors) and its metrics are reported; for gradient
+    detectors the epoch with the highest `objective` is kept; `resume` is a `state` that
+    `report` received, to continue after it.
     """
     device = torch.device(device)
     detector.to(device)
@@ -197,7 +204,7 @@ def fit(
     if len(dataset) == 0:
         raise ValueError("fit() got an empty training set; check the data path and split")
     if detector.family == "memory":
-        metrics = _fit_memory(detector, dataset, loader_kwargs, device, precision)
+        metrics = _fit_memory(detector, dataset, loader_kwargs, device, precision, validate)
         if report is not None:
             report(metrics, None)
         return metrics

@@ -36,6 +36,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="share of normal training images held out to calibrate the threshold")
     p.add_argument("--val-data", help="MVTec-layout root with labelled <category>/test defects for "
                    "calibration (never the data you evaluate on)")
+    p.add_argument("--objective", default="image_auroc",
+                   help="validation objective for the best epoch: image_auroc, pixel_auroc, aupro "
+                   "or a weighted mix like image_auroc=0.7,aupro=0.3 (on labelled --val-data, "
+                   "else on synthetic anomalies pasted into held-out normal images)")
     p.add_argument("--num-workers", type=int, default=1, help="Ray Train workers")
     p.add_argument("--cpus-per-worker", type=float, default=1)
     p.add_argument("--batch-size", type=int, default=16)
@@ -120,19 +124,49 @@ def _resume_state() -> dict | None:
         return torch.load(f"{path}/state.pt", map_location="cpu", weights_only=True)
 
 
-def validation_hook(val, batch_size: int, device):
-    """Per-epoch validation metrics: image AUROC when the split has defects and normals."""
+OBJECTIVES = ("image_auroc", "pixel_auroc", "aupro")
+
+
+def parse_objective(text: str) -> dict[str, float]:
+    """"image_auroc" or a weighted mix "image_auroc=0.5,pixel_auroc=0.3,aupro=0.2"."""
+    weights = {}
+    for part in text.split(","):
+        name, _, weight = part.partition("=")
+        if name not in OBJECTIVES:
+            raise ValueError(f"objective {name!r}: choose from {OBJECTIVES} (or a weighted mix)")
+        weights[name] = float(weight) if weight else 1.0
+    return weights
+
+
+def validation_hook(val, weights: dict[str, float], batch_size: int, device):
+    """Per-epoch validation metrics and the `objective` (higher is better) on labelled images."""
     from anomaly_core import metrics
     from anomaly_core.evaluate import predict
 
     def validate(detector) -> dict:
         pred = predict(detector, val, batch_size=batch_size, device=device)
-        labels = pred["labels"]
-        if not ((labels == 1).any() and (labels == 0).any()):
-            return {"val_normal_score_mean": float(pred["scores"].mean())}
-        return {"val_image_auroc": metrics.image_auroc(labels, pred["scores"])}
+        out = {"val_image_auroc": metrics.image_auroc(pred["labels"], pred["scores"])}
+        if "pixel_auroc" in weights:
+            out["val_pixel_auroc"] = metrics.pixel_auroc(pred["masks"], pred["maps"])
+        if "aupro" in weights:
+            out["val_aupro"] = metrics.aupro(pred["masks"], pred["maps"])
+        out["objective"] = sum(w * out[f"val_{k}"] for k, w in weights.items()) / sum(weights.values())
+        return out
 
     return validate
+
+
+def validation_sets(cfg: dict, size: tuple[int, int]):
+    """(calibration set, objective set): labelled validation images when the user has defects;
+    otherwise held-out normal images, plus the same with synthetic anomalies for the objective."""
+    from anomaly_core.data.anomalies import SyntheticAnomalyDataset
+    from anomaly_core.data.datasets import ImageDataset, ImageRecord
+
+    records = [ImageRecord(**r) for r in cfg["val"]]
+    calibration = ImageDataset(records, size, s3_endpoint=cfg["s3_endpoint"])
+    if any(r.label == 1 for r in records):
+        return calibration, calibration
+    return calibration, SyntheticAnomalyDataset(calibration, seed=cfg["seed"])
 
 
 def train_worker(cfg: dict) -> None:
@@ -151,18 +185,20 @@ def train_worker(cfg: dict) -> None:
     detector = build_detector(cfg["detector"], **cfg["options"])
     size = (detector.config.image_size,) * 2
     train = [ImageRecord(**r) for r in cfg["train"]]
-    val = ImageDataset([ImageRecord(**r) for r in cfg["val"]], size, s3_endpoint=cfg["s3_endpoint"])
+    val, objective_set = validation_sets(cfg, size)
     resume = _resume_state()
     metrics = fit(
         detector, ImageDataset(train, size, s3_endpoint=cfg["s3_endpoint"]),
         batch_size=cfg["batch_size"], epochs=cfg["epochs"], device=device,
         loader_workers=cfg["loader_workers"], seed=cfg["seed"], report=_checkpointing_report(rank),
-        validate=validation_hook(val, cfg["batch_size"], device) if rank == 0 else None,
+        validate=validation_hook(objective_set, cfg["objective"], cfg["batch_size"], device)
+        if rank == 0 else None,
         resume=resume, precision=cfg["precision"], channels_last=cfg["channels_last"],
     )
     if rank == 0:
         pred = predict(detector, val, batch_size=cfg["batch_size"], device=device)
         calibration, val_metrics = calibrate(pred["scores"], pred["maps"], pred["labels"], pred["masks"])
+        val_metrics.update({k: v for k, v in metrics.items() if k.startswith("val_") or k == "objective"})
         artifact = ModelArtifact(
             detector=detector.cpu(),
             calibration=calibration,
@@ -203,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
         "train": [asdict(r) for r in train], "val": [asdict(r) for r in val],
         "batch_size": args.batch_size, "epochs": args.epochs, "loader_workers": args.loader_workers,
         "seed": args.seed, "precision": args.precision, "channels_last": args.channels_last,
+        "objective": parse_objective(args.objective),
     }
     storage_path, storage_fs = args.storage_path, None
     if storage_path and storage.is_s3(storage_path):

@@ -88,7 +88,7 @@ def test_the_best_validation_epoch_is_kept_not_the_last():
 
     def validate(d):
         snapshots.append({k: v.clone() for k, v in d.state_dict().items()})
-        return {"val_image_auroc": next(scores)}
+        return {"objective": next(scores)}
 
     last = fit(det, Images(), batch_size=4, epochs=3, validate=validate)
     assert last["best_epoch"] == 1
@@ -96,7 +96,7 @@ def test_the_best_validation_epoch_is_kept_not_the_last():
         assert torch.equal(v, snapshots[1][k])
 
 
-def test_without_validation_auroc_the_last_epoch_is_kept():
+def test_without_an_objective_the_last_epoch_is_kept():
     det = _toy()
     last = fit(det, Images(), batch_size=4, epochs=2, validate=lambda d: {"val_loss": 1.0})
     assert last["best_epoch"] == 1
