@@ -60,8 +60,10 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    ray.init(address=address, log_to_driver=True)
+    context = ray.init(address=address, log_to_driver=True)
     log.info("ray cluster resources: %s", json.dumps(ray.cluster_resources()))
+    if getattr(context, "dashboard_url", None):
+        log.info("ray dashboard: http://%s", context.dashboard_url)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
@@ -78,8 +80,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return out
 
 
+class JobFailed(RuntimeError):
+    """The job ran, and its own check of the outcome failed (exit code 3)."""
+
+
 def run_job(main) -> None:
-    """Run a job's main; a known bad input ends it with exit code 2 and the reason last."""
+    """Run a job's main; the reason for a failure is always the last log line.
+
+    Exit codes: 2 bad input or configuration (before any work), 3 the job's own check failed
+    (e.g. --max-error-rate), 1 anything unexpected.
+    """
     from anomaly_core.artifact import ArtifactError
     from anomaly_core.backbones import WeightsUnavailableError
     from anomaly_core.storage import StorageError
@@ -89,3 +99,15 @@ def run_job(main) -> None:
     except (ArtifactError, StorageError, WeightsUnavailableError, ValueError, FileNotFoundError) as exc:
         log.error("failed: %s", exc)
         sys.exit(2)
+    except JobFailed as exc:
+        log.error("failed: %s", exc)
+        sys.exit(3)
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a usage problem found by the job: the reason goes last
+            log.error("failed: %s", exc.code)
+            sys.exit(2)
+        raise
+    except Exception as exc:  # an unexpected failure: keep the traceback, end on the reason
+        log.exception("unexpected error")
+        log.error("failed: %s: %s", type(exc).__name__, exc)
+        sys.exit(1)

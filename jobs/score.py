@@ -15,7 +15,15 @@ import time
 
 import numpy as np
 
-from jobs.common import add_cluster_flags, init_ray, log, redacted, run_job, setup_logging
+from jobs.common import (
+    JobFailed,
+    add_cluster_flags,
+    init_ray,
+    log,
+    redacted,
+    run_job,
+    setup_logging,
+)
 
 TEXT_COLUMNS = ("uri", "etag", "error")
 INT_COLUMNS = ("size_bytes", "width", "height")
@@ -200,7 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("\n".join(f"{k:<10} {v}" for k, v in table))
     rate = summary["errors"] / max(summary["rows"], 1)
     if rate > args.max_error_rate:
-        raise SystemExit(f"error rate {rate:.1%} is above --max-error-rate {args.max_error_rate:.1%}; "
+        raise JobFailed(f"error rate {rate:.1%} is above --max-error-rate {args.max_error_rate:.1%}; "
                          f"the rows are written, see the `error` column under {run.partition}")
     return summary
 

@@ -23,11 +23,10 @@ from jobs.common import (
 )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    """Flags shared by jobs.train and jobs.tune: data, detector, validation, workers."""
     p.add_argument("--data", required=True, help="MVTec-layout root (with --category) or a folder of normal images; local or s3://")
     p.add_argument("--category", help="MVTec category: train on <data>/<category>/train/good")
-    p.add_argument("--output", required=True, help="artifact directory to write (local or s3://)")
     p.add_argument("--detector", default=None, help="registered detector name (default padim, or from --config)")
     p.add_argument("--config", help="YAML file: {detector: NAME, options: {...}, training: {...}}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -55,6 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage-path", default=None, help="Ray Train run storage (local or s3://)")
     p.add_argument("--seed", type=int, default=0)
     add_cluster_flags(p)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    p.add_argument("--output", required=True, help="artifact directory to write (local or s3://)")
+    add_training_flags(p)
     return p.parse_args(argv)
 
 
@@ -195,7 +200,7 @@ def train_worker(cfg: dict) -> None:
         if rank == 0 else None,
         resume=resume, precision=cfg["precision"], channels_last=cfg["channels_last"],
     )
-    if rank == 0:
+    if rank == 0 and cfg["output"]:
         pred = predict(detector, val, batch_size=cfg["batch_size"], device=device)
         calibration, val_metrics = calibrate(pred["scores"], pred["maps"], pred["labels"], pred["masks"])
         val_metrics.update({k: v for k, v in metrics.items() if k.startswith("val_") or k == "objective"})
@@ -217,6 +222,48 @@ def train_worker(cfg: dict) -> None:
         artifact.save(cfg["output"], s3_endpoint=cfg["s3_endpoint"])
 
 
+def worker_config(args, name: str, options: dict, train: list, val: list, output: str | None) -> dict:
+    """train_worker's config; output None trains and validates without writing an artifact."""
+    from dataclasses import asdict
+
+    return {
+        "detector": name, "options": options, "output": output, "s3_endpoint": args.s3_endpoint,
+        "train": [asdict(r) for r in train], "val": [asdict(r) for r in val],
+        "batch_size": args.batch_size, "epochs": args.epochs, "loader_workers": args.loader_workers,
+        "seed": args.seed, "precision": args.precision, "channels_last": args.channels_last,
+        "objective": parse_objective(args.objective),
+    }
+
+
+def make_trainer(args, cfg: dict, *, name: str | None = None, callbacks: list | None = None):
+    """The TorchTrainer that runs train_worker on --num-workers workers, checkpointing each epoch."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from anomaly_core import storage
+
+    storage_path, storage_fs = args.storage_path, None
+    if storage_path and storage.is_s3(storage_path):
+        # Ray would build its own S3 client without our endpoint; hand it ours.
+        storage_fs, storage_path = storage.filesystem(storage_path, s3_endpoint=args.s3_endpoint)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(
+            num_workers=args.num_workers, use_gpu=args.use_gpu,
+            resources_per_worker={"CPU": args.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=name or f"train-{cfg['detector']}-{int(time.time())}",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            failure_config=FailureConfig(max_failures=args.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
+        ),
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
@@ -230,40 +277,13 @@ def main(argv: list[str] | None = None) -> dict:
     train, val = training_records(args)
     log.info("train %s: %d training, %d validation images; options %s",
              name, len(train), len(val), json.dumps(redacted(options)))
+    cfg = worker_config(args, name, options, train, val, args.output)
     init_ray(args.address)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    cfg = {
-        "detector": name, "options": options, "output": args.output, "s3_endpoint": args.s3_endpoint,
-        "train": [asdict(r) for r in train], "val": [asdict(r) for r in val],
-        "batch_size": args.batch_size, "epochs": args.epochs, "loader_workers": args.loader_workers,
-        "seed": args.seed, "precision": args.precision, "channels_last": args.channels_last,
-        "objective": parse_objective(args.objective),
-    }
-    storage_path, storage_fs = args.storage_path, None
-    if storage_path and storage.is_s3(storage_path):
-        # Ray would build its own S3 client without our endpoint; hand it ours.
-        storage_fs, storage_path = storage.filesystem(storage_path, s3_endpoint=args.s3_endpoint)
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config=cfg,
-        scaling_config=ScalingConfig(
-            num_workers=args.num_workers, use_gpu=args.use_gpu,
-            resources_per_worker={"CPU": args.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=f"train-{name}-{int(time.time())}",
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=args.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-        ),
-    )
+    trainer = make_trainer(args, cfg)
     start = time.perf_counter()
     result = trainer.fit()
     if result.error:
-        raise SystemExit(f"training failed: {result.error}")
+        raise RuntimeError(f"training failed: {result.error}")
     # model.json is the record of what was trained (Ray keeps only checkpointed metrics).
     from anomaly_core.artifact import ModelArtifact
 
@@ -274,7 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
                "threshold": meta["calibration"]["threshold"], "calibration": meta["calibration"]["method"],
                **{k: meta["training"].get(k) for k in ("best_epoch", "resumed_from_epoch")},
                "validation_metrics": meta["validation_metrics"]}
-    print(json.dumps(summary, indent=2, default=str))
+    body = json.dumps(summary, indent=2, default=str)
+    storage.write_bytes(storage.join(args.output, "train_summary.json"), body.encode(),
+                        s3_endpoint=args.s3_endpoint)
+    print(body)
     return summary
 
 

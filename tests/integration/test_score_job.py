@@ -24,6 +24,7 @@ from anomaly_core.evaluate import calibrate, predict
 from anomaly_core.fit import fit
 from anomaly_core.schema import COLUMNS
 from jobs import score
+from jobs.common import JobFailed
 
 SIZE = 64
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -188,7 +189,7 @@ def test_max_error_rate_fails_the_run_after_writing_the_rows(model, tmp_path):
     source.mkdir()
     (source / "a.png").write_bytes(b"")
     _write(source / "b.png", Image.new("RGB", (32, 32)))
-    with pytest.raises(SystemExit, match="above --max-error-rate"):
+    with pytest.raises(JobFailed, match="above --max-error-rate"):
         run_score(model, str(source), str(tmp_path / "out"), "--max-error-rate", "0.2")
     assert len(read_rows(str(tmp_path / "out"))) == 2
 

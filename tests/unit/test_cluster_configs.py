@@ -430,8 +430,8 @@ def manifest_commands() -> list[tuple[str, str]]:
 
 
 def doc_commands() -> list[tuple[str, str]]:
-    """(where, command) for every `python -m jobs.X ...` in docs/cluster.md's code blocks."""
-    path = REPO / "docs" / "cluster.md"
+    """(where, command) for every `python -m jobs.X ...` in the README's code blocks."""
+    path = REPO / "README.md"
     if not path.is_file():
         return []
     blocks = re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), flags=re.S)
@@ -440,7 +440,7 @@ def doc_commands() -> list[tuple[str, str]]:
         for line in re.sub(r"\\\n\s*", " ", block).splitlines():
             match = re.search(r"python -m jobs\.\w+.*", line)
             if match and "--help" not in line:
-                out.append((f"docs/cluster.md command {len(out)}", match.group()))
+                out.append((f"README.md command {len(out)}", match.group()))
     return out
 
 
