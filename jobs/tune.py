@@ -1,0 +1,247 @@
+"""Sweep a detector's hyperparameters with Ray Tune; every trial runs jobs/train.py's Ray Train fit.
+
+    python -m jobs.tune --data DIR_OR_S3 --category capsule --detector simplenet \
+        --param noise_std=loguniform:0.002:0.1 --num-samples 8 --output SWEEP_URI
+
+Writes <output>/results.parquet (one row per trial, sorted by the objective), the best config as
+<output>/best_config.yaml (for `jobs.train --config`), <output>/summary.json and, with
+--save-best-artifact, <output>/best_model. Starting the same sweep again resumes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import yaml
+
+from jobs.common import init_ray, log, parse_overrides, redacted, run_job, setup_logging
+from jobs.train import add_training_flags, detector_options, training_records, worker_config
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+SEARCHERS = ("random", "grid", "optuna")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n")[0])
+    p.add_argument("--output", required=True, help="sweep results folder (local or s3://)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=DIST:ARGS",
+                   help="search dimension, repeatable: noise_std=loguniform:0.002:0.1, "
+                   "flow_steps=randint:2:16, lr=uniform:1e-4:1e-2, "
+                   "backbone=choice:resnet18,resnet50,wide_resnet50_2, coreset_ratio=grid:0.01,0.1")
+    p.add_argument("--space", help="YAML: {detector: NAME, params: {name: 'loguniform:a:b', ...}, "
+                   "options: {fixed options}}")
+    p.add_argument("--search", choices=SEARCHERS, default="random",
+                   help="random, grid (every combination of choice/grid values) or optuna (TPE)")
+    p.add_argument("--scheduler", choices=["asha", "fifo"], default="asha",
+                   help="asha stops poor trials early on their per-epoch objective")
+    p.add_argument("--num-samples", type=int, default=8, help="trials (random/optuna)")
+    p.add_argument("--max-concurrent", type=int, default=1, help="trials at once")
+    p.add_argument("--name", help="sweep name (default sweep-<detector>); same name = resume")
+    p.add_argument("--save-best-artifact", action="store_true",
+                   help="train the best config once more and save it to <output>/best_model")
+    add_training_flags(p)
+    args = p.parse_args(argv)
+    if args.num_samples < 1 or args.max_concurrent < 1:
+        p.error("--num-samples and --max-concurrent must be at least 1")
+    return args
+
+
+def parse_param(spec: str) -> tuple[str, str, list[Any]]:
+    """'noise_std=loguniform:0.002:0.1' -> ('noise_std', 'loguniform', [0.002, 0.1])."""
+    name, sep, rest = spec.partition("=")
+    kind, _, values = rest.partition(":")
+    if not sep or kind not in DISTRIBUTIONS or not values:
+        raise ValueError(f"--param {spec!r}: expected NAME=KIND:ARGS with KIND one of {DISTRIBUTIONS}")
+    sep = "," if kind in ("choice", "grid") else ":"
+    parsed = [parse_overrides([f"v={v}"])["v"] for v in values.split(sep)]
+    if kind in ("loguniform", "uniform", "randint") and len(parsed) != 2:
+        raise ValueError(f"--param {spec!r}: {kind} takes two bounds, e.g. {kind}:1:10")
+    return name, kind, parsed
+
+
+def search_space(params: list[tuple[str, str, list]]) -> dict[str, Any]:
+    """Ray Tune sampling objects for the parsed dimensions."""
+    from ray import tune
+
+    make = {
+        "loguniform": lambda v: tune.loguniform(*v),
+        "uniform": lambda v: tune.uniform(*v),
+        "randint": lambda v: tune.randint(v[0], v[1] + 1),  # both bounds included
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+    }
+    return {name: make[kind](values) for name, kind, values in params}
+
+
+def run_trial(config: dict) -> None:
+    """A Tune trial: jobs/train.py's fit on its own Ray Train workers, metrics sent to Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.train import make_trainer
+
+    cfg = dict(config["base"])
+    cfg["options"] = {**cfg["options"], **{k: config[k] for k in config["params"]}}
+    args = argparse.Namespace(**config["trainer_args"])
+    trainer = make_trainer(args, cfg, name=f"trial-{int(time.time() * 1000)}",
+                           callbacks=[TuneReportCallback()])
+    trainer.fit()
+
+
+def results_table(grid, params: list[str], metric: str):
+    """One row per trial: its parameters, objective, validation metrics, epochs and wall time."""
+    import pyarrow as pa
+
+    rows = []
+    for result in grid:
+        m = result.metrics or {}
+        cfg = result.config or {}
+        rows.append({
+            "trial_id": m.get("trial_id") or str(result.path).rsplit("/", 1)[-1],
+            "status": "error" if result.error else "ok",
+            **{f"param_{p}": json.dumps(cfg.get(p)) for p in params},
+            metric: m.get(metric),
+            **{k: m.get(k) for k in ("val_image_auroc", "val_pixel_auroc", "val_aupro", "loss")},
+            "epochs": m.get("training_iteration"),
+            "wall_s": m.get("time_total_s"),
+            "error": str(result.error)[:500] if result.error else None,
+        })
+    rows.sort(key=lambda r: (r[metric] is None, -(r[metric] or 0.0)))
+    return pa.Table.from_pylist(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    setup_logging()
+    args = parse_args(argv)
+    from dataclasses import asdict
+
+    from anomaly_core import storage
+    from anomaly_core.detectors import detector_class, make_config
+    from anomaly_core.schema import parquet_bytes
+
+    name, fixed = detector_options(args)
+    specs = list(args.param)
+    if args.space:
+        with open(args.space) as f:
+            space_file = yaml.safe_load(f) or {}
+        name = args.detector or space_file.get("detector", name)
+        fixed.update(space_file.get("options", {}))
+        specs += [f"{k}={v}" for k, v in space_file.get("params", {}).items()]
+    params = [parse_param(s) for s in specs]
+    if not params:
+        raise ValueError("nothing to search: pass --param NAME=KIND:ARGS or --space file.yaml")
+    fields = set(make_config(name).__dataclass_fields__)
+    unknown = [p for p, _, _ in params if p not in fields]
+    if unknown:
+        raise ValueError(f"{name} has no option(s) {unknown}; its options: {sorted(fields)}")
+    if args.search == "grid" and any(k not in ("grid", "choice") for _, k, _ in params):
+        raise ValueError("--search grid needs every --param as choice:... or grid:...")
+    options = asdict(make_config(name, **fixed))
+    train, val = training_records(args)
+    cfg = worker_config(args, name, options, train, val, None)
+    family = detector_class(name).family
+    log.info("sweep %s over %s (%s search, %s), %d trials, objective %s; fixed %s", name,
+             [p for p, _, _ in params], args.search, args.scheduler, args.num_samples,
+             args.objective, json.dumps(redacted(fixed)))
+    init_ray(args.address)
+    from ray import tune
+
+    metric, mode = "objective", "max"
+    space = search_space([(p, "grid" if args.search == "grid" else k, v) for p, k, v in params])
+    trainer_args = {k: getattr(args, k) for k in (
+        "storage_path", "s3_endpoint", "num_workers", "use_gpu", "cpus_per_worker", "max_failures")}
+    param_space = {**space, "params": [p for p, _, _ in params], "base": cfg,
+                   "trainer_args": trainer_args}
+    searcher = None
+    if args.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(metric=metric, mode=mode, seed=args.seed)
+    scheduler = None
+    if args.scheduler == "asha" and family == "gradient" and args.epochs > 1:
+        # Memory detectors report once, so there is nothing to stop early.
+        scheduler = tune.schedulers.ASHAScheduler(
+            time_attr="training_iteration", metric=metric, mode=mode, max_t=args.epochs,
+            grace_period=1, reduction_factor=2)
+    tune_config = tune.TuneConfig(
+        metric=None if scheduler else metric, mode=None if scheduler else mode,
+        search_alg=searcher, scheduler=scheduler,
+        num_samples=1 if args.search == "grid" else args.num_samples,
+        max_concurrent_trials=args.max_concurrent,
+    )
+    sweep = args.name or f"sweep-{name}"
+    storage_path = args.storage_path or storage.join(args.output, "tune")
+    storage_fs = None
+    if storage.is_s3(storage_path):
+        storage_fs, storage_path = storage.filesystem(storage_path, s3_endpoint=args.s3_endpoint)
+    # The trial itself only waits on its TorchTrainer, whose workers hold the real resources.
+    trainable = tune.with_resources(run_trial, {"cpu": 0.01})
+    experiment = f"{storage_path.rstrip('/')}/{sweep}"
+    start = time.perf_counter()
+    if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
+        log.info("resuming sweep %s from %s", sweep, experiment)
+        tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True,
+                                   storage_filesystem=storage_fs, param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space, tune_config=tune_config,
+            run_config=tune.RunConfig(name=sweep, storage_path=storage_path,
+                                      storage_filesystem=storage_fs),
+        )
+    grid = tuner.fit()
+    table = results_table(grid, [p for p, _, _ in params], metric)
+    storage.write_bytes(storage.join(args.output, "results.parquet"), parquet_bytes(table),
+                        s3_endpoint=args.s3_endpoint)
+    rows = table.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok" and r[metric] is not None]
+    if not ok:
+        raise SystemExit(f"no trial finished with an objective; see {args.output}/results.parquet")
+    best = ok[0]
+    best_options = {**fixed, **{p: json.loads(best[f"param_{p}"]) for p, _, _ in params}}
+    best_config = {"detector": name, "options": best_options,
+                   "objective": {args.objective: best[metric]}, "epochs": args.epochs}
+    storage.write_bytes(storage.join(args.output, "best_config.yaml"),
+                        yaml.safe_dump(best_config, sort_keys=False).encode(),
+                        s3_endpoint=args.s3_endpoint)
+    print(f"\nsweep {sweep}: {len(rows)} trials, best {metric} {best[metric]:.4f}")
+    print(f"{'rank':<5}{metric:>10}  " + "  ".join(f"{p:>14}" for p, _, _ in params) + f"{'wall_s':>9}")
+    for i, r in enumerate(rows):
+        value = "failed" if r[metric] is None else f"{r[metric]:.4f}"
+        shown = [_short(json.loads(r["param_" + p])) for p, _, _ in params]
+        print(f"{i + 1:<5}{value:>10}  " + "  ".join(f"{v:>14}" for v in shown)
+              + f"{(r['wall_s'] or 0):>9.1f}")
+    summary = {"sweep": sweep, "detector": name, "trials": len(rows), "finished": len(ok),
+               "best": best, "best_config": best_config, "wall_s": round(time.perf_counter() - start, 1),
+               "results": storage.join(args.output, "results.parquet")}
+    if args.save_best_artifact:
+        from jobs import train
+
+        summary["best_model"] = storage.join(args.output, "best_model")
+        log.info("training the best config into %s", summary["best_model"])
+        train_summary = train.main(_train_argv(args, summary["best_model"], best_config))
+        summary["best_model_version"] = train_summary["model_version"]
+    storage.write_bytes(storage.join(args.output, "summary.json"),
+                        json.dumps(summary, indent=2, default=str).encode(), s3_endpoint=args.s3_endpoint)
+    return summary
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _train_argv(args: argparse.Namespace, output: str, best: dict) -> list[str]:
+    argv = ["--data", args.data, "--output", output, "--detector", best["detector"],
+            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
+            "--num-workers", str(args.num_workers), "--objective", args.objective,
+            "--val-fraction", str(args.val_fraction), "--seed", str(args.seed)]
+    for flag in ("category", "val_data", "s3_endpoint", "address"):
+        if getattr(args, flag):
+            argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    argv += [x for k, v in best["options"].items() for x in ("--set", f"{k}={json.dumps(v)}")]
+    return argv + (["--use-gpu"] if args.use_gpu else [])
+
+
+if __name__ == "__main__":
+    run_job(main)
