@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from anomaly_core.artifact import ModelArtifact
+from anomaly_core.backbones import TORCHVISION_MODELS
 from anomaly_core.data.datasets import ImageDataset, mvtec_records
 from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector, list_detectors, make_config
@@ -16,8 +17,10 @@ TINY = {"backbone": "resnet18", "weights": "random", "image_size": SIZE, "n_feat
 
 
 def tiny_config(name: str) -> dict:
-    fields = make_config(name).__dataclass_fields__
-    return {k: v for k, v in TINY.items() if k in fields}
+    config = make_config(name)
+    if config.backbone not in TORCHVISION_MODELS:  # a ViT keeps its own shape and input size
+        return {"weights": "random"}
+    return {k: v for k, v in TINY.items() if k in config.__dataclass_fields__}
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +35,12 @@ def test_registered_detector_fits_scores_and_round_trips(name, data, tmp_path):
     torch.manual_seed(0)
     detector = build_detector(name, **tiny_config(name))
     assert detector.family in ("memory", "gradient")
-    train = ImageDataset(mvtec_records(data, "capsule", "train"), (SIZE, SIZE))
-    test = ImageDataset(mvtec_records(data, "capsule", "test"), (SIZE, SIZE))
+    size = (detector.config.image_size,) * 2
+    train = ImageDataset(mvtec_records(data, "capsule", "train"), size)
+    test = ImageDataset(mvtec_records(data, "capsule", "test"), size)
     fit(detector, train, batch_size=4, epochs=1)
     pred = predict(detector, test, batch_size=4)
-    assert pred["scores"].shape == (len(test),) and pred["maps"].shape == (len(test), SIZE, SIZE)
+    assert pred["scores"].shape == (len(test),) and pred["maps"].shape == (len(test), *size)
     calibration, _ = calibrate(pred["scores"], pred["maps"], pred["labels"], pred["masks"])
     ModelArtifact(detector, calibration).save(str(tmp_path / name))
     loaded = ModelArtifact.load(str(tmp_path / name))
