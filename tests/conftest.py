@@ -60,9 +60,17 @@ def s3_bucket(s3_endpoint: str) -> str:
 @pytest.fixture(scope="session")
 def ray_cluster(s3_endpoint: str) -> Iterator[None]:
     """One local Ray for the whole session, on 127.0.0.1; it sees the fake S3 credentials."""
+    import socket
+
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    # The dashboard serves the State API, which Ray Train's placement-group cleaner needs to
+    # free a Tune trial's workers once the trial ends; without it their CPUs stay reserved.
+    ray.init(num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=dashboard_port, log_to_driver=False)
     try:
         yield
     finally:

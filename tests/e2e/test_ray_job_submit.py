@@ -1,0 +1,327 @@
+"""End to end on a real Ray head, driven only through Ray's CLI, as docs/local-cluster.md documents.
+
+`ray start --head` on 127.0.0.1 (its own --temp-dir and free ports, so it never meets the
+in-process Ray of the integration tests or another Ray on the machine), a moto S3 server on
+loopback, a synthetic dataset uploaded to it, then `ray job submit --working-dir .` for
+train -> score -> a two-trial tune, and one job that must fail. Each job is checked through the
+CLI's exit code, `ray job status` and `ray job logs`; the results are read back from S3.
+
+The head is stopped afterwards whatever happens, by killing exactly its processes (those of the
+session `ray start` ran in, those naming its temp dir, and their descendants). Not with
+`ray stop`: that kills every Ray process on the machine, the in-process cluster of the other
+tests and any other user's included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, with `ray` in it
+CATEGORY = "capsule"
+SIZE = 48
+JOB_TIMEOUT = 300
+
+# The runtime env of `ray job submit` on a local head: cluster/runtime_env.yaml without `pip:`
+# (the venv the head runs in has every dependency) and without `working_dir` (the flag).
+RUNTIME_ENV = {
+    "excludes": [".git/", ".venv/", "dist/", "demo_output/", "runs/", "tests/", "bench/",
+                 "*.egg-info/", ".pytest_cache/", ".ruff_cache/", ".benchmarks/"],
+    "env_vars": {"ANOMALY_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+                 "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"},
+}
+TINY = ["--set", "backbone=mobilenet_v2", "--set", f"image_size={SIZE}"]
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,  # 1.5 to 3 minutes on 2 cores, depending on what else runs
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stops its Ray head through /proc"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes() -> dict[int, tuple[int, int, str, str]]:
+    """pid -> (ppid, session id, state, command line) of every process /proc lets us read."""
+    table = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read().decode(errors="replace")
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
+        table[int(name)] = (int(fields[1]), int(fields[3]), fields[0], cmdline)
+    return table
+
+
+def _head_pids(session: int, temp_dir: str) -> set[int]:
+    """The live processes of this head: `ray start`'s session (GCS, raylet, dashboard, client
+    server, workers), anything naming its temp dir, and all their descendants (job drivers run
+    in sessions of their own under a worker)."""
+    table = _processes()
+    children = defaultdict(list)
+    for pid, (ppid, *_) in table.items():
+        children[ppid].append(pid)
+    # "ray" in the command line: a process that merely reuses the old `ray start` pid as its
+    # session id is not ours (every Ray process names ray: its binary, module or ray:: title).
+    todo = [pid for pid, (_, sid, _, cmd) in table.items()
+            if (sid == session and "ray" in cmd) or temp_dir in cmd]
+    found: set[int] = set()
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children[pid])
+    mine, pid = set(), os.getpid()
+    while pid in table and pid not in mine:  # never this process or its ancestors
+        mine.add(pid)
+        pid = table[pid][0]
+    return {p for p in found - mine if table[p][2] != "Z"}
+
+
+def _stop_head(session: int, temp_dir: str) -> set[int]:
+    """`ray stop --force` for this head only: SIGKILL its processes; returns any that survive."""
+    left: set[int] = set()
+    for _ in range(3):
+        pids = _head_pids(session, temp_dir)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.time() + 10
+        while pids and time.time() < deadline:
+            time.sleep(0.2)
+            pids = _head_pids(session, temp_dir)
+        left = pids
+        if not left:
+            break
+    return left
+
+
+@dataclass
+class Head:
+    address: str  # the job API: http://127.0.0.1:<dashboard port>
+    env: dict[str, str]
+    s3_endpoint: str
+    bucket: str  # s3://<name>
+
+    def ray(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["ray", *args], cwd=REPO, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+
+@dataclass
+class Job:
+    submission_id: str
+    returncode: int  # of `ray job submit`
+    output: str  # what `ray job submit` printed
+    status: str  # `ray job status` output
+    logs: str  # `ray job logs` output
+    wall_s: float  # of `ray job submit`
+
+    def describe(self) -> str:
+        return (f"job {self.submission_id}: submit exit {self.returncode} after {self.wall_s:.0f} s"
+                f"\n--- status\n{self.status}"
+                f"\n--- logs (tail)\n{self.logs[-6000:]}\n--- submit output (tail)\n{self.output[-3000:]}")
+
+
+def submit(head: Head, job: str, *job_args: str) -> Job:
+    """`ray job submit` as the docs show it, waiting for the end; then its status and logs."""
+    submission_id = f"e2e-{job}-{uuid.uuid4().hex[:8]}"
+    cmd = ["job", "submit", "--address", head.address, "--submission-id", submission_id,
+           "--working-dir", ".", "--runtime-env-json", json.dumps(RUNTIME_ENV),
+           "--", "python", "-m", f"jobs.{job}", *job_args]
+    start = time.perf_counter()
+    try:
+        proc = head.ray(*cmd, timeout=JOB_TIMEOUT)
+        returncode, output = proc.returncode, proc.stdout + proc.stderr
+    except subprocess.TimeoutExpired as exc:
+        head.ray("job", "stop", "--address", head.address, submission_id)
+        returncode, output = -1, f"timed out after {JOB_TIMEOUT}s: {exc.stdout!r}"
+    wall_s = time.perf_counter() - start
+    status = head.ray("job", "status", "--address", head.address, submission_id)
+    logs = head.ray("job", "logs", "--address", head.address, submission_id)
+    print(f"{submission_id}: `ray job submit` {wall_s:.1f} s, status and logs "
+          f"{time.perf_counter() - start - wall_s:.1f} s")
+    return Job(submission_id, returncode, output, status.stdout + status.stderr, logs.stdout, wall_s)
+
+
+def state(job: Job) -> str:
+    """SUCCEEDED, FAILED, STOPPED, ... from `ray job status`'s words for them."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", job.status)
+    for pattern, status in ((r"Job '[^']+' succeeded", "SUCCEEDED"), (r"Job '[^']+' failed", "FAILED"),
+                            (r"Job '[^']+' was stopped", "STOPPED")):
+        if re.search(pattern, text):
+            return status
+    found = re.findall(r"Status for job '[^']+': (\w+)", text)
+    return found[-1] if found else "UNKNOWN"
+
+
+def last_json(text: str) -> dict:
+    """The last top-level JSON object a job printed (train's summary)."""
+    starts = [m.start() for m in re.finditer(r"^\{$", text, re.MULTILINE)]
+    assert starts, "no JSON summary in the logs"
+    return json.JSONDecoder().raw_decode(text[starts[-1]:])[0]
+
+
+@pytest.fixture(scope="module")
+def head(s3_endpoint: str, tmp_path_factory) -> Iterator[Head]:
+    """A Ray head started with `ray start --head` on loopback, stopped (only it) afterwards."""
+    import boto3
+
+    from anomaly_core import storage
+    from anomaly_core.data.synthetic import generate
+
+    if not (VENV_BIN / "ray").exists():
+        pytest.fail(f"no `ray` CLI next to {sys.executable}")
+    bucket = f"e2e-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    data = tmp_path_factory.mktemp("e2e-data")
+    generate(str(data), categories=[CATEGORY], size=SIZE, n_train=10, n_test_good=2, n_test_defect=1)
+    for path in storage.list_files(str(data)):
+        storage.write_bytes(f"s3://{bucket}/data/{os.path.relpath(path, data)}",
+                            Path(path).read_bytes(), s3_endpoint=s3_endpoint)
+
+    # The nodes' environment: the venv first on PATH, loopback only, no usage report, no hub,
+    # and S3 credentials from the environment (the s3_endpoint fixture put fake ones there).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", ANOMALY_OFFLINE="1")
+    # Short: Ray's Unix sockets live under it and must stay below 108 characters.
+    temp_dir = tempfile.mkdtemp(prefix="rje-", dir="/tmp")
+    gcs_port, dashboard_port = _free_port(), _free_port()
+    start = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+             f"--dashboard-agent-listen-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}", "--num-cpus=4",
+             "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
+    # Its own session, so that its processes can be found and stopped without touching others.
+    proc = subprocess.Popen(start, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    head = Head(f"http://127.0.0.1:{dashboard_port}", env, s3_endpoint, f"s3://{bucket}")
+    try:
+        t0 = time.perf_counter()
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"ray start failed:\n{out}"
+        print(f"`ray start --head` {time.perf_counter() - t0:.1f} s")
+        deadline = time.time() + 60
+        while True:
+            listed = head.ray("job", "list", "--address", head.address)
+            if listed.returncode == 0:
+                break
+            assert time.time() < deadline, f"the job API never answered:\n{listed.stderr}"
+            time.sleep(1)
+        yield head
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        left = _stop_head(proc.pid, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"Ray head processes survived SIGKILL: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def trained(head: Head) -> tuple[Job, str]:
+    model = f"{head.bucket}/models/{CATEGORY}-padim"
+    job = submit(head, "train", "--data", f"{head.bucket}/data", "--category", CATEGORY,
+                 "--detector", "padim", *TINY, "--output", model, "--num-workers", "2",
+                 "--s3-endpoint", head.s3_endpoint)
+    return job, model
+
+
+def test_train_job_succeeds_and_writes_the_artifact_to_s3(trained, head):
+    from anomaly_core.artifact import ModelArtifact
+
+    job, model = trained
+    assert job.returncode == 0 and state(job) == "SUCCEEDED", job.describe()
+    summary = last_json(job.logs)
+    meta = ModelArtifact.read_metadata(model, s3_endpoint=head.s3_endpoint)
+    assert summary["artifact"] == model and summary["model_version"] == meta["model_version"]
+    assert summary["workers"] == 2 and meta["training"]["workers"] == 2
+    assert summary["train_images"] + summary["validation_images"] == 10
+
+
+def test_score_job_writes_one_row_per_uploaded_image_to_s3(trained, head):
+    import pyarrow.dataset as pads
+
+    from anomaly_core import storage
+
+    train_job, model = trained
+    assert state(train_job) == "SUCCEEDED", "the train job failed; see its test"
+    source, out = f"{head.bucket}/data/{CATEGORY}/test/", f"{head.bucket}/scores"
+    job = submit(head, "score", "--model", model, "--input", source, "--output", out,
+                 "--batch-size", "4", "--rows-per-file", "4", "--progress-every", "0",
+                 "--s3-endpoint", head.s3_endpoint)
+    assert job.returncode == 0 and state(job) == "SUCCEEDED", job.describe()
+    images = storage.list_files(source, s3_endpoint=head.s3_endpoint)
+    assert len(images) == 6
+    assert re.search(rf"^scored\s+{len(images)}$", job.logs, re.MULTILINE), job.describe()
+    fs, path = storage.filesystem(out, s3_endpoint=head.s3_endpoint)
+    rows = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(images)  # one row per image, none twice
+    version = last_json(train_job.logs)["model_version"]
+    assert {r["model"] for r in rows} == {"padim"} and {r["model_version"] for r in rows} == {version}
+    assert all(r["error"] is None and r["score"] is not None and r["mask_png"] for r in rows)
+    run_id = rows[0]["run_id"]
+    success = json.loads(storage.read_bytes(f"{out}/_runs/{run_id}/_SUCCESS.json",
+                                            s3_endpoint=head.s3_endpoint))
+    assert success["scored"] == len(images) and success["errors"] == 0
+
+
+def test_two_trial_tune_job_ranks_both_trials_in_s3(head):
+    import pyarrow.parquet as pq
+    import yaml
+
+    from anomaly_core import storage
+
+    out = f"{head.bucket}/sweeps/{CATEGORY}-padim"
+    job = submit(head, "tune", "--data", f"{head.bucket}/data", "--category", CATEGORY,
+                 "--detector", "padim", *TINY, "--param", "n_features=grid:16,24",
+                 "--search", "grid", "--max-concurrent", "2", "--num-workers", "1",
+                 "--output", out, "--s3-endpoint", head.s3_endpoint)
+    assert job.returncode == 0 and state(job) == "SUCCEEDED", job.describe()
+    assert "sweep sweep-padim: 2 trials" in job.logs, job.describe()
+    fs, path = storage.filesystem(f"{out}/results.parquet", s3_endpoint=head.s3_endpoint)
+    table = pq.read_table(path, filesystem=fs).to_pylist()
+    assert sorted(json.loads(r["param_n_features"]) for r in table) == [16, 24]
+    assert all(r["status"] == "ok" and r["objective"] is not None for r in table)
+    best = yaml.safe_load(storage.read_bytes(f"{out}/best_config.yaml", s3_endpoint=head.s3_endpoint))
+    assert best["options"]["n_features"] == json.loads(table[0]["param_n_features"])
+
+
+def test_a_job_that_cannot_load_its_model_fails_with_the_reason_last(head):
+    missing = f"{head.bucket}/models/no-such-model"
+    job = submit(head, "score", "--model", missing, "--input", f"{head.bucket}/data/{CATEGORY}/test/",
+                 "--output", f"{head.bucket}/scores-never", "--s3-endpoint", head.s3_endpoint)
+    assert job.returncode == 1 and state(job) == "FAILED", job.describe()
+    assert "exit code 2" in job.status, job.describe()
+    last = [line for line in job.logs.splitlines() if line.strip()][-1]
+    assert "failed:" in last and f"{missing}/model.json" in last, job.describe()
+    assert "Traceback" not in job.logs, job.describe()
