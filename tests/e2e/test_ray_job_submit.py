@@ -1,4 +1,4 @@
-"""End to end on a real Ray head, driven only through Ray's CLI, as docs/local-cluster.md documents.
+"""End to end on a real Ray head, driven only through Ray's CLI, as the README documents ("Try the cluster path on one machine").
 
 `ray start --head` on 127.0.0.1 (its own --temp-dir and free ports, so it never meets the
 in-process Ray of the integration tests or another Ray on the machine), a moto S3 server on
