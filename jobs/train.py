@@ -178,6 +178,7 @@ def train_worker(cfg: dict) -> None:
     """Ray Train worker: fit on this rank's shard; rank 0 validates, calibrates, writes the artifact."""
     import ray.train
     import ray.train.torch
+    import torch
 
     from anomaly_core.artifact import ModelArtifact, fingerprint
     from anomaly_core.data.datasets import ImageDataset, ImageRecord
@@ -187,6 +188,9 @@ def train_worker(cfg: dict) -> None:
 
     device = ray.train.torch.get_device()
     rank = ray.train.get_context().get_world_rank()
+    # The same seed on every rank: randomly initialised parts (a student, a random backbone in
+    # tests) must agree, since memory detectors get no DDP broadcast of their weights.
+    torch.manual_seed(cfg["seed"])
     detector = build_detector(cfg["detector"], **cfg["options"])
     size = (detector.config.image_size,) * 2
     train = [ImageRecord(**r) for r in cfg["train"]]
@@ -217,6 +221,7 @@ def train_worker(cfg: dict) -> None:
                 "best_epoch": metrics.get("best_epoch", 0),
                 "last_epoch": metrics,
                 "resumed_from_epoch": None if resume is None else resume["epoch"],
+                **getattr(detector, "fit_stats", {}),  # e.g. PatchCore's bank size and peak memory
             },
         )
         artifact.save(cfg["output"], s3_endpoint=cfg["s3_endpoint"])
