@@ -42,11 +42,12 @@ def bare_loop(model: str, source: str, output: str, batch_size: int, rows_per_fi
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=200)
+    p.add_argument("--images", type=int, default=2000)
     p.add_argument("--image-size", type=int, default=128, help="model input size")
     p.add_argument("--source-size", type=int, default=256, help="size of the image files")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--rows-per-file", type=int, default=256)
     args = p.parse_args()
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     from anomaly_core.artifact import ModelArtifact
@@ -70,9 +71,10 @@ def main() -> None:
     uris = [r.uri for r in folder_records(os.path.join(data, "capsule", "test"))]
 
     source = os.path.join(data, "capsule", "test")
-    bare = bare_loop(model, source, os.path.join(work, "bare"), args.batch_size, 1000)
+    bare = bare_loop(model, source, os.path.join(work, "bare"), args.batch_size, args.rows_per_file)
     result = score.main(["--model", model, "--input", source, "--output", os.path.join(work, "scores"),
-                         "--batch-size", str(args.batch_size), "--num-actors", str(args.num_actors)])
+                         "--batch-size", str(args.batch_size), "--num-actors", str(args.num_actors),
+                         "--rows-per-file", str(args.rows_per_file)])
     ray_rate = result["images_per_s"]
     print(f"\nscoring {len(uris)} images ({args.source_size}px files, padim mobilenet_v2 at "
           f"{args.image_size}px), {os.cpu_count()} cores")

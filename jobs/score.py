@@ -41,8 +41,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--incremental", action="store_true",
                    help="skip images this model version already scored with the same etag")
     p.add_argument("--run-id", help="resume this run (default: one per command, model and day)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per model call")
-    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per Parquet part file")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call")
+    p.add_argument("--rows-per-file", type=int, default=256, help="rows per Parquet part file")
     p.add_argument("--num-actors", type=int, default=1, help="model replicas (actor pool size)")
     p.add_argument("--cpus-per-actor", type=float, default=1)
     p.add_argument("--decode-cpus", type=float, default=1, help="CPUs per decode task")
