@@ -9,7 +9,7 @@ places makes pandas and pyarrow refuse the dataset.
 from __future__ import annotations
 
 import io
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -39,7 +39,7 @@ COLUMNS = (*FILE_SCHEMA.names, *PARTITION_COLUMNS)
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def score_table(rows: list[dict[str, Any]]) -> pa.Table:

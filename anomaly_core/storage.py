@@ -225,7 +225,7 @@ def delete(uri: str, *, s3_endpoint: str | None = None) -> None:
         raise _storage_error(exc, uri, "delete", s3_endpoint) from exc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _s3_client(endpoint: str | None, region: str):
     import boto3
 

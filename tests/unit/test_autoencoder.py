@@ -1,14 +1,12 @@
 """Autoencoder: size of the default model, the frozen transfer encoder, learning, and 1 vs 2 workers."""
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from torch.utils.data import Dataset
 
 from anomaly_core.data.datasets import ImageDataset, mvtec_records
 from anomaly_core.data.synthetic import generate
@@ -17,19 +15,9 @@ from anomaly_core.detectors.autoencoder import ssim
 from anomaly_core.evaluate import predict
 from anomaly_core.fit import fit
 from anomaly_core.metrics import image_auroc
+from tests.helpers import TensorImages, free_port
 
 SIZE = 64
-
-
-class TensorImages(Dataset):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": 0, "mask": torch.zeros(SIZE, SIZE), "index": i}
 
 
 def _images(n: int, seed: int = 1) -> torch.Tensor:
@@ -183,12 +171,6 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_take_ceil_steps_and_train_like_one_worker_with_the_same_global_batch(tmp_path):
     steps, handle = _count_steps()
     single = _make()
@@ -199,7 +181,7 @@ def test_two_workers_take_ceil_steps_and_train_like_one_worker_with_the_same_glo
         handle.remove()
     assert steps[0] == metrics["steps"] == math.ceil(N_IMAGES / (2 * BATCH))
     out = str(tmp_path / "two")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     for r in ranks:
         assert r["steps"] == r["metrics"]["steps"] == math.ceil(N_IMAGES / (2 * BATCH))

@@ -1,7 +1,6 @@
 """Greedy k-center coreset, the bounded-memory streaming reducer, its cross-rank merge, chunked k-NN."""
 
 import math
-import socket
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ from anomaly_core.coreset import (
     greedy_coreset,
     knn,
 )
+from tests.helpers import free_port
 
 
 def clustered(n: int, dim: int = 48, seed: int = 0) -> torch.Tensor:
@@ -121,12 +121,6 @@ def test_too_small_a_budget_says_how_much_is_needed():
         reducer.add(torch.zeros(4, 1024))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_bank(rank: int, world: int, port: int, out: str, budget: int) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
@@ -147,7 +141,7 @@ def test_every_rank_ends_with_the_same_bank_of_all_rows_an_empty_shard_too(tmp_p
     rows = clustered(6000)
     budget = budget_for(2400, 48)  # 2,400 of a rank's 3,000 rows
     out = str(tmp_path / "bank")
-    mp.spawn(_rank_bank, args=(3, _free_port(), out, budget), nprocs=3, join=True)
+    mp.spawn(_rank_bank, args=(3, free_port(), out, budget), nprocs=3, join=True)
     a, b, empty = (torch.load(f"{out}.{r}") for r in range(3))
     assert torch.equal(a["bank"], b["bank"]) and torch.equal(a["bank"], empty["bank"])
     assert len(a["bank"]) == math.ceil(0.1 * len(rows))

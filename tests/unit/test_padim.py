@@ -1,29 +1,16 @@
 """PaDiM: Gaussian statistics, the cross-worker reduction, and scoring behaviour."""
 
-import socket
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import Dataset
 
 from anomaly_core.detectors import build_detector
 from anomaly_core.fit import fit
+from tests.helpers import TensorImages, free_port
 
 TINY = dict(backbone="resnet18", weights="random", image_size=64, n_features=24)
-
-
-class TensorImages(Dataset):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": 0, "mask": torch.zeros(64, 64), "index": i}
 
 
 def _images(n: int = 11) -> torch.Tensor:
@@ -46,17 +33,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_workers_give_single_worker_padim_stats(tmp_path):
     single = _make()
     fit(single, TensorImages(_images()), batch_size=4)
     out = str(tmp_path / "two.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out), nprocs=2, join=True)
     two = torch.load(out)
     assert torch.allclose(two["mean"], single.mean, atol=1e-5, rtol=0)
     assert torch.allclose(two["cov"], single.covariance, atol=1e-5, rtol=0)

