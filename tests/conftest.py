@@ -75,3 +75,23 @@ def ray_cluster(s3_endpoint: str) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """synthetic(category, size, n_train, n_test_good, n_test_defect) -> root of a generated
+    MVTec-style tree; the same arguments return the same (read-only) tree, generated once."""
+    from anomaly_core.data.synthetic import generate
+
+    roots: dict[tuple, str] = {}
+
+    def make(category: str, size: int, n_train: int, n_test_good: int, n_test_defect: int) -> str:
+        key = (category, size, n_train, n_test_good, n_test_defect)
+        if key not in roots:
+            root = str(tmp_path_factory.mktemp(f"synthetic-{category}-{size}"))
+            generate(root, categories=[category], size=size, n_train=n_train,
+                     n_test_good=n_test_good, n_test_defect=n_test_defect)
+            roots[key] = root
+        return roots[key]
+
+    return make

@@ -30,3 +30,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def synthetic_split(root: str, category: str, size: int):
+    """(train, test) ImageDatasets of one category of a synthetic MVTec-style tree."""
+    from anomaly_core.data.datasets import ImageDataset, mvtec_records
+
+    return tuple(
+        ImageDataset(mvtec_records(root, category, split), (size, size)) for split in ("train", "test")
+    )

@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from anomaly_core.data.datasets import ImageDataset, mvtec_records
-from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector
 from anomaly_core.detectors.fastflow import AffineCoupling
 from anomaly_core.evaluate import predict
 from anomaly_core.fit import fit
 from anomaly_core.metrics import image_auroc
+from tests.helpers import synthetic_split
 
 TINY = dict(backbone="resnet18", weights="random", image_size=64)
 SIZE = 64
@@ -138,11 +137,8 @@ def test_map_is_at_input_size_and_a_wrong_size_is_refused():
         detector(torch.rand(1, 3, 96, 96))
 
 
-def test_short_training_lowers_the_loss_and_separates_defects(tmp_path):
-    root = str(tmp_path)
-    generate(root, categories=["wood"], size=SIZE, n_train=16, n_test_good=8, n_test_defect=2)
-    train = ImageDataset(mvtec_records(root, "wood", "train"), (SIZE, SIZE))
-    test = ImageDataset(mvtec_records(root, "wood", "test"), (SIZE, SIZE))
+def test_short_training_lowers_the_loss_and_separates_defects(synthetic):
+    train, test = synthetic_split(synthetic("wood", SIZE, 16, 8, 2), "wood", SIZE)
     torch.manual_seed(0)
     # The paper's frozen backbone and a shallower, faster-learning flow keep this to seconds.
     detector = build_detector(

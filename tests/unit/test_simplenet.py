@@ -4,12 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from anomaly_core.data.datasets import ImageDataset, mvtec_records
-from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector
 from anomaly_core.evaluate import predict
 from anomaly_core.fit import fit
 from anomaly_core.metrics import image_auroc
+from tests.helpers import synthetic_split
 
 TINY = dict(backbone="resnet18", weights="random", image_size=64)
 SIZE = 64
@@ -90,11 +89,8 @@ def test_optimizers_train_adaptor_and_discriminator_at_their_rates_not_the_backb
     assert detector.discriminator[0].out_features == 512
 
 
-def test_short_training_lowers_the_loss_and_separates_defects(tmp_path):
-    root = str(tmp_path)
-    generate(root, categories=["wood"], size=SIZE, n_train=16, n_test_good=8, n_test_defect=2)
-    train = ImageDataset(mvtec_records(root, "wood", "train"), (SIZE, SIZE))
-    test = ImageDataset(mvtec_records(root, "wood", "test"), (SIZE, SIZE))
+def test_short_training_lowers_the_loss_and_separates_defects(synthetic):
+    train, test = synthetic_split(synthetic("wood", SIZE, 16, 8, 2), "wood", SIZE)
     torch.manual_seed(0)
     detector = build_detector(
         "simplenet", backbone="mobilenet_v2", weights="imagenet", image_size=SIZE,
