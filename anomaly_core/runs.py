@@ -121,11 +121,8 @@ def scored_index(output: str, model: str, model_version: str, s3_endpoint: str |
     ]
     if not files:
         return empty
-    fs, _ = storage.filesystem(output, s3_endpoint=s3_endpoint)
-    paths = [storage.filesystem(f, s3_endpoint=s3_endpoint)[1] for f in files]
-    data = pads.dataset(paths, filesystem=fs, format="parquet")
     condition = (pc.field("model_version") == model_version) & pc.field("error").is_null()
-    rows = data.to_table(columns=["uri", "etag", "scored_at"], filter=condition)
+    rows = read_parquet(files, ["uri", "etag", "scored_at"], s3_endpoint, condition)
     if rows.num_rows == 0:
         return empty
     # The latest scoring of each image counts: a file changed and changed back is rescored.
@@ -191,19 +188,23 @@ def part_files(run: ScoreRun) -> list[str]:
     return [f for f in files if f.rsplit("/", 1)[-1].startswith(prefix)]
 
 
-def _read_parts(run: ScoreRun, columns: list[str]) -> pa.Table:
-    files = part_files(run)
+def read_parquet(
+    files: list[str], columns: list[str], s3_endpoint: str | None, condition=None
+) -> pa.Table:
+    """Some columns of a list of Parquet files (one filesystem), optionally filtered."""
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    fs, _ = storage.filesystem(run.output, s3_endpoint=run.s3_endpoint)
-    paths = [storage.filesystem(f, s3_endpoint=run.s3_endpoint)[1] for f in files]
-    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+    fs, _ = storage.filesystem(files[0], s3_endpoint=s3_endpoint)
+    paths = [storage.filesystem(f, s3_endpoint=s3_endpoint)[1] for f in files]
+    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(
+        columns=columns, filter=condition
+    )
 
 
 def pending(run: ScoreRun) -> pa.Table:
     """Inputs still to do: not in a committed part file, and not unchanged since last scored."""
     inputs = run.inputs
-    done = _read_parts(run, ["uri"])["uri"]
+    done = read_parquet(part_files(run), ["uri"], run.s3_endpoint)["uri"]
     keep = pc.invert(pc.is_in(inputs["uri"], value_set=done))
     # An ETag known from the listing equal to the one already scored: skip without reading.
     unchanged = pc.fill_null(pc.equal(inputs["etag"], inputs["prev_etag"]), False)
@@ -223,7 +224,8 @@ def commit_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
 
 def finish(run: ScoreRun, timings: dict[str, float], extra: dict[str, Any] | None = None) -> dict:
     """Count what the run's committed files hold and write _SUCCESS.json; returns the summary."""
-    errors = _read_parts(run, ["error"])["error"]
+    files = part_files(run)
+    errors = read_parquet(files, ["error"], run.s3_endpoint)["error"]
     n_rows = len(errors)
     n_errors = n_rows - errors.null_count
     summary = {
@@ -233,7 +235,7 @@ def finish(run: ScoreRun, timings: dict[str, float], extra: dict[str, Any] | Non
         "scored": n_rows - n_errors,
         "errors": n_errors,
         "skipped": run.inputs.num_rows - n_rows,
-        "files": len(part_files(run)),
+        "files": len(files),
         "partition": run.partition,
         "resumed": run.resumed,
         "finished_at": utc_now().isoformat(timespec="seconds"),
