@@ -1,14 +1,23 @@
 """ModelArtifact: a directory (local or s3://) with model.json and weights.safetensors. No pickle.
 
 Everything scoring needs is inside, the backbone's weights included, so scoring machines need
-no model hub.
+no model hub. Drivers read model.json alone (ArtifactInfo); loaders memory-map the weights from
+the artifact itself or, for s3://, from a per-node cache, so a load holds one copy of them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
+import os
 import platform
+import re
+import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +34,12 @@ FORMAT = "ray-anomaly-model"
 SCHEMA_VERSION = 1
 MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
+CACHE_ENV = "RAY_ANOMALY_CACHE"
+VERIFIED_SUFFIX = ".verified"
+CHUNK = 8 << 20
+VERSION_PATTERN = re.compile(r"[0-9a-f]{12,64}")
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(ValueError):
@@ -37,6 +52,244 @@ def fingerprint(uris: list[str]) -> str:
     for uri in sorted(uris):
         digest.update(uri.encode() + b"\n")
     return digest.hexdigest()[:16]
+
+
+def default_cache_dir() -> str:
+    """The node's artifact cache: $RAY_ANOMALY_CACHE, else ~/.cache/ray-anomaly/artifacts."""
+    if os.environ.get(CACHE_ENV):
+        return os.path.expanduser(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ray-anomaly", "artifacts")
+
+
+def file_sha256(path: str) -> str:
+    """sha256 hex of a local file, read in chunks (never the whole file in memory)."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def read_metadata(uri: str, *, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """model.json alone (no weights), checked: format, schema version, model_version."""
+    meta_uri = storage.join(uri, MODEL_FILE)
+    try:
+        meta = json.loads(storage.read_bytes(meta_uri, s3_endpoint=s3_endpoint))
+    except storage.StorageError as exc:
+        raise ArtifactError(
+            f"{meta_uri}: cannot read ({exc}); pass the directory that jobs/train.py wrote"
+        ) from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{meta_uri}: truncated or not JSON ({exc}); retrain or re-copy it") from exc
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ArtifactError(f"{meta_uri}: not a {FORMAT} artifact (foreign model.json)")
+    if meta.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ArtifactError(
+            f"{meta_uri}: schema version {meta['schema_version']} is newer than this package "
+            f"reads ({SCHEMA_VERSION}); upgrade the package"
+        )
+    # model_version names the cache folder and the expected digest: a hex string, nothing else.
+    if not VERSION_PATTERN.fullmatch(str(meta.get("model_version", ""))):
+        raise ArtifactError(
+            f"{meta_uri}: model_version {meta.get('model_version')!r} is not a weights digest "
+            "(edited or corrupt); retrain or re-copy the whole artifact directory"
+        )
+    return meta
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What a driver needs from an artifact, read from model.json alone (weights never touched)."""
+
+    uri: str
+    name: str  # detector name
+    family: str
+    model_version: str
+    input_size: tuple[int, int]
+    calibration: Calibration
+    config: dict[str, Any]
+    validation_metrics: dict[str, float]
+    training: dict[str, Any]
+    created_at: str
+    metadata: dict[str, Any]  # the whole model.json
+
+    @classmethod
+    def read(cls, uri: str, *, s3_endpoint: str | None = None) -> ArtifactInfo:
+        """Read and check `<uri>/model.json`; errors name the file and what to do."""
+        meta = read_metadata(uri, s3_endpoint=s3_endpoint)
+        meta_uri = storage.join(uri, MODEL_FILE)
+        try:
+            size = meta.get("input_size") or [meta["config"]["image_size"]] * 2
+            return cls(
+                uri=uri,
+                name=meta["detector"],
+                family=meta.get("family", ""),
+                model_version=meta["model_version"],
+                input_size=(int(size[0]), int(size[1])),
+                calibration=Calibration(**meta["calibration"]),
+                config=dict(meta["config"]),
+                validation_metrics=meta.get("validation_metrics", {}),
+                training=meta.get("training", {}),
+                created_at=meta.get("created_at", ""),
+                metadata=meta,
+            )
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise ArtifactError(
+                f"{meta_uri}: missing or malformed field ({type(exc).__name__}: {exc}); "
+                "retrain or re-copy the whole artifact directory"
+            ) from exc
+
+
+def _mismatch(weights_uri: str) -> ArtifactError:
+    return ArtifactError(
+        f"{weights_uri}: content does not match model.json's model_version "
+        "(truncated or replaced); re-copy the whole artifact directory"
+    )
+
+
+def _marked(path: str, marker: str, version: str) -> bool:
+    """True when `marker` vouches for `path` as it is now (same digest, size, mtime, inode)."""
+    try:
+        with open(marker) as f:
+            mark = json.load(f)
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(mark, dict)
+        and str(mark.get("sha256", "")).startswith(version)
+        and mark.get("size") == st.st_size
+        and mark.get("mtime_ns") == st.st_mtime_ns
+        and mark.get("inode") == st.st_ino
+    )
+
+
+def _mark(path: str, marker: str, digest: str) -> None:
+    st = os.stat(path)
+    body = {"sha256": digest, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+    tmp = f"{marker}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(body, f)
+    os.replace(tmp, marker)
+
+
+@contextlib.contextmanager
+def _node_lock(path: str, what: str) -> Iterator[None]:
+    """An exclusive lock between the processes of one node (actors loading the same model)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process on this node to fetch %s", what)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock, also when the holder dies
+
+
+def _cached(weights_uri: str, version: str, s3_endpoint: str | None, cache_dir: str) -> str:
+    """The verified per-node copy of a remote weights file, downloaded at most once per node."""
+    folder = os.path.join(cache_dir, version)
+    path = os.path.join(folder, WEIGHTS_FILE)
+    marker = path + VERIFIED_SUFFIX
+    if _marked(path, marker, version):
+        return path
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with _node_lock(os.path.join(folder, ".lock"), weights_uri):
+            if _marked(path, marker, version):
+                return path  # another loader on this node fetched it while we waited
+            _fetch(weights_uri, version, s3_endpoint, path, marker)
+    except OSError as exc:
+        raise ArtifactError(
+            f"{weights_uri}: the artifact cache folder {folder} is not usable ({exc}); "
+            f"set {CACHE_ENV} to a writable folder with room for the weights"
+        ) from exc
+    return path
+
+
+def _fetch(weights_uri: str, version: str, s3_endpoint: str | None, path: str, marker: str) -> None:
+    """Under the node lock: reuse a present file that hashes right, else download and verify."""
+    folder = os.path.dirname(path)
+    for name in os.listdir(folder):
+        if name.endswith(".tmp"):  # left by a loader that died mid-download
+            os.remove(os.path.join(folder, name))
+    if os.path.exists(path):
+        # No or stale marker: a crash before marking, or the file changed since. Re-hash.
+        digest = file_sha256(path)
+        if digest.startswith(version):
+            _mark(path, marker, digest)
+            return
+        log.warning("%s: cached copy of %s is corrupt; downloading it again", path, weights_uri)
+        os.remove(path)
+    tmp = os.path.join(folder, f".{WEIGHTS_FILE}.{uuid.uuid4().hex}.tmp")
+    try:
+        digest = storage.copy_file(weights_uri, tmp, s3_endpoint=s3_endpoint)
+        if not digest.startswith(version):
+            raise _mismatch(weights_uri)
+        os.replace(tmp, path)
+    except storage.StorageError as exc:
+        raise ArtifactError(
+            f"{weights_uri}: cannot download into the artifact cache {folder} ({exc}); "
+            f"set {CACHE_ENV} elsewhere if that folder is the problem"
+        ) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _mark(path, marker, digest)
+    log.info("cached %s at %s", weights_uri, path)
+
+
+def weights_path(
+    uri: str, model_version: str, *, s3_endpoint: str | None = None, cache_dir: str | None = None
+) -> str:
+    """A local weights file verified against `model_version`: the artifact's own for a local
+    artifact, the node's cache entry (downloaded once, then trusted) for s3://."""
+    weights_uri = storage.join(uri, WEIGHTS_FILE)
+    if storage.is_s3(uri):
+        return _cached(weights_uri, model_version, s3_endpoint, cache_dir or default_cache_dir())
+    _, path = storage.filesystem(weights_uri)
+    try:
+        digest = file_sha256(path)
+    except OSError as exc:
+        raise ArtifactError(
+            f"{weights_uri}: cannot read ({exc}); re-copy the whole artifact directory"
+        ) from exc
+    if not digest.startswith(model_version):
+        raise _mismatch(weights_uri)
+    return path
+
+
+def _save_weights(state: dict[str, torch.Tensor], path: str, weights_uri: str) -> None:
+    """safetensors straight from the tensors' memory to `path` (bytes identical to save())."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(state, path)
+    except Exception as exc:  # safetensors reports I/O failures as its own error type
+        raise storage.StorageError(
+            f"could not write {weights_uri} ({exc}); check free space and permissions"
+        ) from exc
+    # safetensors creates files 0600; other users (Ray workers, readers of a shared mount) need
+    # the usual umask permissions that storage.write_bytes gives model.json.
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # not thread-safe, hence the /proc reading first
+    os.umask(mask)
+    return mask
 
 
 @dataclass
@@ -89,14 +342,42 @@ class ModelArtifact:
         }
 
     def save(self, uri: str, *, s3_endpoint: str | None = None) -> str:
-        """Write weights then model.json (model.json last: its presence means complete)."""
-        from safetensors.torch import save
+        """Write weights then model.json (model.json last: its presence means complete).
 
+        The weights stream from the tensors to a file: no serialized copy in memory.
+        """
         state = {k: v.detach().cpu().contiguous() for k, v in self.detector.state_dict().items()}
-        weights = save(state)
-        self.model_version = hashlib.sha256(weights).hexdigest()[:12]
+        weights_uri = storage.join(uri, WEIGHTS_FILE)
+        if storage.is_s3(uri):
+            # Staged on the node's cache disk, which is sized for weights; /tmp may be RAM.
+            staging = default_cache_dir()
+            try:
+                os.makedirs(staging, exist_ok=True)
+                with tempfile.TemporaryDirectory(dir=staging, prefix=".save-") as tmp:
+                    local = os.path.join(tmp, WEIGHTS_FILE)
+                    _save_weights(state, local, weights_uri)
+                    digest = storage.copy_file(local, weights_uri, s3_endpoint=s3_endpoint)
+            except OSError as exc:
+                raise storage.StorageError(
+                    f"could not stage {weights_uri} in {staging} ({exc}); set {CACHE_ENV} to a "
+                    "writable folder with room for the weights"
+                ) from exc
+        else:
+            _, path = storage.filesystem(weights_uri)
+            # Same-folder temp file: the rename is atomic, a reader never sees half a file.
+            tmp = os.path.join(os.path.dirname(path), f".{WEIGHTS_FILE}.{uuid.uuid4().hex}.tmp")
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                _save_weights(state, tmp, weights_uri)
+                digest = file_sha256(tmp)
+                os.replace(tmp, path)
+            except OSError as exc:
+                raise storage.StorageError(f"could not write {weights_uri} ({exc})") from exc
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        self.model_version = digest[:12]
         self.created_at = self.created_at or datetime.now(UTC).isoformat(timespec="seconds")
-        storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights, s3_endpoint=s3_endpoint)
         body = json.dumps(self.metadata(), indent=2, sort_keys=True).encode()
         storage.write_bytes(storage.join(uri, MODEL_FILE), body, s3_endpoint=s3_endpoint)
         return uri
@@ -104,58 +385,44 @@ class ModelArtifact:
     @staticmethod
     def read_metadata(uri: str, *, s3_endpoint: str | None = None) -> dict[str, Any]:
         """model.json alone (no weights): provenance, calibration and metrics."""
-        meta_uri = storage.join(uri, MODEL_FILE)
-        try:
-            meta = json.loads(storage.read_bytes(meta_uri, s3_endpoint=s3_endpoint))
-        except storage.StorageError as exc:
-            raise ArtifactError(
-                f"{meta_uri}: cannot read ({exc}); pass the directory that jobs/train.py wrote"
-            ) from exc
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{meta_uri}: truncated or not JSON ({exc}); retrain or re-copy it") from exc
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise ArtifactError(f"{meta_uri}: not a {FORMAT} artifact (foreign model.json)")
-        if meta.get("schema_version", 0) > SCHEMA_VERSION:
-            raise ArtifactError(
-                f"{meta_uri}: schema version {meta['schema_version']} is newer than this package "
-                f"reads ({SCHEMA_VERSION}); upgrade the package"
-            )
-        return meta
+        return read_metadata(uri, s3_endpoint=s3_endpoint)
 
     @classmethod
     def load(
-        cls, uri: str, *, s3_endpoint: str | None = None, device: str = "cpu"
+        cls,
+        uri: str,
+        *,
+        s3_endpoint: str | None = None,
+        device: str = "cpu",
+        cache_dir: str | None = None,
     ) -> ModelArtifact:
-        """Read an artifact directory; every failure names the file and what to do."""
-        from safetensors.torch import load
+        """Read an artifact directory holding one copy of the weights; failures name the file.
 
-        meta = cls.read_metadata(uri, s3_endpoint=s3_endpoint)
+        The weights are memory-mapped (from the artifact itself, or from the node's cache under
+        `cache_dir` for s3://) and become the detector's tensors without a copy.
+        """
+        from safetensors.torch import load_file
+
+        info = ArtifactInfo.read(uri, s3_endpoint=s3_endpoint)
+        path = weights_path(uri, info.model_version, s3_endpoint=s3_endpoint, cache_dir=cache_dir)
         weights_uri = storage.join(uri, WEIGHTS_FILE)
+        where = f"{weights_uri} (cached at {path})" if storage.is_s3(uri) else weights_uri
         try:
-            data = storage.read_bytes(weights_uri, s3_endpoint=s3_endpoint)
-        except storage.StorageError as exc:
-            raise ArtifactError(f"{weights_uri}: cannot read ({exc})") from exc
-        if hashlib.sha256(data).hexdigest()[:12] != meta.get("model_version"):
-            raise ArtifactError(
-                f"{weights_uri}: content does not match model.json's model_version "
-                "(truncated or replaced); re-copy the whole artifact directory"
-            )
-        try:
-            state = load(data)
+            state = load_file(path)  # mmap: pages come from the page cache, shared, as touched
             # The weights file holds the backbone too, so no hub access is needed here.
-            config = dict(meta["config"], weights="random")
-            detector = build_detector(meta["detector"], **config)
+            detector = build_detector(info.name, **dict(info.config, weights="random"))
             load_weights(detector, state)
-            detector.config.weights = meta["config"].get("weights", "imagenet")
-            detector.weight_source = meta.get("weights", {}).get("source", "unknown")
+            del state
+            detector.config.weights = info.config.get("weights", "imagenet")
+            detector.weight_source = info.metadata.get("weights", {}).get("source", "unknown")
         except Exception as exc:
-            raise ArtifactError(f"{weights_uri}: does not load into {meta.get('detector')} ({exc})") from exc
+            raise ArtifactError(f"{where}: does not load into {info.name} ({exc})") from exc
         detector.to(device).eval()
         return cls(
             detector=detector,
-            calibration=Calibration(**meta["calibration"]),
-            validation_metrics=meta.get("validation_metrics", {}),
-            training=meta.get("training", {}),
-            model_version=meta["model_version"],
-            created_at=meta.get("created_at", ""),
+            calibration=info.calibration,
+            validation_metrics=info.validation_metrics,
+            training=info.training,
+            model_version=info.model_version,
+            created_at=info.created_at,
         )

@@ -290,3 +290,73 @@ def freeze(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         p.requires_grad_(False)
     return module
+
+
+def _url_reachable(url: str, timeout: float = 5.0) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except Exception:
+        return False
+
+
+def _hf_cached(repo: str, files: Sequence[str]) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return False
+    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
+
+
+def check_weights(backbone: str, weights: str, *, s3_endpoint: str | None = None) -> str:
+    """Where `weights` for `backbone` would load from on this machine, without loading them.
+
+    Raises WeightsUnavailableError (what to pre-seed, or which file is missing) when they cannot
+    be had: a job calls this before any worker starts rather than fail in every worker.
+    """
+    from anomaly_core import storage
+
+    if weights == "random":
+        return "random"
+    if weights != "imagenet":
+        local = not storage.is_s3(weights)
+        if (os.path.exists(weights) if local else storage.exists(weights, s3_endpoint=s3_endpoint)):
+            return weights
+        raise WeightsUnavailableError(
+            f"weights file {weights} for {backbone} does not exist; check the path (on a cluster it "
+            "must be on S3 or a mount every node sees), or use weights=imagenet"
+        )
+    if backbone in TORCHVISION_MODELS:
+        for path in (cached_weights_path(backbone), offline_weights_path(backbone)):
+            if path and os.path.isfile(path):
+                return f"imagenet ({path})"
+        url = torchvision_weights_url(backbone)
+        if not hub_offline() and _url_reachable(url):
+            return f"imagenet ({url})"
+        raise WeightsUnavailableError(
+            f"ImageNet weights for {backbone} are not in the cache ({cached_weights_path(backbone)}) "
+            f"and {url} cannot be reached from here. Pre-seed them: `python -m anomaly_core.weights "
+            f"download --backbone {backbone} --to DIR_OR_S3` on a machine with access, then put the "
+            f"file into {os.path.dirname(cached_weights_path(backbone))}/ on every node (or set "
+            "TORCH_HOME), or pass --set weights=/path/or/s3/uri/of/the/file.pth"
+        )
+    # timm and transformers models come from the Hugging Face hub's cache.
+    repo = backbone
+    if backbone.startswith("timm:"):
+        try:
+            import timm
+
+            repo = timm.models.get_pretrained_cfg(backbone[5:]).hf_hub_id or backbone
+        except Exception:
+            repo = backbone
+    if _hf_cached(repo, ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")):
+        return f"imagenet (hf cache: {repo})"
+    if not hub_offline() and _url_reachable(f"https://huggingface.co/{repo}/resolve/main/config.json"):
+        return f"imagenet (https://huggingface.co/{repo})"
+    raise WeightsUnavailableError(
+        f"weights for {backbone} ({repo}) are not in the Hugging Face cache and the hub cannot be "
+        f"reached. Pre-seed the cache on every node (`huggingface-cli download {repo}` on a machine "
+        "with access, copied to HF_HOME), or pass --set weights=<local dir or file>"
+    )

@@ -6,12 +6,14 @@ Ray Train's worker function and Ray Tune's trials call `fit`; nothing else train
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
+import os
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -32,6 +34,138 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def select_device(
+    use_gpu: bool,
+    local_rank: int = 0,
+    visible: str | None = None,
+    device_count: int | None = None,
+    gpu_ids: Sequence[int | str] | None = None,
+) -> torch.device:
+    """This rank's own device: a CUDA ordinal among the devices its process sees, or the CPU.
+
+    `visible`: CUDA_VISIBLE_DEVICES (from the environment when None); `device_count`: how many
+    CUDA devices torch sees (torch's count when None); `gpu_ids`: the physical GPUs the
+    scheduler gave this worker (`ray.get_gpu_ids()`). With gpu_ids the ordinal is the first
+    one's position in `visible`, as Ray's get_device() picks it; without, the local rank's.
+    """
+    if not use_gpu:
+        return torch.device("cpu")
+    if visible is None:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    shown = "<unset>" if visible is None else repr(visible)
+    count = torch.cuda.device_count() if device_count is None else device_count
+    if count == 0:
+        raise RuntimeError(
+            f"a GPU was asked for (use_gpu) but torch sees no CUDA device "
+            f"(CUDA_VISIBLE_DEVICES={shown}, torch {torch.__version__}, CUDA build "
+            f"{torch.version.cuda}); run on a GPU node or train without --use-gpu"
+        )
+    if gpu_ids:
+        gpu = str(gpu_ids[0]).strip()
+        if visible is None:  # unmasked: ordinals are the physical ids
+            ordinal = int(gpu)
+        else:
+            listed = [v.strip() for v in visible.split(",") if v.strip()]
+            if gpu not in listed:
+                raise RuntimeError(
+                    f"this worker was given GPU {gpu} but CUDA_VISIBLE_DEVICES={shown} does not "
+                    "list it; something overrode CUDA_VISIBLE_DEVICES"
+                )
+            ordinal = listed.index(gpu)
+        if ordinal >= count:
+            raise RuntimeError(
+                f"GPU {gpu} is CUDA ordinal {ordinal} but torch sees only {count} devices "
+                f"(CUDA_VISIBLE_DEVICES={shown})"
+            )
+        return torch.device("cuda", ordinal)
+    if local_rank < 0:
+        raise ValueError(f"local rank {local_rank} is negative")
+    if count == 1:
+        # The scheduler masked all but this worker's GPU: device 0 whatever the rank.
+        return torch.device("cuda", 0)
+    # One process sees the node's GPUs (shared among its workers): one per local rank.
+    if local_rank >= count:
+        raise RuntimeError(
+            f"local rank {local_rank} has no GPU of its own: this process sees {count} CUDA "
+            f"devices (CUDA_VISIBLE_DEVICES={shown}); start at most {count} GPU workers per node"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def bind_device(device: str | torch.device) -> torch.device:
+    """Make `device` this process's current CUDA device, before any NCCL collective.
+
+    NCCL creates its communicator on the current device; unbound, every rank of a node would
+    use cuda:0.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        if device.index is None:  # plain "cuda": whatever is current, made explicit
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(device)
+    return device
+
+
+def _derived_seed(*entropy: int) -> int:
+    """A 64-bit seed mixed from non-negative ints, different for every tuple."""
+    words = np.random.SeedSequence([e % 2**64 for e in entropy]).generate_state(2, np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+def seed_for_rank(seed: int, rank: int, epoch: int = 0) -> int:
+    """Seed torch (CPU and CUDA), numpy and random with a seed of its own for (seed, rank, epoch).
+
+    Call it after the detector is built (from the same seed on every rank, so random inits
+    agree): from then on noise and augmentation differ between ranks. Returns the seed used.
+    """
+    value = _derived_seed(seed, rank, epoch)
+    torch.manual_seed(value)  # also every CUDA device's generator
+    np.random.seed(value % 2**32)
+    random.seed(value)
+    return value
+
+
+def training_state(detector: nn.Module) -> dict[str, torch.Tensor]:
+    """The state_dict entries training changes: trainable parameters, buffers outside frozen modules.
+
+    Left out: parameters with requires_grad False (a frozen backbone or teacher) and every buffer
+    of a module in `detector.frozen` (kept in eval mode, so its BatchNorm statistics never move).
+    A frozen-listed module whose parameters train (FastFlow's fine-tuned backbone) keeps them.
+    """
+    frozen = {id(m) for m in getattr(detector, "frozen", [])}
+    prefixes = tuple(
+        f"{name}." for name, m in detector.named_modules(remove_duplicate=False) if id(m) in frozen
+    )
+    params = dict(detector.named_parameters(remove_duplicate=False))
+    state = {}
+    for key, value in detector.state_dict().items():
+        param = params.get(key)
+        keep = param.requires_grad if param is not None else not key.startswith(prefixes)
+        if keep:
+            state[key] = value
+    return state
+
+
+def load_training_state(detector: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Load a training_state() into a detector built with the same config; nothing may be left over.
+
+    The frozen parts are not in `state`: they come from building the detector again (same
+    weights, same seed).
+    """
+    expected, present = set(training_state(detector)), set(detector.state_dict())
+    missing = sorted(expected - set(state))
+    unknown = sorted(set(state) - present)
+    if missing or unknown:
+        raise ValueError(
+            f"checkpoint does not fit this {type(detector).__name__}: missing trainable entries "
+            f"{missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)}), unknown entries "
+            f"{unknown[:5]}{' ...' if len(unknown) > 5 else ''} ({len(unknown)}); was it written "
+            "with another detector config?"
+        )
+    result = detector.load_state_dict(dict(state), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys  # checked above
 
 
 def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
@@ -110,17 +244,25 @@ def _fit_gradient(
     best = {"epoch": -1, "metric": None, "state": None}
     start_epoch = 0
     if resume is not None:
-        detector.load_state_dict(resume["detector"])
+        load_training_state(detector, resume["detector"])
         for opt, state in zip(optimizers, resume["optimizers"]):
             opt.load_state_dict(state)
         best, start_epoch = resume["best"], resume["epoch"] + 1
-    loader = DataLoader(dataset, sampler=sampler, drop_last=False, **loader_kwargs)
+    # Its own generator: the loader workers' seeds differ per rank and epoch (see below).
+    loader_rng = torch.Generator()
+    loader = DataLoader(
+        dataset, sampler=sampler, drop_last=False, generator=loader_rng, **loader_kwargs
+    )
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
         if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
+            sampler.set_epoch(epoch)  # the same permutation on every rank, from `seed`
         else:  # a resumed run must shuffle epoch e as the uninterrupted run did
             sampler.generator.manual_seed(seed + epoch)
+        # Noise (SimpleNet's), dropout and loader workers draw differently on each rank, and
+        # epoch e draws the same in a resumed run as in the uninterrupted one.
+        seed_for_rank(seed, rank, epoch)
+        loader_rng.manual_seed(_derived_seed(seed, rank, epoch, 1))
         detector.train()
         total, steps, seen, start = torch.zeros(2, device=device), 0, 0, time.perf_counter()
         for batch in loader:
@@ -154,18 +296,19 @@ def _fit_gradient(
         if value is None or best["metric"] is None or value > best["metric"]:
             best = {"epoch": epoch, "metric": value, "state": None}
         if best["epoch"] == epoch and epoch < epochs - 1:
-            best["state"] = copy.deepcopy(detector.state_dict())
+            best["state"] = {k: v.detach().clone() for k, v in training_state(detector).items()}
         metrics["best_epoch"] = best["epoch"]
         if report is not None:
             state = {
                 "epoch": epoch,
-                "detector": detector.state_dict(),
+                # Only what training changes: the frozen parts are rebuilt from the config.
+                "detector": training_state(detector),
                 "optimizers": [opt.state_dict() for opt in optimizers],
                 "best": best,
             }
             report(metrics, state)
     if best["state"] is not None and best["epoch"] != metrics.get("epoch"):
-        detector.load_state_dict(best["state"])
+        load_training_state(detector, best["state"])
     detector.eval()
     return metrics
 
@@ -191,9 +334,12 @@ def fit(
     finalize(), gradient detectors are wrapped in DDP. `validate(detector)` runs after each
     epoch (after finalize for memory detectors) and its metrics are reported; for gradient
     detectors the epoch with the highest `objective` is kept; `resume` is a `state` that
-    `report` received, to continue after it.
+    `report` received, to continue after it. `device` becomes the process's current CUDA
+    device (bind_device). Gradient detectors: each epoch reseeds the global RNGs with
+    seed_for_rank(seed, rank, epoch), so ranks draw different noise and a resumed run draws
+    what the uninterrupted one drew; checkpoints hold training_state(), not the frozen parts.
     """
-    device = torch.device(device)
+    device = bind_device(device)  # before DDP's and finalize()'s collectives
     detector.to(device)
     loader_kwargs = dict(
         batch_size=batch_size,

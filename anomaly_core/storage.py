@@ -6,8 +6,10 @@ Built on pyarrow.fs; every failure surfaces as a StorageError that names the URI
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import posixpath
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from urllib.parse import unquote, urlparse
@@ -160,6 +162,64 @@ def write_bytes(uri: str, data: bytes, *, s3_endpoint: str | None = None) -> Non
             raise
     except OSError as exc:
         raise _storage_error(exc, uri, "write", s3_endpoint) from exc
+
+
+def copy_file(src: str, dst: str, *, s3_endpoint: str | None = None, chunk_size: int = 8 << 20) -> str:
+    """Stream one file between local paths and s3:// URIs, a chunk at a time; returns its sha256 hex.
+
+    Memory stays at one chunk whatever the file's size. As with write_bytes, readers never see a
+    partly written dst: a local one is renamed into place when complete, an S3 upload appears
+    when complete.
+    """
+    src_fs, src_path = filesystem(src, s3_endpoint=s3_endpoint)
+    dst_fs, dst_path = filesystem(dst, s3_endpoint=s3_endpoint)
+    digest = hashlib.sha256()
+
+    def pump(source, write) -> None:
+        while True:
+            try:
+                chunk = source.read(chunk_size)
+            except OSError as exc:
+                raise _storage_error(exc, src, "read", s3_endpoint) from exc
+            if not chunk:
+                return
+            digest.update(chunk)
+            write(chunk)
+
+    try:
+        source = src_fs.open_input_stream(src_path)
+    except OSError as exc:
+        raise _storage_error(exc, src, "read", s3_endpoint) from exc
+    with source:
+        if is_s3(dst):
+            try:
+                with dst_fs.open_output_stream(dst_path) as out:
+                    pump(source, out.write)
+            except OSError as exc:
+                raise _storage_error(exc, dst, "write", s3_endpoint) from exc
+            return digest.hexdigest()
+        size = _info(src_fs, src_path, src, s3_endpoint).size
+        parent, name = os.path.split(dst_path)
+        tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
+        try:
+            os.makedirs(parent, exist_ok=True)
+            free = shutil.disk_usage(parent).free
+            if size is not None and size > free:
+                # Fail before the transfer rather than at a full disk after gigabytes of it.
+                raise StorageError(
+                    f"not enough free space in {parent} for {src} ({size / 1e9:.2f} GB needed, "
+                    f"{free / 1e9:.2f} GB free); free some space or choose another folder"
+                )
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as out:
+                pump(source, out.write)
+            os.replace(tmp, dst_path)
+        except OSError as exc:
+            raise _storage_error(exc, dst, "write", s3_endpoint) from exc
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return digest.hexdigest()
 
 
 def _info(fs: pafs.FileSystem, path: str, uri: str, s3_endpoint: str | None) -> pafs.FileInfo:

@@ -97,17 +97,26 @@ def run_job(main) -> None:
     try:
         main()
     except (ArtifactError, StorageError, WeightsUnavailableError, ValueError, FileNotFoundError) as exc:
-        log.error("failed: %s", exc)
-        sys.exit(2)
+        _fail(2, str(exc))
     except JobFailed as exc:
-        log.error("failed: %s", exc)
-        sys.exit(3)
+        _fail(3, str(exc))
     except SystemExit as exc:
         if isinstance(exc.code, str):  # a usage problem found by the job: the reason goes last
-            log.error("failed: %s", exc.code)
-            sys.exit(2)
+            _fail(2, exc.code)
         raise
     except Exception as exc:  # an unexpected failure: keep the traceback, end on the reason
         log.exception("unexpected error")
-        log.error("failed: %s: %s", type(exc).__name__, exc)
-        sys.exit(1)
+        _fail(1, f"{type(exc).__name__}: {exc}")
+
+
+def _fail(code: int, reason: str) -> None:
+    """Log the reason as the job's last line and exit with `code`."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            # Workers' lines reach the driver asynchronously; disconnecting first stops them
+            # from landing after the reason.
+            ray.shutdown()
+    log.error("failed: %s", reason)
+    sys.exit(code)

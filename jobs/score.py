@@ -24,6 +24,7 @@ from jobs.common import (
     run_job,
     setup_logging,
 )
+from jobs.preflight import check_nodes, check_resources
 
 TEXT_COLUMNS = ("uri", "etag", "error")
 INT_COLUMNS = ("size_bytes", "width", "height")
@@ -84,8 +85,11 @@ class ScoringActor:
     """Loads the artifact once, then runs the model on each batch of decoded images."""
 
     def __init__(self, model_uri: str, s3_endpoint: str | None, use_gpu: bool) -> None:
+        import ray
+
         from anomaly_core.artifact import ModelArtifact
 
+        self.node = ray.get_runtime_context().get_node_id()
         self.device = "cuda" if use_gpu else "cpu"
         self.artifact = ModelArtifact.load(model_uri, s3_endpoint=s3_endpoint, device=self.device)
 
@@ -99,7 +103,7 @@ class ScoringActor:
         if ok:
             scores[ok], maps[ok] = run_model(self.artifact, [batch["image"][i] for i in ok], device=self.device)
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(raw_score=scores, raw_map=maps)
+        out.update(raw_score=scores, raw_map=maps, model_node=[self.node] * n)
         return out
 
 
@@ -124,7 +128,11 @@ def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
         rows.append(row)
     commit_part(score_run, rows)
     errors = sum(r["error"] is not None for r in rows)
-    return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors]}
+    import ray
+
+    return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors],
+            "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))],
+            "rows_node": [ray.get_runtime_context().get_node_id()]}
 
 
 class Progress:
@@ -149,33 +157,49 @@ class Progress:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
-    from anomaly_core.artifact import ModelArtifact
+    from anomaly_core.artifact import ArtifactInfo
     from anomaly_core.runs import finish, open_run, pending
 
     t0 = time.perf_counter()
-    # Fail before any work when the model, the input or the output cannot be used.
-    artifact = ModelArtifact.load(args.model, s3_endpoint=args.s3_endpoint)
+    # Fail before any work when the model, the input or the output cannot be used. The driver
+    # reads model.json only: the weights (gigabytes for PaDiM) are loaded by the actors alone.
+    info = ArtifactInfo.read(args.model, s3_endpoint=args.s3_endpoint)
+    model, model_version = info.name, info.model_version
+    if args.address:  # a cluster: its nodes must see every local path before anything is written
+        init_ray(args.address)
+        check_nodes([args.input, args.manifest, args.output, args.model], s3_endpoint=args.s3_endpoint)
     extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
     run = open_run(
         source=args.input or args.manifest, manifest=bool(args.manifest), output=args.output,
-        model=artifact.name, model_version=artifact.model_version, extensions=extensions,
+        model=model, model_version=model_version, extensions=extensions,
         incremental=args.incremental, run_id=args.run_id, s3_endpoint=args.s3_endpoint,
     )
     todo = pending(run)
     t_plan = time.perf_counter() - t0
     log.info("run %s (%s): %d images listed, %d to score; model %s@%s; rows to %s; options %s",
              run.run_id, "resumed" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
-             artifact.name, artifact.model_version, run.partition, json.dumps(redacted(vars(args))))
+             model, model_version, run.partition, json.dumps(redacted(vars(args))))
+    nodes: dict[str, set] = {"model": set(), "rows": set()}
     if todo.num_rows:
         init_ray(args.address)
         import ray
 
+        gpu = " and --use-gpu (1 GPU)" if args.use_gpu else ""
+        check_resources({"CPU": args.cpus_per_actor, "GPU": 1.0 if args.use_gpu else 0.0},
+                        args.num_actors, f"--num-actors {args.num_actors} with --cpus-per-actor "
+                        f"{args.cpus_per_actor:g}{gpu}", "lower --cpus-per-actor or --num-actors "
+                        "(or drop --use-gpu), or add nodes that large")
+        check_resources({"CPU": args.decode_cpus}, 1, f"--decode-cpus {args.decode_cpus:g}",
+                        "lower --decode-cpus")
+
         t1 = time.perf_counter()
-        chunk = max(args.batch_size, 64)
+        # Blocks of 64 rows, fewer rows when that would leave CPUs (and actors) without a block.
+        cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
+        chunk = max(args.batch_size, min(64, -(-todo.num_rows // (4 * cpus))))
         ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, todo.num_rows, chunk)])
         ds = ds.map_batches(
             read_images, batch_size=args.batch_size, fn_kwargs={
-                "size": artifact.input_size, "max_pixels": args.max_pixels,
+                "size": info.input_size, "max_pixels": args.max_pixels,
                 "s3_endpoint": args.s3_endpoint},
             # Remote args from a function keep Ray Data from fusing decoding into the model
             # actor: decoding scales out on CPU tasks, the actor only runs the model.
@@ -192,16 +216,20 @@ def main(argv: list[str] | None = None) -> dict:
         )
         run_fields = {**run.describe(), "s3_endpoint": args.s3_endpoint}
         ds = ds.map_batches(write_rows, batch_size=args.rows_per_file, fn_kwargs={
-            "run": run_fields, "calibration": artifact.calibration.to_dict(),
+            "run": run_fields, "calibration": info.calibration.to_dict(),
             "mask_size": args.mask_size})
         progress = Progress(todo.num_rows, args.progress_every)
         for counts in ds.iter_rows():
             progress.update(counts["images"], counts["errors"])
+            nodes["model"].update(n for n in counts["model_node"].split(",") if n)
+            nodes["rows"].add(counts["rows_node"])
         t_score = time.perf_counter() - t1
     else:
         t_score = 0.0
     summary = finish(run, {"plan": t_plan, "score": t_score, "total": time.perf_counter() - t0},
-                     {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None})
+                     {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
+                      # the Ray nodes that ran the model actors and wrote the rows
+                      "nodes": {k: sorted(v) for k, v in nodes.items()}})
     table = [("run", run.run_id), ("inputs", summary["inputs"]), ("scored", summary["scored"]),
              ("errors", summary["errors"]), ("skipped", summary["skipped"]),
              ("images/s", summary["images_per_s"]), ("rows in", run.partition)]

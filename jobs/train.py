@@ -51,7 +51,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=3,
                    help="worker failures to survive, resuming from the last checkpoint")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
-    p.add_argument("--storage-path", default=None, help="Ray Train run storage (local or s3://)")
+    p.add_argument("--storage-path", default=None,
+                   help="Ray Train checkpoints (local or s3://; on several nodes a path all of them "
+                   "see); default <output>/checkpoints")
     p.add_argument("--seed", type=int, default=0)
     add_cluster_flags(p)
 
@@ -107,6 +109,10 @@ def _checkpointing_report(rank: int):
     import torch
 
     def report(metrics: dict, state: dict | None) -> None:
+        # The objective of the epoch the fit keeps (the best so far), which a sweep ranks on.
+        kept = state["best"]["metric"] if state is not None else metrics.get("objective")
+        if kept is not None:
+            metrics = {**metrics, "kept_objective": kept}
         if state is None or rank != 0:
             ray.train.report(metrics)
             return
@@ -115,6 +121,23 @@ def _checkpointing_report(rank: int):
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     return report
+
+
+def _report_fatal(rank: int, error: str) -> None:
+    """End the run normally with the reason: Ray Train retries a raised error max_failures times,
+    and its Result keeps only metrics that came with a checkpoint, hence the tiny one."""
+    import tempfile
+
+    import ray.train
+
+    metrics = {"fatal_error": error}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(f"{tmp}/fatal_error.txt", "w") as f:
+            f.write(error)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
 def _resume_state() -> dict | None:
@@ -174,28 +197,65 @@ def validation_sets(cfg: dict, size: tuple[int, int]):
     return calibration, SyntheticAnomalyDataset(calibration, seed=cfg["seed"])
 
 
+# Errors that repeat on every attempt (a bad option, weights missing on a node, data that cannot
+# be read, statistics too large for the device): retrying them only buries the reason.
+def _deterministic_errors() -> tuple[type[BaseException], ...]:
+    from anomaly_core.artifact import ArtifactError
+    from anomaly_core.backbones import WeightsUnavailableError
+    from anomaly_core.storage import StorageError
+
+    return (ValueError, WeightsUnavailableError, ArtifactError, StorageError, FileNotFoundError,
+            MemoryError)
+
+
+def _gather(value: Any) -> list:
+    """`value` of every rank, in rank order (just this one's without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    values: list = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def train_worker(cfg: dict) -> None:
     """Ray Train worker: fit on this rank's shard; rank 0 validates, calibrates, writes the artifact."""
+    import ray
     import ray.train
-    import ray.train.torch
     import torch
 
     from anomaly_core.artifact import ModelArtifact, fingerprint
     from anomaly_core.data.datasets import ImageDataset, ImageRecord
     from anomaly_core.detectors import build_detector
     from anomaly_core.evaluate import calibrate, predict
-    from anomaly_core.fit import fit
+    from anomaly_core.fit import bind_device, fit, select_device
 
-    device = ray.train.torch.get_device()
-    rank = ray.train.get_context().get_world_rank()
-    # The same seed on every rank: randomly initialised parts (a student, a random backbone in
-    # tests) must agree, since memory detectors get no DDP broadcast of their weights.
-    torch.manual_seed(cfg["seed"])
-    detector = build_detector(cfg["detector"], **cfg["options"])
-    size = (detector.config.image_size,) * 2
-    train = [ImageRecord(**r) for r in cfg["train"]]
-    val, objective_set = validation_sets(cfg, size)
-    resume = _resume_state()
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    # Set-up: everything that fails the same way on every attempt happens here, before training;
+    # the ranks agree on the outcome and a failure ends the run once, with its reason.
+    error = None
+    try:
+        # This rank's own GPU, current before any collective (NCCL builds on the current device).
+        device = bind_device(select_device(cfg["use_gpu"], context.get_local_rank(),
+                                           gpu_ids=ray.get_gpu_ids()))
+        # The same seed on every rank: randomly initialised parts (a student, a random backbone
+        # in tests) agree; fit() reseeds per rank, so noise and augmentation differ.
+        torch.manual_seed(cfg["seed"])
+        detector = build_detector(cfg["detector"], **cfg["options"])
+        detector.check_fit_memory(device)  # PaDiM: its statistics must fit on the device
+        size = (detector.config.image_size,) * 2
+        train = [ImageRecord(**r) for r in cfg["train"]]
+        val, objective_set = validation_sets(cfg, size)
+        resume = _resume_state()
+    except (*_deterministic_errors(), RuntimeError) as exc:  # set-up's RuntimeErrors: no GPU, ...
+        error = f"{type(exc).__name__}: {exc}"
+    # Every rank learns whether any rank's set-up failed (and why), so all stop together.
+    error = next((e for e in _gather(error) if e), None)
+    if error:
+        _report_fatal(rank, error)
+        return
     metrics = fit(
         detector, ImageDataset(train, size, s3_endpoint=cfg["s3_endpoint"]),
         batch_size=cfg["batch_size"], epochs=cfg["epochs"], device=device,
@@ -204,6 +264,7 @@ def train_worker(cfg: dict) -> None:
         if rank == 0 else None,
         resume=resume, precision=cfg["precision"], channels_last=cfg["channels_last"],
     )
+    nodes = _gather(ray.get_runtime_context().get_node_id())
     if rank == 0 and cfg["output"]:
         pred = predict(detector, val, batch_size=cfg["batch_size"], device=device)
         calibration, val_metrics = calibrate(pred["scores"], pred["maps"], pred["labels"], pred["masks"])
@@ -216,7 +277,8 @@ def train_worker(cfg: dict) -> None:
                 "images": len(train),
                 "validation_images": len(val),
                 "fingerprint": fingerprint([r.uri for r in train]),
-                "workers": ray.train.get_context().get_world_size(),
+                "workers": context.get_world_size(),
+                "nodes": sorted(set(nodes)),  # the Ray nodes the ranks ran on
                 "epochs": cfg["epochs"],
                 "best_epoch": metrics.get("best_epoch", 0),
                 "last_epoch": metrics,
@@ -236,7 +298,7 @@ def worker_config(args, name: str, options: dict, train: list, val: list, output
         "train": [asdict(r) for r in train], "val": [asdict(r) for r in val],
         "batch_size": args.batch_size, "epochs": args.epochs, "loader_workers": args.loader_workers,
         "seed": args.seed, "precision": args.precision, "channels_last": args.channels_last,
-        "objective": parse_objective(args.objective),
+        "objective": parse_objective(args.objective), "use_gpu": args.use_gpu,
     }
 
 
@@ -269,6 +331,30 @@ def make_trainer(args, cfg: dict, *, name: str | None = None, callbacks: list | 
     )
 
 
+def preflight_training(args, name: str, options: dict, output: str | None) -> tuple[list, list]:
+    """Driver-side checks before Ray starts a worker: weights, data, output, resources, nodes.
+
+    Returns the (train, validation) records; every failure raises with the input named (exit 2).
+    """
+    from jobs import preflight
+
+    preflight.check_detector(name, options, s3_endpoint=args.s3_endpoint)
+    train, val = training_records(args)
+    for flag in ("output", "storage_path"):
+        uri = output if flag == "output" else args.storage_path
+        if uri:
+            preflight.check_writable(uri, s3_endpoint=args.s3_endpoint, flag="--" + flag.replace("_", "-"))
+    init_ray(args.address)
+    gpu = " and --use-gpu (1 GPU)" if args.use_gpu else ""
+    preflight.check_resources(
+        {"CPU": args.cpus_per_worker, "GPU": 1.0 if args.use_gpu else 0.0}, args.num_workers,
+        f"--num-workers {args.num_workers} with --cpus-per-worker {args.cpus_per_worker:g}{gpu}",
+        "lower --cpus-per-worker or --num-workers (or drop --use-gpu), or add nodes that large")
+    preflight.check_nodes([args.data, args.val_data, output, args.storage_path], detector=name,
+                          options=options, s3_endpoint=args.s3_endpoint)
+    return train, val
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
@@ -279,16 +365,20 @@ def main(argv: list[str] | None = None) -> dict:
     from anomaly_core.detectors import make_config
 
     options = asdict(make_config(name, **options))  # fail on a bad option before any Ray work
-    train, val = training_records(args)
+    # Checkpoints go beside the artifact unless told otherwise: never a node's own disk.
+    args.storage_path = args.storage_path or storage.join(args.output, "checkpoints")
+    train, val = preflight_training(args, name, options, args.output)
     log.info("train %s: %d training, %d validation images; options %s",
              name, len(train), len(val), json.dumps(redacted(options)))
     cfg = worker_config(args, name, options, train, val, args.output)
-    init_ray(args.address)
     trainer = make_trainer(args, cfg)
     start = time.perf_counter()
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
+    fatal = (result.metrics or {}).get("fatal_error")
+    if fatal:  # a set-up error every attempt would repeat: not retried, reported as bad input
+        raise ValueError(f"the workers could not start training: {fatal}")
     # model.json is the record of what was trained (Ray keeps only checkpointed metrics).
     from anomaly_core.artifact import ModelArtifact
 
@@ -297,7 +387,7 @@ def main(argv: list[str] | None = None) -> dict:
                "workers": args.num_workers, "train_images": len(train), "validation_images": len(val),
                "wall_s": round(time.perf_counter() - start, 1),
                "threshold": meta["calibration"]["threshold"], "calibration": meta["calibration"]["method"],
-               **{k: meta["training"].get(k) for k in ("best_epoch", "resumed_from_epoch")},
+               **{k: meta["training"].get(k) for k in ("best_epoch", "resumed_from_epoch", "nodes")},
                "validation_metrics": meta["validation_metrics"]}
     body = json.dumps(summary, indent=2, default=str)
     storage.write_bytes(storage.join(args.output, "train_summary.json"), body.encode(),

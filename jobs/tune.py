@@ -17,8 +17,8 @@ from typing import Any
 
 import yaml
 
-from jobs.common import init_ray, log, parse_overrides, redacted, run_job, setup_logging
-from jobs.train import add_training_flags, detector_options, training_records, worker_config
+from jobs.common import log, parse_overrides, redacted, run_job, setup_logging
+from jobs.train import add_training_flags, detector_options, preflight_training, worker_config
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHERS = ("random", "grid", "optuna")
@@ -76,39 +76,49 @@ def search_space(params: list[tuple[str, str, list]]) -> dict[str, Any]:
     return {name: make[kind](values) for name, kind, values in params}
 
 
-def run_trial(config: dict) -> None:
-    """A Tune trial: jobs/train.py's fit on its own Ray Train workers, metrics sent to Tune."""
+def run_trial(config: dict, base: dict, trainer_args: dict) -> None:
+    """A Tune trial: jobs/train.py's fit on its own Ray Train workers, metrics sent to Tune.
+
+    `base` (with the record lists) arrives by reference through tune.with_parameters. The Ray
+    Train run is named after the trial, in the sweep's storage: a retried or restored trial
+    resumes from its own last checkpoint.
+    """
+    from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from jobs.train import make_trainer
 
-    cfg = dict(config["base"])
+    cfg = dict(base)
     cfg["options"] = {**cfg["options"], **{k: config[k] for k in config["params"]}}
-    args = argparse.Namespace(**config["trainer_args"])
-    trainer = make_trainer(args, cfg, name=f"trial-{int(time.time() * 1000)}",
-                           callbacks=[TuneReportCallback()])
+    args = argparse.Namespace(**trainer_args)
+    trial = tune.get_context().get_trial_id()
+    trainer = make_trainer(args, cfg, name=f"trial-{trial}", callbacks=[TuneReportCallback()])
     trainer.fit()
 
 
-def results_table(grid, params: list[str], metric: str):
-    """One row per trial: its parameters, objective, validation metrics, epochs and wall time."""
+def results_table(grid, params: list[str]):
+    """One row per trial: its parameters, the objective of the epoch its fit keeps (the rank),
+    the last epoch's metrics, epochs and wall time."""
     import pyarrow as pa
 
     rows = []
     for result in grid:
         m = result.metrics or {}
         cfg = result.config or {}
+        error = str(result.error)[:500] if result.error else m.get("fatal_error")
         rows.append({
             "trial_id": m.get("trial_id") or str(result.path).rsplit("/", 1)[-1],
-            "status": "error" if result.error else "ok",
+            "status": "error" if error else "ok",
             **{f"param_{p}": json.dumps(cfg.get(p)) for p in params},
-            metric: m.get(metric),
+            "objective": m.get("kept_objective"),
+            "kept_epoch": m.get("best_epoch", 0 if "kept_objective" in m else None),
+            "last_objective": m.get("objective"),
             **{k: m.get(k) for k in ("val_image_auroc", "val_pixel_auroc", "val_aupro", "loss")},
             "epochs": m.get("training_iteration"),
             "wall_s": m.get("time_total_s"),
-            "error": str(result.error)[:500] if result.error else None,
+            "error": error,
         })
-    rows.sort(key=lambda r: (r[metric] is None, -(r[metric] or 0.0)))
+    rows.sort(key=lambda r: (r["objective"] is None, -(r["objective"] or 0.0)))
     return pa.Table.from_pylist(rows)
 
 
@@ -139,21 +149,25 @@ def main(argv: list[str] | None = None) -> dict:
     if args.search == "grid" and any(k not in ("grid", "choice") for _, k, _ in params):
         raise ValueError("--search grid needs every --param as choice:... or grid:...")
     options = asdict(make_config(name, **fixed))
-    train, val = training_records(args)
+    args.storage_path = args.storage_path or storage.join(args.output, "tune")
+    train, val = preflight_training(args, name, options, args.output)
     cfg = worker_config(args, name, options, train, val, None)
     family = detector_class(name).family
     log.info("sweep %s over %s (%s search, %s), %d trials, objective %s; fixed %s", name,
              [p for p, _, _ in params], args.search, args.scheduler, args.num_samples,
              args.objective, json.dumps(redacted(fixed)))
-    init_ray(args.address)
     from ray import tune
 
-    metric, mode = "objective", "max"
+    # Searchers and ASHA compare the objective of the epoch each fit keeps (its best so far).
+    metric, mode = "kept_objective", "max"
     space = search_space([(p, "grid" if args.search == "grid" else k, v) for p, k, v in params])
+    sweep = args.name or f"sweep-{name}"
+    storage_uri = args.storage_path
+    # Each trial's Ray Train checkpoints live in the sweep's storage, never on a node's disk.
     trainer_args = {k: getattr(args, k) for k in (
-        "storage_path", "s3_endpoint", "num_workers", "use_gpu", "cpus_per_worker", "max_failures")}
-    param_space = {**space, "params": [p for p, _, _ in params], "base": cfg,
-                   "trainer_args": trainer_args}
+        "s3_endpoint", "num_workers", "use_gpu", "cpus_per_worker", "max_failures")}
+    trainer_args["storage_path"] = storage.join(storage_uri, f"{sweep}-trials")
+    param_space = {**space, "params": [p for p, _, _ in params]}
     searcher = None
     if args.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -171,13 +185,12 @@ def main(argv: list[str] | None = None) -> dict:
         num_samples=1 if args.search == "grid" else args.num_samples,
         max_concurrent_trials=args.max_concurrent,
     )
-    sweep = args.name or f"sweep-{name}"
-    storage_path = args.storage_path or storage.join(args.output, "tune")
-    storage_fs = None
+    storage_path, storage_fs = storage_uri, None
     if storage.is_s3(storage_path):
         storage_fs, storage_path = storage.filesystem(storage_path, s3_endpoint=args.s3_endpoint)
     # The trial itself only waits on its TorchTrainer, whose workers hold the real resources.
-    trainable = tune.with_resources(run_trial, {"cpu": 0.01})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=cfg, trainer_args=trainer_args), {"cpu": 0.01})
     experiment = f"{storage_path.rstrip('/')}/{sweep}"
     start = time.perf_counter()
     if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
@@ -191,24 +204,24 @@ def main(argv: list[str] | None = None) -> dict:
                                       storage_filesystem=storage_fs),
         )
     grid = tuner.fit()
-    table = results_table(grid, [p for p, _, _ in params], metric)
+    table = results_table(grid, [p for p, _, _ in params])
     storage.write_bytes(storage.join(args.output, "results.parquet"), parquet_bytes(table),
                         s3_endpoint=args.s3_endpoint)
     rows = table.to_pylist()
-    ok = [r for r in rows if r["status"] == "ok" and r[metric] is not None]
+    ok = [r for r in rows if r["status"] == "ok" and r["objective"] is not None]
     if not ok:
         raise SystemExit(f"no trial finished with an objective; see {args.output}/results.parquet")
     best = ok[0]
     best_options = {**fixed, **{p: json.loads(best[f"param_{p}"]) for p, _, _ in params}}
     best_config = {"detector": name, "options": best_options,
-                   "objective": {args.objective: best[metric]}, "epochs": args.epochs}
+                   "objective": {args.objective: best["objective"]}, "epochs": args.epochs}
     storage.write_bytes(storage.join(args.output, "best_config.yaml"),
                         yaml.safe_dump(best_config, sort_keys=False).encode(),
                         s3_endpoint=args.s3_endpoint)
-    print(f"\nsweep {sweep}: {len(rows)} trials, best {metric} {best[metric]:.4f}")
-    print(f"{'rank':<5}{metric:>10}  " + "  ".join(f"{p:>14}" for p, _, _ in params) + f"{'wall_s':>9}")
+    print(f"\nsweep {sweep}: {len(rows)} trials, best objective {best['objective']:.4f}")
+    print(f"{'rank':<5}{'objective':>10}  " + "  ".join(f"{p:>14}" for p, _, _ in params) + f"{'wall_s':>9}")
     for i, r in enumerate(rows):
-        value = "failed" if r[metric] is None else f"{r[metric]:.4f}"
+        value = "failed" if r["objective"] is None else f"{r['objective']:.4f}"
         shown = [_short(json.loads(r["param_" + p])) for p, _, _ in params]
         print(f"{i + 1:<5}{value:>10}  " + "  ".join(f"{v:>14}" for v in shown)
               + f"{(r['wall_s'] or 0):>9.1f}")
@@ -231,16 +244,29 @@ def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+# Flags whose values reach the retrain otherwise: the best options (--set), or its own output.
+_NOT_COPIED = {"help", "output", "detector", "config", "overrides", "lr", "storage_path"}
+
+
 def _train_argv(args: argparse.Namespace, output: str, best: dict) -> list[str]:
-    argv = ["--data", args.data, "--output", output, "--detector", best["detector"],
-            "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
-            "--num-workers", str(args.num_workers), "--objective", args.objective,
-            "--val-fraction", str(args.val_fraction), "--seed", str(args.seed)]
-    for flag in ("category", "val_data", "s3_endpoint", "address"):
-        if getattr(args, flag):
-            argv += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    """jobs.train's argv for the best config, with every training flag the sweep was given."""
+    from jobs.train import parse_args as train_parse_args
+
+    argv = ["--output", output, "--detector", best["detector"]]
+    probe = argparse.ArgumentParser(add_help=False)
+    add_training_flags(probe)
+    for action in probe._actions:
+        value = getattr(args, action.dest, None)
+        if action.dest in _NOT_COPIED or value is None or not action.option_strings:
+            continue
+        flag = action.option_strings[-1]
+        if isinstance(action, argparse._StoreTrueAction):
+            argv += [flag] if value else []
+        else:
+            argv += [flag, str(value)]
     argv += [x for k, v in best["options"].items() for x in ("--set", f"{k}={json.dumps(v)}")]
-    return argv + (["--use-gpu"] if args.use_gpu else [])
+    train_parse_args(argv)  # the same parser the retrain uses: fail here, not after the sweep
+    return argv
 
 
 if __name__ == "__main__":

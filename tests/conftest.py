@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANOMALY_OFFLINE", "1")  # never try a model hub from tests
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# S3 artifacts are cached per node; tests keep theirs out of the home folder.
+os.environ.setdefault("RAY_ANOMALY_CACHE", __import__("tempfile").mkdtemp(prefix="ray-anomaly-cache-"))
 
 import logging  # noqa: E402
 import uuid  # noqa: E402

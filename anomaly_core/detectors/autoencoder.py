@@ -71,6 +71,10 @@ class Autoencoder(Detector):
     family = "gradient"
     Config = AutoencoderConfig
 
+    @classmethod
+    def pretrained_weights(cls, config: AutoencoderConfig) -> list[tuple[str, str]]:
+        return [(config.backbone, config.weights)] if config.transfer_learning else []
+
     def __init__(self, config: AutoencoderConfig) -> None:
         super().__init__(config)
         if config.transfer_learning:

@@ -43,6 +43,11 @@ class Detector(nn.Module):
         self.config = config
         self.frozen: list[nn.Module] = []  # kept in eval mode whatever train() says
 
+    @classmethod
+    def fit_state_bytes(cls, config: DetectorConfig) -> int | None:
+        """Bytes of fit-time statistics, known before fitting; None when not known up front."""
+        return None
+
     # memory family
     def observe(self, images: torch.Tensor) -> None:
         raise NotImplementedError(f"{self.name} is a {self.family} detector; it has no observe()")
@@ -59,6 +64,9 @@ class Detector(nn.Module):
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         raise NotImplementedError
+
+    def check_fit_memory(self, device: torch.device) -> None:
+        """Raise (naming the options that shrink it) when fitting cannot fit on `device`."""
 
     def train(self, mode: bool = True) -> Detector:
         super().train(mode)
@@ -79,6 +87,11 @@ class Detector(nn.Module):
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
+
+    @classmethod
+    def pretrained_weights(cls, config: DetectorConfig) -> list[tuple[str, str]]:
+        """(backbone, weights) pairs the detector loads when built; jobs check them up front."""
+        return [(config.backbone, config.weights)] if config.backbone else []
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -104,11 +117,16 @@ def upsample(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
 
 
 def load_weights(detector: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Strict load that first resizes buffers whose shape is only known after fitting."""
+    """Strict load that adopts the state's tensors as they are (memory-mapped ones stay mapped).
+
+    Buffers whose shape is only known after fitting get a shape-only placeholder first, so no
+    full-size copy is ever allocated.
+    """
     for key, tensor in state.items():
         owner_name, _, attr = key.rpartition(".")
         owner = detector.get_submodule(owner_name) if owner_name else detector
         buf = owner._buffers.get(attr)
         if buf is not None and buf.shape != tensor.shape:
-            owner._buffers[attr] = torch.empty_like(tensor)
-    detector.load_state_dict(state, strict=True)
+            owner._buffers[attr] = torch.empty(tensor.shape, dtype=tensor.dtype, device="meta")
+    # assign: the module takes the state's tensors instead of copying into its own.
+    detector.load_state_dict(state, strict=True, assign=True)

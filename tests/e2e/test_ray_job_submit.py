@@ -18,19 +18,18 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.e2e.ray_nodes import free_port, stop_node
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, with `ray` in it
@@ -53,75 +52,6 @@ pytestmark = [
     pytest.mark.slow,  # 1.5 to 3 minutes on 2 cores, depending on what else runs
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stops its Ray head through /proc"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _processes() -> dict[int, tuple[int, int, str, str]]:
-    """pid -> (ppid, session id, state, command line) of every process /proc lets us read."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read().decode(errors="replace")
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()  # state ppid pgrp session ...
-        table[int(name)] = (int(fields[1]), int(fields[3]), fields[0], cmdline)
-    return table
-
-
-def _head_pids(session: int, temp_dir: str) -> set[int]:
-    """The live processes of this head: `ray start`'s session (GCS, raylet, dashboard, client
-    server, workers), anything naming its temp dir, and all their descendants (job drivers run
-    in sessions of their own under a worker)."""
-    table = _processes()
-    children = defaultdict(list)
-    for pid, (ppid, *_) in table.items():
-        children[ppid].append(pid)
-    # "ray" in the command line: a process that merely reuses the old `ray start` pid as its
-    # session id is not ours (every Ray process names ray: its binary, module or ray:: title).
-    todo = [pid for pid, (_, sid, _, cmd) in table.items()
-            if (sid == session and "ray" in cmd) or temp_dir in cmd]
-    found: set[int] = set()
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children[pid])
-    mine, pid = set(), os.getpid()
-    while pid in table and pid not in mine:  # never this process or its ancestors
-        mine.add(pid)
-        pid = table[pid][0]
-    return {p for p in found - mine if table[p][2] != "Z"}
-
-
-def _stop_head(session: int, temp_dir: str) -> set[int]:
-    """`ray stop --force` for this head only: SIGKILL its processes; returns any that survive."""
-    left: set[int] = set()
-    for _ in range(3):
-        pids = _head_pids(session, temp_dir)
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-        deadline = time.time() + 10
-        while pids and time.time() < deadline:
-            time.sleep(0.2)
-            pids = _head_pids(session, temp_dir)
-        left = pids
-        if not left:
-            break
-    return left
 
 
 @dataclass
@@ -216,11 +146,11 @@ def head(s3_endpoint: str, tmp_path_factory) -> Iterator[Head]:
                RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", ANOMALY_OFFLINE="1")
     # Short: Ray's Unix sockets live under it and must stay below 108 characters.
     temp_dir = tempfile.mkdtemp(prefix="rje-", dir="/tmp")
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     start = ["ray", "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-             f"--dashboard-agent-listen-port={_free_port()}",
-             f"--ray-client-server-port={_free_port()}", "--num-cpus=4",
+             f"--dashboard-agent-listen-port={free_port()}",
+             f"--ray-client-server-port={free_port()}", "--num-cpus=4",
              "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}"]
     # Its own session, so that its processes can be found and stopped without touching others.
     proc = subprocess.Popen(start, cwd=REPO, env=env, stdout=subprocess.PIPE,
@@ -242,7 +172,7 @@ def head(s3_endpoint: str, tmp_path_factory) -> Iterator[Head]:
     finally:
         if proc.poll() is None:
             proc.kill()
-        left = _stop_head(proc.pid, temp_dir)
+        left = stop_node(proc.pid, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray head processes survived SIGKILL: {sorted(left)}"
 

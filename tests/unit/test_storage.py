@@ -1,6 +1,8 @@
 """Storage layer against local folders and a real S3 protocol server (moto on loopback)."""
 
+import hashlib
 import os
+import shutil
 import socket
 
 import moto.settings
@@ -194,3 +196,32 @@ def test_bad_uris_raise_with_a_fix():
         storage.read_bytes("gs://bucket/x")
     with pytest.raises(StorageError, match="not a URL"):
         storage.read_bytes("s3://bucket/x", s3_endpoint="ftp://host:21")
+
+
+def test_copy_file_streams_both_ways_and_returns_the_sha256(root, tmp_path):
+    base, ep = root
+    data = os.urandom(3 << 20)
+    src = tmp_path / "src.bin"
+    src.write_bytes(data)
+    uri = storage.join(base, "sub", "copy.bin")
+    digest = storage.copy_file(str(src), uri, s3_endpoint=ep, chunk_size=1 << 20)
+    assert digest == hashlib.sha256(data).hexdigest()
+    back = tmp_path / "out" / "back.bin"
+    assert storage.copy_file(uri, str(back), s3_endpoint=ep, chunk_size=1 << 20) == digest
+    assert back.read_bytes() == data and os.listdir(tmp_path / "out") == ["back.bin"]
+
+
+def test_copy_file_missing_source_names_it_and_writes_nothing(root, tmp_path):
+    base, ep = root
+    missing = storage.join(base, "nope.bin")
+    with pytest.raises(StorageError, match="nope.bin does not exist"):
+        storage.copy_file(missing, str(tmp_path / "out" / "x.bin"), s3_endpoint=ep)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def test_copy_file_refuses_before_filling_the_disk(tmp_path, monkeypatch):
+    (tmp_path / "src.bin").write_bytes(b"x" * 1000)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 10))
+    with pytest.raises(StorageError, match="not enough free space in .*out"):
+        storage.copy_file(str(tmp_path / "src.bin"), str(tmp_path / "out" / "x.bin"))
+    assert os.listdir(tmp_path / "out") == []

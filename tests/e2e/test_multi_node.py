@@ -1,0 +1,208 @@
+"""Two Ray nodes on loopback (`ray start --head` and `ray start --address`), S3 on loopback: every job
+spreads over both nodes and every output is read back from S3; a local path one node does not
+see stops a job before any work.
+
+The second node runs in a mount namespace of its own in which SHADOWED is an empty tmpfs: a
+folder the driver sees and that node does not, as a node-local disk would be on a real cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.ray_nodes import free_port, stop_node
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+CATEGORY = "capsule"
+SIZE = 48
+TINY = ["--set", "backbone=mobilenet_v2", "--set", f"image_size={SIZE}"]
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="stops its nodes through /proc"),
+]
+
+
+def _can_unshare() -> bool:
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@dataclass
+class Cluster:
+    address: str  # GCS address for ray.init / --address
+    s3_endpoint: str
+    bucket: str
+    data: str  # s3:// MVTec root
+    shadowed: str  # a local folder the worker node cannot see
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint: str, tmp_path_factory) -> Iterator[Cluster]:
+    """A head and a worker node, each with 2 CPUs, the worker in its own mount namespace."""
+    import boto3
+    import ray
+
+    from anomaly_core import storage
+    from anomaly_core.data.synthetic import generate
+
+    if ray.is_initialized():
+        pytest.skip("an in-process Ray is running; this test needs the machine's only Ray")
+    bucket = f"mn-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    data = tmp_path_factory.mktemp("mn-data")
+    generate(str(data), categories=[CATEGORY], size=SIZE, n_train=12, n_test_good=3, n_test_defect=3)
+    for path in storage.list_files(str(data)):
+        storage.write_bytes(f"s3://{bucket}/data/{os.path.relpath(path, data)}",
+                            Path(path).read_bytes(), s3_endpoint=s3_endpoint)
+    shadowed = tempfile.mkdtemp(prefix="mn-shadow-", dir="/tmp")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, which maps 127.0.0.1 to the machine's
+    # outward address; the nodes take 127.0.0.2 and 127.0.0.3 instead: still loopback only.
+    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO),
+               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", ANOMALY_OFFLINE="1")
+    temp_dir = tempfile.mkdtemp(prefix="rmn-", dir="/tmp")
+    gcs_port = free_port()
+    common = ["--num-cpus=2", "--object-store-memory=400000000", "--disable-usage-stats"]
+    head_cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.2", f"--port={gcs_port}",
+                "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
+                f"--temp-dir={temp_dir}", *common]
+    worker_cmd = ["ray", "start", f"--address=127.0.0.2:{gcs_port}", "--node-ip-address=127.0.0.3",
+                  *common, "--block",
+                  f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+                  f"--dashboard-agent-listen-port={free_port()}",
+                  f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                  f"--runtime-env-agent-port={free_port()}"]
+    if _can_unshare():
+        # The worker node sees an empty tmpfs where the driver sees `shadowed`.
+        script = f"mount -t tmpfs tmpfs {shadowed} && exec {' '.join(worker_cmd)}"
+        worker_cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+    procs = []
+    try:
+        head = subprocess.Popen(head_cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        procs.append(head)
+        output, _ = head.communicate(timeout=120)
+        assert head.returncode == 0, f"ray start --head failed:\n{output}"
+        procs.append(subprocess.Popen(worker_cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        address = f"127.0.0.2:{gcs_port}"
+        # The driver joins as a client of the head's node; the jobs' init_ray then finds it.
+        ray.init(address=address, _node_ip_address="127.0.0.2", log_to_driver=False)
+        deadline = time.time() + 90
+        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+            assert time.time() < deadline, "the worker node never joined"
+            time.sleep(1)
+        yield Cluster(address, s3_endpoint, f"s3://{bucket}", f"s3://{bucket}/data", shadowed)
+    finally:
+        ray.shutdown()
+        left = set()
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            left |= stop_node(proc.pid, temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        shutil.rmtree(shadowed, ignore_errors=True)
+        assert not left, f"Ray processes survived SIGKILL: {sorted(left)}"
+
+
+@pytest.fixture(scope="module")
+def padim_model(cluster: Cluster) -> tuple[dict, str]:
+    from jobs import train
+
+    model = f"{cluster.bucket}/models/padim"
+    summary = train.main(["--data", cluster.data, "--category", CATEGORY, "--detector", "padim",
+                          *TINY, "--output", model, "--num-workers", "2", "--cpus-per-worker", "2",
+                          "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
+    return summary, model
+
+
+def test_memory_detector_trains_with_one_worker_on_each_node(cluster, padim_model):
+    from anomaly_core.artifact import ModelArtifact
+    from anomaly_core.storage import read_bytes
+
+    summary, model = padim_model
+    meta = ModelArtifact.read_metadata(model, s3_endpoint=cluster.s3_endpoint)
+    assert meta["training"]["workers"] == 2
+    assert len(meta["training"]["nodes"]) == 2  # 2 CPUs per worker: one worker per node
+    assert summary["model_version"] == meta["model_version"]
+    on_s3 = json.loads(read_bytes(f"{model}/train_summary.json", s3_endpoint=cluster.s3_endpoint))
+    assert on_s3["model_version"] == meta["model_version"]
+
+
+def test_scoring_runs_actors_and_tasks_on_both_nodes(cluster, padim_model):
+    import pyarrow.dataset as pads
+
+    from anomaly_core import storage
+    from jobs import score
+
+    _, model = padim_model
+    source, out = f"{cluster.data}/{CATEGORY}/test/", f"{cluster.bucket}/scores"
+    summary = score.main(["--model", model, "--input", source, "--output", out,
+                          "--num-actors", "2", "--cpus-per-actor", "1.5", "--decode-cpus", "0.25",
+                          "--batch-size", "2", "--rows-per-file", "2", "--progress-every", "0",
+                          "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
+    assert len(summary["nodes"]["model"]) == 2  # 1.5 CPUs per actor: one actor per node
+    assert summary["nodes"]["rows"]  # the row tasks ran (and wrote to S3) wherever there was room
+    images = storage.list_files(source, s3_endpoint=cluster.s3_endpoint)
+    fs, path = storage.filesystem(out, s3_endpoint=cluster.s3_endpoint)
+    rows = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pylist()
+    assert sorted(r["uri"] for r in rows) == sorted(images)
+    assert all(r["error"] is None and r["mask_png"] for r in rows)
+
+
+def test_two_trial_sweep_of_a_gradient_detector_keeps_everything_in_s3(cluster):
+    import pyarrow.parquet as pq
+
+    from anomaly_core import storage
+    from jobs import tune
+
+    out = f"{cluster.bucket}/sweeps/ae"
+    summary = tune.main(["--data", cluster.data, "--category", CATEGORY, "--detector", "autoencoder",
+                         "--set", f"image_size={SIZE}", "--set", "channels=[8,16]",
+                         "--set", "blur_sigma=1", "--param", "lr=grid:0.001,0.003",
+                         "--search", "grid", "--epochs", "2", "--max-concurrent", "2",
+                         "--num-workers", "1", "--output", out,
+                         "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
+    assert summary["trials"] == summary["finished"] == 2
+    fs, path = storage.filesystem(f"{out}/results.parquet", s3_endpoint=cluster.s3_endpoint)
+    table = pq.read_table(path, filesystem=fs).to_pylist()
+    assert all(r["status"] == "ok" and r["objective"] is not None for r in table)
+    # Each trial's Ray Train checkpoints sit in the sweep's storage under the trial's id.
+    trial_ids = {r["trial_id"] for r in table}
+    checkpoints = storage.list_files(f"{out}/tune/sweep-autoencoder-trials",
+                                     s3_endpoint=cluster.s3_endpoint)
+    assert {c.split("/trial-")[1].split("/")[0] for c in checkpoints if "/trial-" in c} == trial_ids
+    assert any(c.endswith("state.pt") for c in checkpoints)
+
+
+def test_a_local_path_one_node_does_not_see_stops_the_job_before_any_work(cluster):
+    from jobs import score
+    from jobs.preflight import PreflightError
+
+    if not _can_unshare():
+        pytest.skip("no mount namespaces here: every local path is visible from both nodes")
+    out = os.path.join(cluster.shadowed, "scores")
+    source = f"{cluster.data}/{CATEGORY}/test/"
+    model = f"{cluster.bucket}/models/padim"
+    with pytest.raises(PreflightError) as err:
+        score.main(["--model", model, "--input", source, "--output", out,
+                    "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
+    assert cluster.shadowed in str(err.value) and "on node 127.0.0.3" in str(err.value)
+    assert "shared" in str(err.value)
