@@ -31,3 +31,25 @@ def test_score_with_a_missing_model_names_it(tmp_path):
     with pytest.raises(ArtifactError, match="nothing/model.json"):
         score.main(["--model", str(tmp_path / "nothing"), "--input", str(tmp_path),
                     "--output", str(tmp_path / "out")])
+
+
+def test_new_user_train_at_defaults_without_cached_weights_exits_2_at_once_with_the_reason(
+        synthetic, tmp_path):
+    """`python -m jobs.train --data D --category C --output M` (PaDiM, wide_resnet50_2) on a
+    machine without the weights: exit 2 before Ray starts, the reason and what to do last."""
+    import os
+    import time
+
+    data = synthetic("capsule", 48, 6, 1, 1)
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty-hub"), "ANOMALY_OFFLINE": "1"}
+    start = time.perf_counter()
+    out = subprocess.run([sys.executable, "-m", "jobs.train", "--data", data, "--category", "capsule",
+                          "--output", str(tmp_path / "model")], capture_output=True, text=True,
+                         timeout=120, env=env)
+    wall = time.perf_counter() - start
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "failed: ImageNet weights for wide_resnet50_2" in last and "Pre-seed" in last
+    assert "ray" not in out.stderr.lower().replace("ray-anomaly", "")  # no Ray was started
+    assert len(out.stderr.strip().splitlines()) <= 3 and wall < 60
+    assert not (tmp_path / "model").exists()
