@@ -59,17 +59,19 @@ class GpuMemoryPeak:
         self._thread.join()
 
 
-def weights_option(name: str) -> list[str]:
-    """--set weights=random where the detector's pretrained weights do not resolve here."""
+def weights_option(name: str) -> tuple[str, list[str]]:
+    """(what the fit uses, extra flags): --set weights=random where the detector's pretrained
+    weights do not resolve here."""
     from anomaly_core.backbones import WeightsUnavailableError, check_weights
     from anomaly_core.detectors import detector_class, make_config
 
-    for backbone, weights in detector_class(name).pretrained_weights(make_config(name)):
+    needed = detector_class(name).pretrained_weights(make_config(name))
+    for backbone, weights in needed:
         try:
             check_weights(backbone, weights)
         except WeightsUnavailableError:
-            return ["--set", "weights=random"]
-    return []
+            return "random", ["--set", "weights=random"]
+    return ("imagenet" if needed else "none"), []
 
 
 def run_job(argv: list[str], timeout: float, log_path: str) -> tuple[int, float]:
@@ -94,9 +96,9 @@ def check(name: str, args: argparse.Namespace, data: str, work: str) -> dict:
     """Fit and score one detector; its row of the table."""
     gpu = [] if args.cpu else ["--use-gpu"]
     sets = [x for kv in args.set for x in ("--set", kv)]
-    weights = weights_option(name)
+    used, weights = weights_option(name)
     model, scores = os.path.join(work, f"{name}-model"), os.path.join(work, f"{name}-scores")
-    row = {"detector": name, "weights": "random" if weights else "imagenet", "options": args.set}
+    row = {"detector": name, "weights": used, "options": args.set}
     with GpuMemoryPeak() as fit_mem:
         code, fit_s = run_job(["jobs.train", "--data", data, "--category", "capsule", "--detector", name,
                                "--output", model, "--epochs", str(args.epochs), "--batch-size",
@@ -126,7 +128,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--detectors", default=",".join(DETECTORS))
     p.add_argument("--train", type=int, default=64, help="training images (synthetic capsule)")
-    p.add_argument("--test", type=int, default=128, help="images to score")
+    p.add_argument("--test", type=int, default=256, help="images to score")
     p.add_argument("--size", type=int, default=256, help="synthetic image size")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=32)

@@ -9,6 +9,25 @@ import time
 from collections import defaultdict
 
 
+def synthetic_bucket(s3_endpoint: str, folder: str, prefix: str, category: str, **sizes: int) -> str:
+    """A new bucket on the S3 server holding a synthetic MVTec tree under data/; its s3:// URI."""
+    import uuid
+    from pathlib import Path
+
+    import boto3
+
+    from anomaly_core import storage
+    from anomaly_core.data.synthetic import generate
+
+    bucket = f"{prefix}-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    generate(folder, categories=[category], **sizes)
+    for path in storage.list_files(folder):
+        storage.write_bytes(f"s3://{bucket}/data/{os.path.relpath(path, folder)}",
+                            Path(path).read_bytes(), s3_endpoint=s3_endpoint)
+    return f"s3://{bucket}"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

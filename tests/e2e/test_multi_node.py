@@ -15,14 +15,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.ray_nodes import free_port, stop_node
+from tests.e2e.ray_nodes import free_port, stop_node, synthetic_bucket
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -55,21 +54,13 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint: str, tmp_path_factory) -> Iterator[Cluster]:
     """A head and a worker node, each with 2 CPUs, the worker in its own mount namespace."""
-    import boto3
     import ray
 
-    from anomaly_core import storage
-    from anomaly_core.data.synthetic import generate
 
     if ray.is_initialized():
         pytest.skip("an in-process Ray is running; this test needs the machine's only Ray")
-    bucket = f"mn-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-    data = tmp_path_factory.mktemp("mn-data")
-    generate(str(data), categories=[CATEGORY], size=SIZE, n_train=12, n_test_good=3, n_test_defect=3)
-    for path in storage.list_files(str(data)):
-        storage.write_bytes(f"s3://{bucket}/data/{os.path.relpath(path, data)}",
-                            Path(path).read_bytes(), s3_endpoint=s3_endpoint)
+    bucket = synthetic_bucket(s3_endpoint, str(tmp_path_factory.mktemp("mn-data")), "mn", CATEGORY,
+                              size=SIZE, n_train=12, n_test_good=3, n_test_defect=3)
     shadowed = tempfile.mkdtemp(prefix="mn-shadow-", dir="/tmp")
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, which maps 127.0.0.1 to the machine's
@@ -109,7 +100,7 @@ def cluster(s3_endpoint: str, tmp_path_factory) -> Iterator[Cluster]:
         while len([n for n in ray.nodes() if n["Alive"]]) < 2:
             assert time.time() < deadline, "the worker node never joined"
             time.sleep(1)
-        yield Cluster(address, s3_endpoint, f"s3://{bucket}", f"s3://{bucket}/data", shadowed)
+        yield Cluster(address, s3_endpoint, bucket, f"{bucket}/data", shadowed)
     finally:
         ray.shutdown()
         left = set()

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.ray_nodes import free_port, stop_node
+from tests.e2e.ray_nodes import free_port, stop_node, synthetic_bucket
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # not resolved: the venv's bin, with `ray` in it
@@ -123,20 +123,13 @@ def last_json(text: str) -> dict:
 @pytest.fixture(scope="module")
 def head(s3_endpoint: str, tmp_path_factory) -> Iterator[Head]:
     """A Ray head started with `ray start --head` on loopback, stopped (only it) afterwards."""
-    import boto3
 
-    from anomaly_core import storage
-    from anomaly_core.data.synthetic import generate
 
     if not (VENV_BIN / "ray").exists():
         pytest.fail(f"no `ray` CLI next to {sys.executable}")
-    bucket = f"e2e-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     data = tmp_path_factory.mktemp("e2e-data")
-    generate(str(data), categories=[CATEGORY], size=SIZE, n_train=10, n_test_good=2, n_test_defect=1)
-    for path in storage.list_files(str(data)):
-        storage.write_bytes(f"s3://{bucket}/data/{os.path.relpath(path, data)}",
-                            Path(path).read_bytes(), s3_endpoint=s3_endpoint)
+    bucket = synthetic_bucket(s3_endpoint, str(data), "e2e", CATEGORY, size=SIZE, n_train=10,
+                              n_test_good=2, n_test_defect=1)
 
     # The nodes' environment: the venv first on PATH, loopback only, no usage report, no hub,
     # and S3 credentials from the environment (the s3_endpoint fixture put fake ones there).
@@ -155,7 +148,7 @@ def head(s3_endpoint: str, tmp_path_factory) -> Iterator[Head]:
     # Its own session, so that its processes can be found and stopped without touching others.
     proc = subprocess.Popen(start, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    head = Head(f"http://127.0.0.1:{dashboard_port}", env, s3_endpoint, f"s3://{bucket}")
+    head = Head(f"http://127.0.0.1:{dashboard_port}", env, s3_endpoint, bucket)
     try:
         t0 = time.perf_counter()
         out, _ = proc.communicate(timeout=120)

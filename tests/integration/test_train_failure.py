@@ -59,3 +59,38 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     assert summary["resumed_from_epoch"] >= 0  # restarted from a checkpoint, not from scratch
     artifact = ModelArtifact.load(str(tmp_path / "model"))
     assert artifact.training["epochs"] == 10 and artifact.training["last_epoch"]["epoch"] == 9
+
+
+def test_resources_no_node_has_fail_at_once_instead_of_waiting_forever(tmp_path):
+    from jobs.preflight import PreflightError
+
+    data = str(tmp_path / "data")
+    generate(data, categories=["capsule"], size=48, n_train=6, n_test_good=1, n_test_defect=1)
+    start = time.perf_counter()
+    with pytest.raises(PreflightError, match=r"--cpus-per-worker 64: 1 x \{'CPU': 64.0\} cannot be placed"):
+        train.main(["--data", data, "--category", "capsule", "--output", str(tmp_path / "model"),
+                    "--set", "backbone=resnet18", "--set", "weights=random", "--set", "image_size=48",
+                    "--cpus-per-worker", "64"])
+    with pytest.raises(PreflightError, match="--use-gpu"):
+        train.main(["--data", data, "--category", "capsule", "--output", str(tmp_path / "model"),
+                    "--set", "backbone=resnet18", "--set", "weights=random", "--set", "image_size=48",
+                    "--use-gpu"])
+    assert time.perf_counter() - start < 60
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_set_up_error_in_the_workers_ends_the_run_once_with_its_reason(tmp_path):
+    """PaDiM statistics no device could hold: the driver cannot know the workers' memory, the
+    workers' set-up finds out; the run ends once (no retries) and the job raises the reason."""
+    data = str(tmp_path / "data")
+    generate(data, categories=["capsule"], size=48, n_train=6, n_test_good=1, n_test_defect=1)
+    storage_path = tmp_path / "ray_results"
+    with pytest.raises(ValueError, match="could not start training: .*padim needs"):
+        train.main(["--data", data, "--category", "capsule", "--output", str(tmp_path / "model"),
+                    "--set", "backbone=resnet18", "--set", "weights=random",
+                    "--set", "image_size=4096", "--num-workers", "2", "--max-failures", "3",
+                    "--storage-path", str(storage_path)])
+    # One attempt: its one checkpoint is the reason, and no worker group was started again.
+    reasons = list(storage_path.glob("**/fatal_error.txt"))
+    assert len(reasons) == 1 and "padim needs" in reasons[0].read_text()
+    assert not (tmp_path / "model" / "model.json").exists()
