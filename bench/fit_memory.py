@@ -1,8 +1,13 @@
-"""PatchCore fit memory: peak RSS and fit time against the number of training images, for our
+"""Fit memory of the memory detectors. Each configuration runs in a fresh process; prints a table.
+
+PatchCore (default): peak RSS and fit time against the number of training images, for our
 streaming fit (bounded budget) and the usual all-in-memory one (every patch held, one coreset at
-the end), side by side in one run. Each configuration runs in a fresh process. Prints a table.
+the end), side by side in one run.
+PaDiM: peak RSS against the size of its statistics (a mean and a d x d sum per feature-map
+position, in accumulate_dtype) at several image sizes, at the paper's defaults.
 
     python bench/fit_memory.py [--images 100,1000,5000] [--image-size 64] [--budget-mb 64]
+    python bench/fit_memory.py --detector padim [--sizes 128,224,256] [--images 32]
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 MODES = {"streaming": "ours: streaming, bounded", "all-in-memory": "all patches, one coreset"}
+DEFAULTS = {  # per detector: --images, --backbone, --batch-size
+    "patchcore": ("100,1000,5000", "resnet18", 32),
+    "padim": ("32", "wide_resnet50_2", 8),
+}
+GB = 1e9
 
 
 def rss_mb() -> float:
@@ -28,6 +38,115 @@ def rss_mb() -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def status_bytes(key: str) -> int:
+    """A byte count from /proc/self/status (VmRSS, VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+
+
+def reset_peak() -> None:
+    """Make VmHWM the current RSS, so the next read is the peak of what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def padim_child(args: argparse.Namespace) -> None:
+    """One PaDiM fit (and one scoring batch) in this fresh process; prints JSON."""
+    import torch
+
+    from anomaly_core.detectors import build_detector
+    from anomaly_core.fit import fit
+
+    class Images(torch.utils.data.Dataset):
+        # Random images: the statistics' size and the work do not depend on the pixels.
+        def __init__(self, n: int, size: int) -> None:
+            self.images = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+        def __len__(self) -> int:
+            return len(self.images)
+
+        def __getitem__(self, i: int) -> dict:
+            return {"image": self.images[i]}
+
+    torch.manual_seed(0)
+    detector = build_detector(
+        "padim", backbone=args.backbone, weights=args.weights, image_size=args.image_size
+    )
+    stats = detector.fit_state_bytes(detector.config)
+    data = Images(args.n, args.image_size)
+    reset_peak()
+    before = status_bytes("VmRSS")
+    start = time.perf_counter()
+    fit(detector, data, batch_size=args.batch_size)
+    seconds = time.perf_counter() - start
+    peak = status_bytes("VmHWM")
+    after = status_bytes("VmRSS")
+    reset_peak()
+    start = time.perf_counter()
+    detector(data.images[: args.batch_size])
+    score_s = time.perf_counter() - start
+    positions, d = detector.mean.shape
+    print(
+        json.dumps(
+            {
+                "positions": positions,
+                "d": d,
+                "stats_bytes": stats,
+                "rss_before": before,
+                "peak_rss": peak,
+                "rss_after": after,
+                "score_peak_rss": status_bytes("VmHWM"),
+                "fit_s": seconds,
+                "score_s": score_s,
+            }
+        )
+    )
+
+
+def padim_main(args: argparse.Namespace) -> None:
+    """Each image size in a fresh process; a table of peak RSS against the statistics' size."""
+    rows = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--child",
+            "--detector",
+            "padim",
+            "--n",
+            args.images,
+            "--image-size",
+            str(size),
+            "--backbone",
+            args.backbone,
+            "--weights",
+            args.weights,
+            "--batch-size",
+            str(args.batch_size),
+        ]
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        rows.append((size, result))
+        print(f"  {size} px: {result}", file=sys.stderr, flush=True)
+    print(
+        f"\nPaDiM fit ({args.backbone}, {args.weights} weights, other options at their defaults), "
+        f"{args.images} images, batch {args.batch_size}, {os.cpu_count()} cores; GB = 1e9 bytes"
+    )
+    print(
+        f"{'px':>4} {'positions':>9} {'d':>4} {'stats GB':>9} {'RSS before':>11} {'peak RSS':>9}"
+        f" {'peak-stats':>11} {'growth-stats':>13} {'fit s':>7} {'score peak':>11} {'score s':>8}"
+    )
+    for size, r in rows:
+        stats = r["stats_bytes"]
+        print(
+            f"{size:>4} {r['positions']:>9} {r['d']:>4} {stats / GB:>9.2f}"
+            f" {r['rss_before'] / GB:>11.2f}"
+            f" {r['peak_rss'] / GB:>9.2f} {(r['peak_rss'] - stats) / GB:>11.2f}"
+            f" {(r['peak_rss'] - r['rss_before'] - stats) / GB:>13.2f} {r['fit_s']:>7.1f}"
+            f" {r['score_peak_rss'] / GB:>11.2f} {r['score_s']:>8.1f}"
+        )
 
 
 def child(args: argparse.Namespace) -> None:
@@ -72,8 +191,13 @@ def child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", default="100,1000,5000", help="training set sizes, comma-separated")
-    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--detector", choices=list(DEFAULTS), default="patchcore")
+    p.add_argument(
+        "--images",
+        help="training set sizes, comma-separated (patchcore: 100,1000,5000); padim: one (32)",
+    )
+    p.add_argument("--image-size", type=int, default=64, help="patchcore's input size")
+    p.add_argument("--sizes", default="128,224,256", help="padim's input sizes, comma-separated")
     p.add_argument(
         "--budget-mb", type=float, default=64, help="memory_budget_gb of the streaming fit, in MB"
     )
@@ -83,18 +207,25 @@ def main() -> None:
         default=0.01,
         help="coreset ratio (0.01 keeps the exact greedy affordable on CPU)",
     )
-    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--backbone", help="patchcore: resnet18, padim: wide_resnet50_2")
     p.add_argument(
         "--weights", default="random", help="memory and time do not depend on the weights' values"
     )
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, help="patchcore: 32, padim: 8")
     p.add_argument("--data", help="existing synthetic data root (made if absent)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=list(MODES), help=argparse.SUPPRESS)
     p.add_argument("--n", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    images, backbone, batch_size = DEFAULTS[args.detector]
+    args.images = args.images or images
+    args.backbone = args.backbone or backbone
+    args.batch_size = args.batch_size or batch_size
     if args.child:
-        child(args)
+        (padim_child if args.detector == "padim" else child)(args)
+        return
+    if args.detector == "padim":
+        padim_main(args)
         return
     sizes = [int(n) for n in args.images.split(",")]
     data = args.data or os.path.join(tempfile.mkdtemp(prefix="bench_fit_memory_"), "data")

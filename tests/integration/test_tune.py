@@ -95,3 +95,7 @@ def test_fastflow_depth_grid_interrupted_resumes_without_rerunning_finished_tria
     assert sorted(json.loads(r["param_flow_steps"]) for r in table) == [2, 4, 6]  # each depth once
     assert all(r["status"] == "ok" and r["objective"] is not None for r in table)
     assert os.path.exists(out / "best_config.yaml")
+    # One Ray Train run per trial, named after it in the sweep's storage: a restarted trial
+    # found its own run (and checkpoint) again rather than starting a new one.
+    runs = {p.name for p in (out / "tune" / "sweep-fastflow-trials").iterdir()}
+    assert runs == {f"trial-{r['trial_id']}" for r in table}
