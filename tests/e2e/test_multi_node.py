@@ -147,7 +147,7 @@ def test_scoring_runs_actors_and_tasks_on_both_nodes(cluster, padim_model):
     source, out = f"{cluster.data}/{CATEGORY}/test/", f"{cluster.bucket}/scores"
     summary = score.main(["--model", model, "--input", source, "--output", out,
                           "--num-actors", "2", "--cpus-per-actor", "1.5", "--decode-cpus", "0.25",
-                          "--batch-size", "2", "--rows-per-file", "2", "--progress-every", "0",
+                          "--batch-size", "4", "--rows-per-file", "4", "--progress-every", "0",
                           "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
     assert len(summary["nodes"]["model"]) == 2  # 1.5 CPUs per actor: one actor per node
     assert summary["nodes"]["rows"]  # the row tasks ran (and wrote to S3) wherever there was room
@@ -168,7 +168,7 @@ def test_two_trial_sweep_of_a_gradient_detector_keeps_everything_in_s3(cluster):
     summary = tune.main(["--data", cluster.data, "--category", CATEGORY, "--detector", "autoencoder",
                          "--set", f"image_size={SIZE}", "--set", "channels=[8,16]",
                          "--set", "blur_sigma=1", "--param", "lr=grid:0.001,0.003",
-                         "--search", "grid", "--epochs", "2", "--max-concurrent", "2",
+                         "--search", "grid", "--epochs", "1", "--max-concurrent", "2",
                          "--num-workers", "1", "--output", out,
                          "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
     assert summary["trials"] == summary["finished"] == 2
