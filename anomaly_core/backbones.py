@@ -70,11 +70,19 @@ def hub_offline() -> bool:
     )
 
 
+def local_imagenet_file(name: str) -> str | None:
+    """`name`'s ImageNet file on this machine: the torch hub cache, else the offline package."""
+    if name not in TORCHVISION_MODELS:
+        return None
+    for path in (cached_weights_path(name), offline_weights_path(name)):
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
 def imagenet_weights_available(name: str) -> bool:
     """True when `name`'s ImageNet weights load without network access."""
-    if name not in TORCHVISION_MODELS:
-        return False
-    return os.path.isfile(cached_weights_path(name)) or offline_weights_path(name) is not None
+    return local_imagenet_file(name) is not None
 
 
 def _check_hash(path: str) -> None:
@@ -95,10 +103,10 @@ def _check_hash(path: str) -> None:
 
 def _imagenet_torchvision_state(name: str) -> tuple[dict, str]:
     url = torchvision_weights_url(name)
-    for path in (cached_weights_path(name), offline_weights_path(name)):
-        if path and os.path.isfile(path):
-            _check_hash(path)
-            return torch.load(path, map_location="cpu", weights_only=True), f"imagenet ({path})"
+    path = local_imagenet_file(name)
+    if path:
+        _check_hash(path)
+        return torch.load(path, map_location="cpu", weights_only=True), f"imagenet ({path})"
     try:
         if hub_offline():
             raise ConnectionError("downloads are off: ANOMALY_OFFLINE / HF_HUB_OFFLINE is set")
@@ -329,9 +337,9 @@ def check_weights(backbone: str, weights: str, *, s3_endpoint: str | None = None
             "must be on S3 or a mount every node sees), or use weights=imagenet"
         )
     if backbone in TORCHVISION_MODELS:
-        for path in (cached_weights_path(backbone), offline_weights_path(backbone)):
-            if path and os.path.isfile(path):
-                return f"imagenet ({path})"
+        path = local_imagenet_file(backbone)
+        if path:
+            return f"imagenet ({path})"
         url = torchvision_weights_url(backbone)
         if not hub_offline() and _url_reachable(url):
             return f"imagenet ({url})"
