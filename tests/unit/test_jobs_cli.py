@@ -53,3 +53,20 @@ def test_new_user_train_at_defaults_without_cached_weights_exits_2_at_once_with_
     assert "ray" not in out.stderr.lower().replace("ray-anomaly", "")  # no Ray was started
     assert len(out.stderr.strip().splitlines()) <= 3 and wall < 60
     assert not (tmp_path / "model").exists()
+
+
+def test_save_best_artifact_retrains_with_every_training_flag_the_sweep_was_given():
+    from jobs import tune
+
+    args = tune.parse_args([
+        "--data", "s3://b/d", "--category", "c", "--output", "s3://b/o", "--param", "lr=grid:1,2",
+        "--cpus-per-worker", "6", "--precision", "bf16", "--channels-last", "--use-gpu",
+        "--num-workers", "2", "--loader-workers", "3", "--epochs", "7", "--val-data", "s3://b/v",
+        "--s3-endpoint", "http://minio:9000", "--storage-path", "s3://b/sweep-storage"])
+    argv = tune._train_argv(args, "s3://b/o/best_model", {"detector": "stpm", "options": {"lr": 0.1}})
+    retrain = train.parse_args(argv)
+    for flag in ("data", "category", "cpus_per_worker", "precision", "channels_last", "use_gpu",
+                 "num_workers", "loader_workers", "epochs", "val_data", "s3_endpoint", "seed"):
+        assert getattr(retrain, flag) == getattr(args, flag), flag
+    assert retrain.output == "s3://b/o/best_model" and retrain.overrides == ["lr=0.1"]
+    assert retrain.storage_path is None  # its checkpoints go beside best_model, not in the sweep's
