@@ -31,6 +31,12 @@ DEFAULTS = {  # per detector: --images, --backbone, --batch-size
 GB = 1e9
 
 
+def run_child(cmd: list[str]) -> dict:
+    """One measurement in a fresh process: the JSON its last output line holds."""
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def rss_mb() -> float:
     """Current resident set size of this process, MB."""
     with open("/proc/self/status") as f:
@@ -126,8 +132,7 @@ def padim_main(args: argparse.Namespace) -> None:
             "--batch-size",
             str(args.batch_size),
         ]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        result = json.loads(out.strip().splitlines()[-1])
+        result = run_child(cmd)
         rows.append((size, result))
         print(f"  {size} px: {result}", file=sys.stderr, flush=True)
     print(
@@ -266,8 +271,7 @@ def main() -> None:
                 "--batch-size",
                 str(args.batch_size),
             ]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
+            result = run_child(cmd)
             rows.append((n, mode, result))
             print(f"  {n} images, {mode}: {result}", file=sys.stderr, flush=True)
     print(
