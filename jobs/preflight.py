@@ -101,6 +101,15 @@ def check_resources(bundle: dict[str, float], count: int, what: str, advice: str
         raise PreflightError(f"{what}: {problem}; {advice}")
 
 
+def check_replicas(count: int, cpus: float, use_gpu: bool, count_flag: str, cpus_flag: str) -> None:
+    """check_resources for `count` replicas (Train workers, model actors) of `cpus` CPUs and one
+    GPU each with --use-gpu, worded with the job's own flags."""
+    gpu = " and --use-gpu (1 GPU)" if use_gpu else ""
+    check_resources({"CPU": cpus, "GPU": 1.0 if use_gpu else 0.0}, count,
+                    f"{count_flag} {count} with {cpus_flag} {cpus:g}{gpu}",
+                    f"lower {cpus_flag} or {count_flag} (or drop --use-gpu), or add nodes that large")
+
+
 def _fingerprint(path: str, marker: str | None) -> str:
     """What a path looks like from one node: whether the driver's marker file is there, else a
     file's size or a digest of a folder's entry names."""

@@ -24,7 +24,7 @@ from jobs.common import (
     run_job,
     setup_logging,
 )
-from jobs.preflight import check_nodes, check_resources
+from jobs.preflight import check_nodes, check_replicas, check_resources
 
 TEXT_COLUMNS = ("uri", "etag", "error")
 INT_COLUMNS = ("size_bytes", "width", "height")
@@ -109,6 +109,8 @@ class ScoringActor:
 
 def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
     """CPU task: raw outputs -> schema rows -> one atomic part file; returns the counts."""
+    import ray
+
     from anomaly_core.evaluate import Calibration
     from anomaly_core.runs import ScoreRun, commit_part
     from anomaly_core.schema import utc_now
@@ -128,8 +130,6 @@ def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
         rows.append(row)
     commit_part(score_run, rows)
     errors = sum(r["error"] is not None for r in rows)
-    import ray
-
     return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors],
             "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))],
             "rows_node": [ray.get_runtime_context().get_node_id()]}
@@ -164,31 +164,27 @@ def main(argv: list[str] | None = None) -> dict:
     # Fail before any work when the model, the input or the output cannot be used. The driver
     # reads model.json only: the weights (gigabytes for PaDiM) are loaded by the actors alone.
     info = ArtifactInfo.read(args.model, s3_endpoint=args.s3_endpoint)
-    model, model_version = info.name, info.model_version
     if args.address:  # a cluster: its nodes must see every local path before anything is written
         init_ray(args.address)
         check_nodes([args.input, args.manifest, args.output, args.model], s3_endpoint=args.s3_endpoint)
     extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
     run = open_run(
         source=args.input or args.manifest, manifest=bool(args.manifest), output=args.output,
-        model=model, model_version=model_version, extensions=extensions,
+        model=info.name, model_version=info.model_version, extensions=extensions,
         incremental=args.incremental, run_id=args.run_id, s3_endpoint=args.s3_endpoint,
     )
     todo = pending(run)
     t_plan = time.perf_counter() - t0
     log.info("run %s (%s): %d images listed, %d to score; model %s@%s; rows to %s; options %s",
              run.run_id, "resumed" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
-             model, model_version, run.partition, json.dumps(redacted(vars(args))))
+             info.name, info.model_version, run.partition, json.dumps(redacted(vars(args))))
     nodes: dict[str, set] = {"model": set(), "rows": set()}
     if todo.num_rows:
         init_ray(args.address)
         import ray
 
-        gpu = " and --use-gpu (1 GPU)" if args.use_gpu else ""
-        check_resources({"CPU": args.cpus_per_actor, "GPU": 1.0 if args.use_gpu else 0.0},
-                        args.num_actors, f"--num-actors {args.num_actors} with --cpus-per-actor "
-                        f"{args.cpus_per_actor:g}{gpu}", "lower --cpus-per-actor or --num-actors "
-                        "(or drop --use-gpu), or add nodes that large")
+        check_replicas(args.num_actors, args.cpus_per_actor, args.use_gpu, "--num-actors",
+                       "--cpus-per-actor")
         check_resources({"CPU": args.decode_cpus}, 1, f"--decode-cpus {args.decode_cpus:g}",
                         "lower --decode-cpus")
 

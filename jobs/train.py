@@ -340,16 +340,12 @@ def preflight_training(args, name: str, options: dict, output: str | None) -> tu
 
     preflight.check_detector(name, options, s3_endpoint=args.s3_endpoint)
     train, val = training_records(args)
-    for flag in ("output", "storage_path"):
-        uri = output if flag == "output" else args.storage_path
+    for flag, uri in (("--output", output), ("--storage-path", args.storage_path)):
         if uri:
-            preflight.check_writable(uri, s3_endpoint=args.s3_endpoint, flag="--" + flag.replace("_", "-"))
+            preflight.check_writable(uri, s3_endpoint=args.s3_endpoint, flag=flag)
     init_ray(args.address)
-    gpu = " and --use-gpu (1 GPU)" if args.use_gpu else ""
-    preflight.check_resources(
-        {"CPU": args.cpus_per_worker, "GPU": 1.0 if args.use_gpu else 0.0}, args.num_workers,
-        f"--num-workers {args.num_workers} with --cpus-per-worker {args.cpus_per_worker:g}{gpu}",
-        "lower --cpus-per-worker or --num-workers (or drop --use-gpu), or add nodes that large")
+    preflight.check_replicas(args.num_workers, args.cpus_per_worker, args.use_gpu,
+                             "--num-workers", "--cpus-per-worker")
     preflight.check_nodes([args.data, args.val_data, output, args.storage_path], detector=name,
                           options=options, s3_endpoint=args.s3_endpoint)
     return train, val
