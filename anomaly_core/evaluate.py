@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -12,22 +12,42 @@ from anomaly_core import metrics
 from anomaly_core.detectors.base import Detector
 
 NORMAL_QUANTILE = 0.99
+# Pixels: a normal image has tens of thousands, so the pixel threshold is a far higher quantile
+# of the held-out normal pixels; it marks about 0.1 % of a normal image's pixels, which leaves
+# room below 1 % for the spread between held-out and new normal images.
+PIXEL_QUANTILE = 0.999
+PIXEL_SAMPLE = 8_000_000  # held-out pixels the pixel quantiles are taken from, at most
+REFERENCE_SCORES = 1000
 
 
 @dataclass
 class Calibration:
-    """Image/pixel thresholds and the score range that `normalize` maps onto [0, 1]."""
+    """Thresholds and normalization windows, one set per quantity: image scores and map pixels.
 
-    threshold: float
-    pixel_threshold: float
-    min: float
-    max: float
+    `normalize` maps a quantity's threshold to 0.5 and its validation window [min, max] onto a
+    unit-wide range, clipped to [0, 1]. Artifacts from before per-quantity calibration have no
+    pixel window (pixel_min None): their maps keep the image window, as they were written.
+    """
+
+    threshold: float  # image score >= threshold: anomalous
+    pixel_threshold: float  # map value >= pixel_threshold: in the mask
+    min: float  # image scores: lowest held-out normal score
+    max: float  # image scores: highest validation score
     method: str
+    pixel_min: float | None = None  # map values: low end of held-out normal maps (1st percentile)
+    pixel_max: float | None = None  # map values: highest validation map value
+    pixel_method: str = ""
+    # Held-out normal image scores (at most REFERENCE_SCORES quantiles): the distribution that
+    # scores of a new day are compared with (a drift signal in the report).
+    normal_scores: list[float] = field(default_factory=list)
 
     def normalize(self, values: np.ndarray | float, pixel: bool = False) -> np.ndarray:
-        """Threshold -> 0.5, the validation range -> a unit-wide window, clipped to [0, 1]."""
-        t = self.pixel_threshold if pixel else self.threshold
-        span = max(self.max - self.min, 1e-12)
+        """Threshold -> 0.5, the validation window -> a unit-wide range, clipped to [0, 1]."""
+        if pixel and self.pixel_min is not None:
+            t, low, high = self.pixel_threshold, self.pixel_min, self.pixel_max
+        else:
+            t, low, high = (self.pixel_threshold if pixel else self.threshold), self.min, self.max
+        span = max(high - low, 1e-12)
         return np.clip((np.asarray(values, dtype=np.float64) - t) / span + 0.5, 0.0, 1.0)
 
     def to_dict(self) -> dict:
@@ -57,28 +77,57 @@ def calibrate(
     masks: np.ndarray | None = None,
     *,
     normal_quantile: float = NORMAL_QUANTILE,
+    pixel_quantile: float = PIXEL_QUANTILE,
 ) -> tuple[Calibration, dict[str, float]]:
-    """Thresholds from labelled validation defects when there are any, else a normal-score quantile.
+    """Calibrate image scores and map pixels each from their own values on a validation split.
+
+    Image threshold: F1-max on labelled validation images when there are defects among them,
+    else the `normal_quantile` of held-out normal scores. Pixel threshold: F1-max on labelled
+    masks when there are some, else the `pixel_quantile` of held-out normal map pixels. The
+    image score need not be the map's maximum (a CLS distance, a re-weighted or a pre-blur
+    score), so the two quantities are never mixed.
 
     Returns the calibration and the validation metrics it could compute.
     """
     labels = np.asarray(labels)
-    low, high = float(maps.min()), float(scores.max())
-    if (labels == 1).any() and (labels == 0).any():
+    normal = labels != 1
+    if not normal.any():
+        raise ValueError("calibration needs held-out normal images; the validation split has only defects")
+    normal_scores, normal_maps = scores[normal], maps[normal]
+    pixels = normal_maps.reshape(-1)
+    if len(pixels) > PIXEL_SAMPLE:  # every k-th pixel keeps the quantiles cheap on big splits
+        pixels = pixels[:: -(-len(pixels) // PIXEL_SAMPLE)]
+    n = int(normal.sum())
+    threshold = float(np.quantile(normal_scores, normal_quantile))
+    method = f"quantile {normal_quantile} of {n} held-out normal scores"
+    pixel_low, pixel_threshold = (float(v) for v in np.quantile(pixels, [0.01, pixel_quantile]))
+    pixel_method = f"quantile {pixel_quantile} of the map pixels of {n} held-out normal images"
+    val: dict[str, float] = {}
+    if (labels == 1).any():
         val = metrics.evaluate(labels, scores)
-        threshold = val["image_f1_threshold"]
-        pixel_threshold, method = threshold, "f1_max on labelled validation images"
+        threshold, method = val["image_f1_threshold"], "f1_max on labelled validation images"
         if masks is not None and masks[labels == 1].any():
             val.update(metrics.evaluate(labels, scores, masks, maps))
             pixel_threshold = val["pixel_f1_threshold"]
-            method = "f1_max on labelled validation images and masks"
-        return Calibration(threshold, pixel_threshold, low, high, method), val
-    normal = scores[labels != 1]
-    if len(normal) == 0:
-        raise ValueError("calibration needs held-out normal images or labelled defects")
-    threshold = float(np.quantile(normal, normal_quantile))
-    method = f"quantile {normal_quantile} of {len(normal)} held-out normal scores"
-    return Calibration(threshold, threshold, low, high, method), {
-        "normal_score_mean": float(normal.mean()),
-        "normal_score_std": float(normal.std()),
-    }
+            pixel_method = "f1_max on labelled validation masks"
+    calibration = Calibration(
+        threshold=threshold, pixel_threshold=pixel_threshold,
+        min=float(normal_scores.min()), max=float(scores.max()), method=method,
+        pixel_min=pixel_low, pixel_max=float(maps.max()),
+        pixel_method=pixel_method, normal_scores=reference_scores(normal_scores),
+    )
+    val.update({
+        "normal_score_mean": float(normal_scores.mean()),
+        "normal_score_std": float(normal_scores.std()),
+        # In-sample: the share of held-out normal pixels the pixel threshold marks.
+        "normal_pixels_marked": float((normal_maps >= pixel_threshold).mean()),
+    })
+    return calibration, val
+
+
+def reference_scores(scores: np.ndarray, n: int = REFERENCE_SCORES) -> list[float]:
+    """The scores themselves when few, else n evenly spaced quantiles: a compact distribution."""
+    values = np.sort(np.asarray(scores, dtype=np.float64))
+    if len(values) > n:
+        values = np.quantile(values, np.linspace(0, 1, n))
+    return [float(v) for v in values]

@@ -225,7 +225,10 @@ def main(argv: list[str] | None = None) -> dict:
     summary = finish(run, {"plan": t_plan, "score": t_score, "total": time.perf_counter() - t0},
                      {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
                       # the Ray nodes that ran the model actors and wrote the rows
-                      "nodes": {k: sorted(v) for k, v in nodes.items()}})
+                      "nodes": {k: sorted(v) for k, v in nodes.items()},
+                      # what the rows were scored with; the report reads these
+                      "model_uri": args.model, "calibration": info.calibration.to_dict(),
+                      "validation_metrics": info.validation_metrics})
     table = [("run", run.run_id), ("inputs", summary["inputs"]), ("scored", summary["scored"]),
              ("errors", summary["errors"]), ("skipped", summary["skipped"]),
              ("images/s", summary["images_per_s"]), ("rows in", run.partition)]
