@@ -1,14 +1,21 @@
 """The walking skeleton end to end on a local Ray: synthetic data -> Ray Train fit -> Ray Data
-scoring -> Parquet -> image and pixel AUROC read back from the Parquet rows.
+scoring -> Parquet -> image and pixel AUROC read back from the Parquet rows -> an HTML report.
 
     python -m jobs.demo [--workdir demo_output] [--category capsule] [--detector padim]
+
+The terminal shows the jobs' own progress lines and the result; everything else Ray and its
+workers print goes to <workdir>/ray.log.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -81,28 +88,64 @@ def evaluate_parquet(output: str, data: str, category: str) -> dict[str, float]:
     }
 
 
+@contextlib.contextmanager
+def output_to(path: str) -> Iterator[None]:
+    """Send this process's stdout and stderr, and so Ray's logs, its progress bars and the lines
+    its workers forward, to `path`; the "jobs" logger's lines still reach the terminal."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    terminal = logging.StreamHandler(os.fdopen(os.dup(saved[2]), "w", buffering=1))
+    terminal.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(terminal)
+    with open(path, "ab") as f:
+        for fd in saved:
+            os.dup2(f.fileno(), fd)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        log.removeHandler(terminal)
+        terminal.stream.close()
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
     from anomaly_core.data.synthetic import generate
-    from jobs import score, train
+    from jobs import report, score, train
 
     start = time.perf_counter()
     work = os.path.abspath(args.workdir)
     data, model, scores = (os.path.join(work, d) for d in ("data", "model", "scores"))
-    generate(data, categories=[args.category], size=args.image_size, n_train=args.n_train, seed=0)
-    backbone, why = choose_backbone(args.detector)
-    log.info("backbone: %s", why)
-    common = ["--address", args.address] if args.address else []
-    trained = train.main([
-        "--data", data, "--category", args.category, "--output", model, "--detector", args.detector,
-        "--set", f"backbone={backbone}", "--set", f"image_size={args.image_size}",
-        "--num-workers", str(args.num_workers), *common,
-    ])
-    scored = score.main([
-        "--model", model, "--input", os.path.join(data, args.category, "test"),
-        "--output", scores, "--num-actors", "1", *common,
-    ])
+    ray_log = os.path.join(work, "ray.log")
+    os.makedirs(work, exist_ok=True)
+    print(f"Ray's and its workers' logs go to {ray_log}", flush=True)
+    with output_to(ray_log):
+        generate(data, categories=[args.category], size=args.image_size, n_train=args.n_train,
+                 seed=0)
+        backbone, why = choose_backbone(args.detector)
+        log.info("backbone: %s", why)
+        common = ["--address", args.address] if args.address else []
+        log.info("training %s with %d Ray Train workers ...", args.detector, args.num_workers)
+        trained = train.main([
+            "--data", data, "--category", args.category, "--output", model,
+            "--detector", args.detector, "--set", f"backbone={backbone}",
+            "--set", f"image_size={args.image_size}", "--num-workers", str(args.num_workers),
+            *common,
+        ])
+        log.info("trained in %.0f s: model %s, image threshold %.4g (%s)", trained["wall_s"],
+                 trained["model_version"], trained["threshold"], trained["calibration"])
+        scored = score.main([
+            "--model", model, "--input", os.path.join(data, args.category, "test"),
+            "--output", scores, "--num-actors", "1", *common,
+        ])
+        page = report.main(["--scores", scores, "--labels", data,
+                            "--out", os.path.join(work, "report")])
     result = evaluate_parquet(scores, data, args.category)
     wall = time.perf_counter() - start
     print("\n=== demo result ===")
@@ -114,6 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"accuracy      {result['accuracy_at_threshold']:.3f}   at the threshold calibrated on held-out normal images")
     print(f"model         {model}")
     print(f"scores        {scored['partition']}")
+    print(f"report        {page}")
+    print(f"ray logs      {ray_log}")
     print(f"wall time     {wall:.0f} s")
     return {**result, "wall_s": wall, "backbone": backbone, "scored": scored, "trained": trained}
 

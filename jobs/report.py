@@ -33,7 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for index.html (a folder or s3:// prefix)")
     p.add_argument("--labels", help="MVTec-layout root whose test images were scored: adds AUROC, "
                    "AUPRO and F1 per category and defect type, and the true defect contours")
-    p.add_argument("--run-id", help="the run to report (default: the last finished one)")
+    p.add_argument("--run-id", help="the run to report (default: the last finished one of the "
+                   "latest day)")
     p.add_argument("--top", type=int, default=24, help="thumbnails of the most anomalous images")
     p.add_argument("--sample", type=int, default=12, help="thumbnails of a random sample of the rest")
     p.add_argument("--thumb-size", type=int, default=256, help="longest side of a thumbnail, px")
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_summary(scores: str, run_id: str | None, s3_endpoint: str | None) -> dict[str, Any]:
-    """The run's _SUCCESS.json: the given run, else the one that finished last."""
+    """The run's _SUCCESS.json: the given run, else the last to finish on the latest day."""
     from anomaly_core import storage
     from anomaly_core.runs import RUNS_DIR
 
@@ -69,7 +70,7 @@ def load_summary(scores: str, run_id: str | None, s3_endpoint: str | None) -> di
     if not summaries:
         raise ValueError(f"no finished run under {scores}: the score job writes _SUCCESS.json last; "
                          "run it (again) to finish its run")
-    return max(summaries, key=lambda s: s["finished_at"])
+    return max(summaries, key=lambda s: (s["day"], s["finished_at"]))
 
 
 def read_rows(scores: str, model: str, s3_endpoint: str | None):

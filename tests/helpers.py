@@ -1,5 +1,6 @@
 """Shared test helpers: in-memory image datasets and a loopback port for torch.distributed."""
 
+import os
 import socket
 
 import torch
@@ -39,3 +40,38 @@ def synthetic_split(root: str, category: str, size: int):
     return tuple(
         ImageDataset(mvtec_records(root, category, split), (size, size)) for split in ("train", "test")
     )
+
+
+CHROMIUM = "/usr/bin/chromium"
+# As root in a closed network: no sandbox, no GPU, none of Chromium's own background traffic.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def open_in_chromium(page: str, screenshot: str) -> dict:
+    """Load a local HTML file in headless Chromium (Debian's, driven by Playwright); returns the
+    thumbnails that rendered, broken images, console messages, page errors and requests made."""
+    import pytest
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: .ci/setup installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    out: dict = {"console": [], "requests": []}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page(viewport={"width": 1400, "height": 900})
+        tab.on("console", lambda m: out["console"].append(f"{m.type}: {m.text}"))
+        tab.on("pageerror", lambda e: out["console"].append(f"pageerror: {e}"))
+        tab.on("request", lambda r: out["requests"].append(r.url[:80]))
+        tab.goto(f"file://{os.path.abspath(page)}", wait_until="load")
+        out["thumbnails"] = tab.evaluate(
+            "[...document.querySelectorAll('figure.thumb img')]"
+            ".filter(i => i.complete && i.naturalWidth > 0).length")
+        out["broken"] = tab.evaluate(
+            "[...document.images].filter(i => !(i.complete && i.naturalWidth > 0)).length")
+        out["title"] = tab.title()
+        os.makedirs(os.path.dirname(screenshot), exist_ok=True)
+        tab.screenshot(path=screenshot, full_page=True)
+        browser.close()
+    return out

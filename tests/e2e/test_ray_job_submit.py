@@ -40,7 +40,7 @@ JOB_TIMEOUT = 300
 # The runtime env of `ray job submit` on a local head: cluster/runtime_env.yaml without `pip:`
 # (the venv the head runs in has every dependency) and without `working_dir` (the flag).
 RUNTIME_ENV = {
-    "excludes": [".git/", ".venv/", "dist/", "demo_output/", "runs/", "tests/", "bench/",
+    "excludes": [".git/", ".venv/", "dist/", "demo_output/", "test-artifacts/", "runs/", "tests/", "bench/",
                  "*.egg-info/", ".pytest_cache/", ".ruff_cache/", ".benchmarks/"],
     "env_vars": {"ANOMALY_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
                  "RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"},

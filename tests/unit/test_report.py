@@ -1,0 +1,98 @@
+"""jobs.report on its own (no Ray): many rows read without their images, per-day numbers, errors,
+and the flags. The page in a browser is tested with a real scoring run (integration)."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from anomaly_core.runs import ScoreRun, commit_part, finish
+from anomaly_core.schema import utc_now
+from anomaly_core.scoring import encode_png
+from jobs import report
+
+ROWS, FILES = 20_000, 10
+
+
+def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: str = "r1") -> dict:
+    """A finished run of n rows (every 1000th an error) over `files` part files, as the score job
+    writes them; the images themselves do not exist."""
+    import pyarrow as pa
+
+    run = ScoreRun(run_id, output, "padim", "v1", day, "/nowhere", False, f"{day}T00:00:00",
+                   inputs=pa.table({"uri": [f"/nowhere/{i:06d}.png" for i in range(n)]}))
+    rng = np.random.default_rng(0)
+    heat, mask = encode_png(np.zeros((32, 32))), encode_png(np.zeros((32, 32)))
+    now, rows = utc_now(), []
+    for i, score in enumerate(rng.normal(1.0, 0.1, n)):
+        row = {"uri": f"/nowhere/{i:06d}.png", "model_version": "v1", "scored_at": now,
+               "run_id": run_id, "width": 32, "height": 32}
+        if i % 1000 == 7:
+            row["error"] = f"/nowhere/{i:06d}.png: not a recognised image"
+        else:
+            row.update(score=float(score), is_anomalous=bool(score > 1.2), heatmap_png=heat,
+                       mask_png=mask)
+        rows.append(row)
+    for k in range(files):
+        commit_part(run, rows[k::files])
+    calibration = {"threshold": 1.2, "pixel_threshold": 0.5,
+                   "normal_scores": sorted(rng.normal(1.0, 0.1, 200).tolist())}
+    return finish(run, {"total": 1.0}, {"calibration": calibration, "model_uri": "/m"})
+
+
+def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, monkeypatch):
+    from anomaly_core.data import decode
+
+    out = str(tmp_path / "scores")
+    write_run(out, 500, 1, day="2026-11-29", run_id="r0")
+    write_run(out, ROWS, FILES)
+    opened, read = [], []
+    real_read = report.read_pngs
+
+    def counting_read(fs, rows, uris):
+        result = real_read(fs, rows, uris)
+        read.append(len(result))
+        return result
+
+    monkeypatch.setattr(decode, "load_image", lambda uri, **_: opened.append(uri) or 1 / 0)
+    monkeypatch.setattr(report, "read_pngs", counting_read)
+    start = time.perf_counter()
+    page = report.main(["--scores", out, "--out", str(tmp_path / "report"), "--top", "10",
+                        "--sample", "5"])
+    wall = time.perf_counter() - start
+    assert len(opened) == 15 and read == [15]  # images and PNGs of the thumbnails only
+    text = open(page).read()
+    assert text.count('<figure class="thumb">') == 15
+    assert text.count("image not readable now") == 15
+    # The run reported is the latest day's; the older day only feeds the per-day table.
+    assert "run r1" in text and "2026-11-29" in text and "Per day" in text
+    assert f"Errors ({ROWS // 1000})" in text and "&lt;image&gt;: not a recognised image" in text
+    assert "Kolmogorov-Smirnov" in text
+    assert wall < 60, wall  # measured 2.2 s on 2 cores (another job running)
+
+
+def test_per_day_counts_and_rates():
+    import pandas as pd
+
+    rows = pd.DataFrame({"dt": ["d1", "d1", "d1", "d2"], "error": [None, None, "x", None],
+                         "is_anomalous": [True, False, None, False]})
+    days = report.per_day(rows)
+    assert days.loc["d1"].tolist() == [2, 1, 1, 0.5] and days.loc["d2"].tolist() == [1, 0, 0, 0.0]
+
+
+def test_a_folder_without_runs_and_bad_flags_say_what_to_do(tmp_path, capsys):
+    with pytest.raises(FileNotFoundError, match="run python -m jobs.score first"):
+        report.main(["--scores", str(tmp_path), "--out", str(tmp_path / "r")])
+    write_run(str(tmp_path / "s"), 3, 1)
+    with pytest.raises(ValueError, match="run nope has not finished"):
+        report.main(["--scores", str(tmp_path / "s"), "--out", str(tmp_path / "r"), "--run-id", "nope"])
+    with pytest.raises(SystemExit):
+        report.main(["--scores", str(tmp_path), "--out", str(tmp_path / "r"), "--top", "-1"])
+    assert "--top -1" in capsys.readouterr().err
+
+
+def test_label_key_matches_a_copy_of_the_same_test_image():
+    assert report.label_key("s3://b/copy/capsule/test/crack/001.png") == "capsule/test/crack/001.png"
+    assert report.label_key("/data/mvtec/capsule/test/crack/001.png") == "capsule/test/crack/001.png"
+    assert json.loads(json.dumps(report.LIGHT_COLUMNS)) == report.LIGHT_COLUMNS
