@@ -38,7 +38,9 @@ def artifact() -> ModelArtifact:
     for _ in range(2):
         detector.observe(torch.rand(4, 3, 64, 64))
     detector.finalize()
-    calibration = Calibration(threshold=3.0, pixel_threshold=2.5, min=0.5, max=6.0, method="test")
+    calibration = Calibration(threshold=3.0, pixel_threshold=2.5, min=0.5, max=6.0, method="test",
+                              pixel_min=0.1, pixel_max=4.0, pixel_method="test pixels",
+                              normal_scores=[0.5, 1.0, 2.0])
     return ModelArtifact(detector, calibration, {"image_auroc": 0.9}, {"images": 8})
 
 
@@ -52,7 +54,7 @@ def test_local_round_trip_scores_identically(tmp_path, artifact):
     artifact.save(str(tmp_path / "model"))
     loaded = ModelArtifact.load(str(tmp_path / "model"))
     _assert_same_predictions(artifact, loaded)
-    assert loaded.calibration == artifact.calibration
+    assert loaded.calibration == artifact.calibration and loaded.calibration.pixel_min == 0.1
     assert loaded.model_version == artifact.model_version and len(loaded.model_version) == 12
     assert loaded.detector.config == artifact.detector.config
     meta = json.loads((tmp_path / "model" / "model.json").read_text())
