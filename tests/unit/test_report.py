@@ -15,13 +15,14 @@ from jobs import report
 ROWS, FILES = 20_000, 10
 
 
-def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: str = "r1") -> dict:
+def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: str = "r1",
+              s3_endpoint: str | None = None) -> dict:
     """A finished run of n rows (every 1000th an error) over `files` part files, as the score job
     writes them; the images themselves do not exist."""
     import pyarrow as pa
 
     run = ScoreRun(run_id, output, "padim", "v1", day, "/nowhere", False, f"{day}T00:00:00",
-                   inputs=pa.table({"uri": [f"/nowhere/{i:06d}.png" for i in range(n)]}))
+                   s3_endpoint=s3_endpoint, inputs=pa.table({"uri": [f"/nowhere/{i:06d}.png" for i in range(n)]}))
     rng = np.random.default_rng(0)
     heat, mask = encode_png(np.zeros((32, 32))), encode_png(np.zeros((32, 32)))
     now, rows = utc_now(), []
@@ -70,6 +71,13 @@ def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, mon
     assert f"Errors ({ROWS // 1000})" in text and "&lt;image&gt;: not a recognised image" in text
     assert "Kolmogorov-Smirnov" in text
     assert wall < 60, wall  # measured 2.2 s on 2 cores (another job running)
+
+
+def test_scores_in_s3(s3_bucket, s3_endpoint, tmp_path):
+    write_run(f"{s3_bucket}/scores", 40, 2, s3_endpoint=s3_endpoint)
+    page = report.main(["--scores", f"{s3_bucket}/scores", "--out", str(tmp_path / "report"),
+                        "--top", "3", "--sample", "2", "--s3-endpoint", s3_endpoint])
+    assert open(page).read().count('<figure class="thumb">') == 5
 
 
 def test_per_day_counts_and_rates():
