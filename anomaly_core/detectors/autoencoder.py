@@ -31,7 +31,10 @@ class AutoencoderConfig(DetectorConfig):
     # for resnet18 / 34 / 50) up to the image, one 2x upsampling per entry.
     decoder_channels: tuple[int, ...] = (256, 128, 64, 32, 16)
     ssim_weight: float = 0.0  # loss = MSE + ssim_weight * (1 - SSIM); 0 is pixel MSE only
-    blur_sigma: float = 4.0  # error-map smoothing in pixels; 4 suits 256 px (about 1 at 64 px)
+    # Error-map smoothing in pixels; None: 4 px per 256 px of image_size (1 at 64 px), so the
+    # smoothing covers the same share of the image at any size (4 px at 96 px blurs a defect of
+    # a few pixels away: image AUROC 0.43 against 0.56 at 1.5 px, capsule, 20 epochs).
+    blur_sigma: float | None = None
     lr: float = 1e-3  # Adam
     weight_decay: float = 0.0
 
@@ -147,5 +150,8 @@ class Autoencoder(Detector):
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
         error = (self.reconstruct(images) - images).pow(2).mean(dim=1)  # [B,H,W]
-        maps = gaussian_blur(error, self.config.blur_sigma)
+        sigma = self.config.blur_sigma
+        if sigma is None:
+            sigma = 4.0 * self.config.image_size / 256
+        maps = gaussian_blur(error, sigma)
         return AnomalyOutput(score=maps.flatten(1).max(dim=1).values, map=maps)

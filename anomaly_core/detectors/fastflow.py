@@ -41,7 +41,11 @@ class FastflowConfig(DetectorConfig):
     # it, as the paper does.
     train_backbone: bool = True
     lr: float = 1e-3
-    backbone_lr: float = 1e-4
+    # 1e-5, not 1e-4: the flow loss is lowered by a backbone that makes its features alike (all
+    # images, anomalous ones too, map near one point), so a fast backbone collapses. Measured on
+    # synthetic capsule (96 px, ImageNet mobilenet_v2, 20 epochs): image AUROC 0.77 at 1e-4 (loss
+    # -30000), 0.98 at 1e-5 (loss -8600), 0.99 frozen (loss -4900).
+    backbone_lr: float = 1e-5
     weight_decay: float = 1e-5
     seed: int = 0  # fixes the channel permutations between flow steps
 

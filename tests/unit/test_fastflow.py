@@ -5,17 +5,8 @@ import torch
 
 from anomaly_core.detectors import build_detector
 from anomaly_core.detectors.fastflow import AffineCoupling
-from anomaly_core.evaluate import predict
-from anomaly_core.fit import fit
-from anomaly_core.metrics import image_auroc
-from tests.helpers import synthetic_split
 
 TINY = dict(backbone="resnet18", weights="random", image_size=64)
-SIZE = 64
-# Measured on synthetic wood (64 px, 16 training images, 8 good + 8 defective test images),
-# ImageNet mobilenet_v2, frozen backbone, 4 flow steps, lr 1e-2, 8 epochs: image AUROC
-# 0.906 / 0.969 / 1.0 / 0.969 / 1.0 for seeds 0-4 (0.61-1.0 after 4 epochs).
-MIN_IMAGE_AUROC = 0.8
 
 
 def _step(channels: int, kernel_size: int = 3, seed: int = 0) -> AffineCoupling:
@@ -137,16 +128,4 @@ def test_map_is_at_input_size_and_a_wrong_size_is_refused():
         detector(torch.rand(1, 3, 96, 96))
 
 
-def test_short_training_lowers_the_loss_and_separates_defects(synthetic):
-    train, test = synthetic_split(synthetic("wood", SIZE, 16, 8, 2), "wood", SIZE)
-    torch.manual_seed(0)
-    # The paper's frozen backbone and a shallower, faster-learning flow keep this to seconds.
-    detector = build_detector(
-        "fastflow", backbone="mobilenet_v2", weights="imagenet", image_size=SIZE,
-        train_backbone=False, flow_steps=4, lr=1e-2,
-    )
-    losses = []
-    fit(detector, train, batch_size=8, epochs=8, report=lambda m, _: losses.append(m["loss"]))
-    assert losses[-1] < losses[0] - 1000
-    pred = predict(detector, test, batch_size=16)
-    assert image_auroc(pred["labels"], pred["scores"]) >= MIN_IMAGE_AUROC
+# Quality at the defaults (fine-tuned backbone) is tested in tests/unit/test_defaults_learn.py.

@@ -3,20 +3,17 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Subset
 
 from anomaly_core.detectors import build_detector
 from anomaly_core.evaluate import predict
 from anomaly_core.fit import fit
 from anomaly_core.metrics import image_auroc
-from tests.helpers import synthetic_split
+from tests.helpers import mask_quality, synthetic_split
 
 TINY = dict(backbone="resnet18", weights="random", image_size=64)
-SIZE = 64
-# Measured on synthetic wood (64 px, 16 training images, 8 good + 8 defective test images),
-# ImageNet mobilenet_v2, noise_std 0.3, lr 1e-3 / 2e-3, 8 epochs: image AUROC 0.969 / 0.938 /
-# 1.0 / 1.0 / 0.969 / 0.938 / 0.859 for seeds 0-6. With the paper's noise_std 0.015 and rates
-# the loss stays at 1.0 for this few steps (the noise is ~1/30 of this backbone's feature spread).
-MIN_IMAGE_AUROC = 0.75
+# Measured 0.112 (0.16 % of normal pixels marked); with the old single threshold 0.142 and 0 %.
+MIN_MASK_F1 = 0.06
 
 
 def _make(**fields) -> torch.nn.Module:
@@ -89,15 +86,21 @@ def test_optimizers_train_adaptor_and_discriminator_at_their_rates_not_the_backb
     assert detector.discriminator[0].out_features == 512
 
 
-def test_short_training_lowers_the_loss_and_separates_defects(synthetic):
-    train, test = synthetic_split(synthetic("wood", SIZE, 16, 8, 2), "wood", SIZE)
+# Quality at the defaults (against PatchCore) is tested in tests/unit/test_defaults_learn.py.
+
+
+def test_masks_of_a_simplenet_that_learns_find_the_defects_with_its_pre_blur_score(synthetic):
+    # Its image score is the grid maximum before upsampling and blur, not the map's: the masks
+    # must follow the map's own calibration. A recipe that learns on this little data (noise 0.3,
+    # 10x the rates; the defaults do not, see test_defaults_learn).
+    n_fit, n_held = 16, 8
+    train, test = synthetic_split(synthetic("wood", 64, n_fit + n_held, 8, 2), "wood", 64)
     torch.manual_seed(0)
-    detector = build_detector(
-        "simplenet", backbone="mobilenet_v2", weights="imagenet", image_size=SIZE,
-        noise_std=0.3, adaptor_lr=1e-3, discriminator_lr=2e-3,
-    )
-    losses = []
-    fit(detector, train, batch_size=8, epochs=8, report=lambda m, _: losses.append(m["loss"]))
-    assert losses[-1] < losses[0] - 0.1
+    detector = build_detector("simplenet", backbone="mobilenet_v2", weights="imagenet",
+                              image_size=64, noise_std=0.3, adaptor_lr=1e-3, discriminator_lr=2e-3)
+    fit(detector, Subset(train, range(n_fit)), batch_size=8, epochs=8)
     pred = predict(detector, test, batch_size=16)
-    assert image_auroc(pred["labels"], pred["scores"]) >= MIN_IMAGE_AUROC
+    auroc = image_auroc(pred["labels"], pred["scores"])
+    quality = mask_quality(detector, train, test, n_fit, n_held)
+    print(f"simplenet wood AUROC {auroc:.3f} masks {quality}")
+    assert quality["f1"] >= MIN_MASK_F1 and quality["normal_marked"] <= 0.01

@@ -1,0 +1,78 @@
+"""Gradient detectors learn at their documented defaults on an object category.
+
+Only what these tests must change is changed: backbone mobilenet_v2 (the one ImageNet backbone
+available offline) and a smaller image size for time. STPM and the autoencoder are tested at
+their defaults on the wood texture in their own files (test_stpm, test_autoencoder); here
+FastFlow (backbone fine-tuned, its default) and SimpleNet on the capsule object, SimpleNet
+against PatchCore on the same data and backbone.
+"""
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from anomaly_core.detectors import build_detector
+from anomaly_core.evaluate import predict
+from anomaly_core.fit import fit
+from anomaly_core.metrics import image_auroc
+from tests.helpers import mask_quality, synthetic_split
+
+CATEGORY = "capsule"  # an object category: the harder, MVTec-like case
+SIZE = 96  # every backbone stage still has a grid (mobilenet_v2 stride 16: 6x6)
+N_FIT, N_HELD = 32, 8  # training images, and held-out normal images that calibrate
+N_TEST_GOOD, N_TEST_DEFECT = 16, 4  # 16 good + 4 x 4 defective test images
+EPOCHS = 20  # 4 steps per epoch at batch 8: 80 optimizer steps
+BATCH = 8
+SEED = 0
+
+# Image AUROC at the defaults, 20 epochs, seeds 0 / 1 / 2 of torch.manual_seed before building
+# and of fit(), measured on this data:
+#   fastflow    0.984 / 0.980 / 0.973  (backbone_lr 1e-5; at the old 1e-4: 0.77 for seed 0)
+#   simplenet   0.730 / 0.594 / 0.859  (noise_std 0.015: open, see the xfail below)
+#   patchcore   0.984 (no training)
+# The bound sits below the worst seed with room; chance is 0.5.
+MIN_FASTFLOW_AUROC = 0.85
+MIN_FASTFLOW_MASK_F1 = 0.15  # measured 0.221 (and 0.04 % of normal pixels marked)
+
+
+@pytest.fixture(scope="module")
+def split(synthetic):
+    root = synthetic(CATEGORY, SIZE, N_FIT + N_HELD, N_TEST_GOOD, N_TEST_DEFECT)
+    return synthetic_split(root, CATEGORY, SIZE)
+
+
+def _auroc(detector, test) -> float:
+    pred = predict(detector, test, batch_size=32)
+    return image_auroc(pred["labels"], pred["scores"])
+
+
+def _train(name: str, train) -> torch.nn.Module:
+    torch.manual_seed(SEED)
+    detector = build_detector(name, image_size=SIZE, backbone="mobilenet_v2")
+    fit(detector, Subset(train, range(N_FIT)), batch_size=BATCH, epochs=EPOCHS, seed=SEED)
+    return detector
+
+
+def test_fastflow_learns_at_its_defaults_and_its_masks_find_the_defects(split):
+    train, test = split
+    detector = _train("fastflow", train)
+    assert detector.config.train_backbone  # the default: the backbone is fine-tuned
+    auroc = _auroc(detector, test)
+    assert auroc >= MIN_FASTFLOW_AUROC
+    quality = mask_quality(detector, train, test, N_FIT, N_HELD)
+    print(f"fastflow capsule AUROC {auroc:.3f} masks {quality}")
+    assert quality["f1"] >= MIN_FASTFLOW_MASK_F1 and quality["normal_marked"] <= 0.01
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="open: at noise_std 0.015 on mobilenet_v2 features the discriminator cannot tell "
+    "noised from clean features (loss stays 1.0); see README, Status and known gaps",
+)
+def test_simplenet_at_its_defaults_comes_within_005_of_patchcore(split):
+    train, test = split
+    patchcore = build_detector("patchcore", backbone="mobilenet_v2", image_size=SIZE)
+    fit(patchcore, Subset(train, range(N_FIT)), batch_size=BATCH)
+    auroc, reference = _auroc(_train("simplenet", train), test), _auroc(patchcore, test)
+    assert auroc >= reference - 0.05, f"simplenet {auroc:.3f}, patchcore {reference:.3f}"
