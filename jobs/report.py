@@ -38,10 +38,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=24, help="thumbnails of the most anomalous images")
     p.add_argument("--sample", type=int, default=12, help="thumbnails of a random sample of the rest")
     p.add_argument("--thumb-size", type=int, default=256, help="longest side of a thumbnail, px")
+    p.add_argument("--days", type=int, default=30, help="days up to the run's in the per-day section")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL")
     args = p.parse_args(argv)
     if args.top < 0 or args.sample < 0:
         p.error(f"--top {args.top} and --sample {args.sample} must be 0 or more")
+    if args.days < 1:
+        p.error(f"--days {args.days} must be 1 or more")
     if args.thumb_size < 32:
         p.error(f"--thumb-size {args.thumb_size} is too small to see anything; use 32 or more")
     return args
@@ -73,18 +76,42 @@ def load_summary(scores: str, run_id: str | None, s3_endpoint: str | None) -> di
     return max(summaries, key=lambda s: (s["day"], s["finished_at"]))
 
 
-def read_rows(scores: str, model: str, s3_endpoint: str | None):
-    """The light columns (no PNGs) of every row this model wrote, any day, with each row's file."""
-    import pyarrow.compute as pc
+def score_dataset(scores: str, s3_endpoint: str | None):
+    """The rows under `scores` as one dataset, dt= and model= as string partition columns."""
+    import pyarrow as pa
     import pyarrow.dataset as pads
 
     from anomaly_core import storage
 
     fs, path = storage.filesystem(scores, s3_endpoint=s3_endpoint)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive")
-    table = dataset.to_table(columns=[*LIGHT_COLUMNS, "__filename"],
-                             filter=pc.field("model") == model)
-    return table.to_pandas().astype({"dt": str}), fs
+    partitioning = pads.partitioning(pa.schema([("dt", pa.string()), ("model", pa.string())]),
+                                     flavor="hive")
+    return pads.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning), fs
+
+
+def read_run_rows(dataset, summary: dict):
+    """The light columns (no PNGs) of the run's rows, with each row's file; only the run's own
+    partition is read."""
+    import pyarrow.compute as pc
+
+    condition = ((pc.field("dt") == summary["day"]) & (pc.field("model") == summary["model"])
+                 & (pc.field("run_id") == summary["run_id"]))
+    return dataset.to_table(columns=[*LIGHT_COLUMNS, "__filename"], filter=condition).to_pandas()
+
+
+def per_day(dataset, summary: dict, days: int):
+    """Rows, errors, anomalous images and the anomaly rate per dt= partition of the model, for
+    the `days` days up to the run's; partitions outside them are never opened."""
+    import datetime
+
+    import pyarrow.compute as pc
+
+    last = datetime.date.fromisoformat(summary["day"])
+    first = (last - datetime.timedelta(days=days - 1)).isoformat()
+    condition = ((pc.field("model") == summary["model"]) & (pc.field("dt") >= first)
+                 & (pc.field("dt") <= last.isoformat()))
+    table = dataset.to_table(columns=["dt", "error", "is_anomalous"], filter=condition)
+    return day_counts(table.to_pandas())
 
 
 def read_pngs(fs, rows, uris: set[str]) -> dict[str, dict[str, bytes]]:
@@ -246,7 +273,7 @@ def curves(groups: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
 # ---------------------------------------------------------------- numbers
 
 
-def per_day(rows):
+def day_counts(rows):
     """Rows, errors, anomalous images and the anomaly rate per dt= partition."""
     scored = rows["error"].isna()
     frame = rows.assign(scored=scored, errors=~scored,
@@ -437,11 +464,10 @@ def main(argv: list[str] | None = None) -> str:
     t0 = time.perf_counter()
     truth = ground_truth(args.labels, args.s3_endpoint) if args.labels else {}
     summary = load_summary(args.scores, args.run_id, args.s3_endpoint)
-    rows, fs = read_rows(args.scores, summary["model"], args.s3_endpoint)
-    run_rows = rows[rows["run_id"] == summary["run_id"]]
+    dataset, fs = score_dataset(args.scores, args.s3_endpoint)
+    run_rows = read_run_rows(dataset, summary)
     scored = run_rows[run_rows["error"].isna()].sort_values("score", ascending=False)
-    log.info("run %s: %d rows (%d scored); %d rows of model %s in all", summary["run_id"],
-             len(run_rows), len(scored), len(rows), summary["model"])
+    log.info("run %s: %d rows (%d scored)", summary["run_id"], len(run_rows), len(scored))
     calibration = summary.get("calibration") or {}
     threshold = calibration.get("threshold")
     top = scored.head(args.top)
@@ -478,7 +504,7 @@ def main(argv: list[str] | None = None) -> str:
         values = scored["score"].to_numpy()
         context.update(drift=drift(values, reference), drift_plot=drift_plot(values, reference, threshold),
                        reference_rate=float((reference >= threshold).mean()) if threshold is not None else 0.0)
-    days = per_day(rows)
+    days = per_day(dataset, summary, args.days)
     if len(days) > 1:
         context.update(days=days, days_plot=days_plot(days))
     if truth:

@@ -47,6 +47,7 @@ def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, mon
 
     out = str(tmp_path / "scores")
     write_run(out, 500, 1, day="2026-11-29", run_id="r0")
+    write_run(out, 50, 1, day="2026-09-01", run_id="r-old")  # before the last 30 days
     write_run(out, ROWS, FILES)
     opened, read = [], []
     real_read = report.read_pngs
@@ -68,6 +69,7 @@ def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, mon
     assert text.count("image not readable now") == 15
     # The run reported is the latest day's; the older day only feeds the per-day table.
     assert "run r1" in text and "2026-11-29" in text and "Per day" in text
+    assert "2026-09-01" not in text
     assert f"Errors ({ROWS // 1000})" in text and "&lt;image&gt;: not a recognised image" in text
     assert "Kolmogorov-Smirnov" in text
     assert wall < 60, wall  # measured 2.2 s on 2 cores (another job running)
@@ -85,7 +87,7 @@ def test_per_day_counts_and_rates():
 
     rows = pd.DataFrame({"dt": ["d1", "d1", "d1", "d2"], "error": [None, None, "x", None],
                          "is_anomalous": [True, False, None, False]})
-    days = report.per_day(rows)
+    days = report.day_counts(rows)
     assert days.loc["d1"].tolist() == [2, 1, 1, 0.5] and days.loc["d2"].tolist() == [1, 0, 0, 0.0]
 
 
