@@ -86,7 +86,8 @@ def open_in_chromium(page: str, screenshot: str) -> dict:
         tab = browser.new_page(viewport={"width": 1400, "height": 900})
         tab.on("console", lambda m: out["console"].append(f"{m.type}: {m.text}"))
         tab.on("pageerror", lambda e: out["console"].append(f"pageerror: {e}"))
-        tab.on("request", lambda r: out["requests"].append(r.url[:80]))
+        tab.on("request", lambda r: out["requests"].append(
+            "data:" if r.url.startswith("data:") else r.url))
         tab.goto(f"file://{os.path.abspath(page)}", wait_until="load")
         out["thumbnails"] = tab.evaluate(
             "[...document.querySelectorAll('figure.thumb img')]"

@@ -3,7 +3,8 @@
 `ray start --head` on 127.0.0.1 (its own --temp-dir and free ports, so it never meets the
 in-process Ray of the integration tests or another Ray on the machine), a moto S3 server on
 loopback, a synthetic dataset uploaded to it, then `ray job submit --working-dir .` for
-train -> score -> a two-trial tune, and one job that must fail. Each job is checked through the
+train -> score, and one job that must fail (sweeps are driven on a two-node cluster in
+test_multi_node.py, and in-process in tests/integration/test_tune.py). Each job is checked through the
 CLI's exit code, `ray job status` and `ray job logs`; the results are read back from S3.
 
 The head is stopped afterwards whatever happens, by killing exactly its processes (those of the
@@ -216,27 +217,6 @@ def test_score_job_writes_one_row_per_uploaded_image_to_s3(trained, head):
     success = json.loads(storage.read_bytes(f"{out}/_runs/{run_id}/_SUCCESS.json",
                                             s3_endpoint=head.s3_endpoint))
     assert success["scored"] == len(images) and success["errors"] == 0
-
-
-def test_two_trial_tune_job_ranks_both_trials_in_s3(head):
-    import pyarrow.parquet as pq
-    import yaml
-
-    from anomaly_core import storage
-
-    out = f"{head.bucket}/sweeps/{CATEGORY}-padim"
-    job = submit(head, "tune", "--data", f"{head.bucket}/data", "--category", CATEGORY,
-                 "--detector", "padim", *TINY, "--param", "n_features=grid:16,24",
-                 "--search", "grid", "--max-concurrent", "2", "--num-workers", "1",
-                 "--output", out, "--s3-endpoint", head.s3_endpoint)
-    assert job.returncode == 0 and state(job) == "SUCCEEDED", job.describe()
-    assert "sweep sweep-padim: 2 trials" in job.logs, job.describe()
-    fs, path = storage.filesystem(f"{out}/results.parquet", s3_endpoint=head.s3_endpoint)
-    table = pq.read_table(path, filesystem=fs).to_pylist()
-    assert sorted(json.loads(r["param_n_features"]) for r in table) == [16, 24]
-    assert all(r["status"] == "ok" and r["objective"] is not None for r in table)
-    best = yaml.safe_load(storage.read_bytes(f"{out}/best_config.yaml", s3_endpoint=head.s3_endpoint))
-    assert best["options"]["n_features"] == json.loads(table[0]["param_n_features"])
 
 
 def test_a_job_that_cannot_load_its_model_fails_with_the_reason_last(head):

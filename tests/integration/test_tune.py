@@ -30,15 +30,15 @@ def data(tmp_path_factory) -> str:
 def test_simplenet_noise_sweep_ranks_trials_and_its_best_config_trains_a_scoreable_model(data, tmp_path):
     out = str(tmp_path / "sweep")
     summary = tune.main(["--data", data, "--category", "capsule", "--detector", "simplenet", *TINY,
-                         "--param", "noise_std=loguniform:0.002:0.1", "--num-samples", "4",
+                         "--param", "noise_std=loguniform:0.002:0.1", "--num-samples", "2",
                          "--max-concurrent", "2", "--epochs", "2", "--output", out,
                          "--save-best-artifact"])
     table = pq.read_table(f"{out}/results.parquet").to_pylist()
-    assert len(table) == 4 == summary["trials"]
+    assert len(table) == 2 == summary["trials"]
     objectives = [r["objective"] for r in table if r["objective"] is not None]
-    assert objectives == sorted(objectives, reverse=True) and len(objectives) >= 2
+    assert objectives == sorted(objectives, reverse=True) and len(objectives) == 2
     sigmas = {json.loads(r["param_noise_std"]) for r in table}
-    assert len(sigmas) == 4 and all(0.002 <= s <= 0.1 for s in sigmas)
+    assert len(sigmas) == 2 and all(0.002 <= s <= 0.1 for s in sigmas)
     best = yaml.safe_load(open(f"{out}/best_config.yaml"))
     assert best["detector"] == "simplenet"
     assert best["options"]["noise_std"] == json.loads(table[0]["param_noise_std"])
@@ -64,7 +64,7 @@ def test_fastflow_depth_grid_interrupted_resumes_without_rerunning_finished_tria
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "jobs.tune", "--data", data, "--category", "capsule",
            "--detector", "fastflow", *TINY, "--set", "train_backbone=false",
-           "--param", "flow_steps=grid:2,4,6", "--search", "grid", "--max-concurrent", "1",
+           "--param", "flow_steps=grid:2,4", "--search", "grid", "--max-concurrent", "1",
            "--epochs", "1", "--output", str(out), "--address", ray.get_runtime_context().gcs_address]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -83,16 +83,16 @@ def test_fastflow_depth_grid_interrupted_resumes_without_rerunning_finished_tria
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = finished_trials()
-    assert 1 <= len(before) < 3, "the kill must land mid-sweep"
+    assert len(before) == 1, "the kill must land mid-sweep"
     finished = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "resuming sweep" in finished.stderr
     after = finished_trials()
-    assert len(after) == 3
+    assert len(after) == 2
     for trial, text in before.items():
         assert after[trial] == text  # a finished trial was not run again
     table = pq.read_table(out / "results.parquet").to_pylist()
-    assert sorted(json.loads(r["param_flow_steps"]) for r in table) == [2, 4, 6]  # each depth once
+    assert sorted(json.loads(r["param_flow_steps"]) for r in table) == [2, 4]  # each depth once
     assert all(r["status"] == "ok" and r["objective"] is not None for r in table)
     assert os.path.exists(out / "best_config.yaml")
     # One Ray Train run per trial, named after it in the sweep's storage: a restarted trial
