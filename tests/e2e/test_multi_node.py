@@ -158,31 +158,6 @@ def test_scoring_runs_actors_and_tasks_on_both_nodes(cluster, padim_model):
     assert all(r["error"] is None and r["mask_png"] for r in rows)
 
 
-def test_two_trial_sweep_of_a_gradient_detector_keeps_everything_in_s3(cluster):
-    import pyarrow.parquet as pq
-
-    from anomaly_core import storage
-    from jobs import tune
-
-    out = f"{cluster.bucket}/sweeps/ae"
-    summary = tune.main(["--data", cluster.data, "--category", CATEGORY, "--detector", "autoencoder",
-                         "--set", f"image_size={SIZE}", "--set", "channels=[8,16]",
-                         "--set", "blur_sigma=1", "--param", "lr=grid:0.001,0.003",
-                         "--search", "grid", "--epochs", "1", "--max-concurrent", "2",
-                         "--num-workers", "1", "--output", out,
-                         "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
-    assert summary["trials"] == summary["finished"] == 2
-    fs, path = storage.filesystem(f"{out}/results.parquet", s3_endpoint=cluster.s3_endpoint)
-    table = pq.read_table(path, filesystem=fs).to_pylist()
-    assert all(r["status"] == "ok" and r["objective"] is not None for r in table)
-    # Each trial's Ray Train checkpoints sit in the sweep's storage under the trial's id.
-    trial_ids = {r["trial_id"] for r in table}
-    checkpoints = storage.list_files(f"{out}/tune/sweep-autoencoder-trials",
-                                     s3_endpoint=cluster.s3_endpoint)
-    assert {c.split("/trial-")[1].split("/")[0] for c in checkpoints if "/trial-" in c} == trial_ids
-    assert any(c.endswith("state.pt") for c in checkpoints)
-
-
 def test_a_local_path_one_node_does_not_see_stops_the_job_before_any_work(cluster):
     from jobs import score
     from jobs.preflight import PreflightError

@@ -2,9 +2,9 @@
 
 `ray start --head` on 127.0.0.1 (its own --temp-dir and free ports, so it never meets the
 in-process Ray of the integration tests or another Ray on the machine), a moto S3 server on
-loopback, a synthetic dataset uploaded to it, then `ray job submit --working-dir .` for
-train -> score, and one job that must fail (sweeps are driven on a two-node cluster in
-test_multi_node.py, and in-process in tests/integration/test_tune.py). Each job is checked through the
+loopback, a synthetic dataset uploaded to it, then `ray job submit --working-dir .` for a
+train job and for one job that must fail. (Scoring and training across two nodes are in
+test_multi_node.py; sweeps with S3 storage in tests/integration/test_tune.py.) Each job is checked through the
 CLI's exit code, `ray job status` and `ray job logs`; the results are read back from S3.
 
 The head is stopped afterwards whatever happens, by killing exactly its processes (those of the
@@ -190,33 +190,6 @@ def test_train_job_succeeds_and_writes_the_artifact_to_s3(trained, head):
     assert summary["artifact"] == model and summary["model_version"] == meta["model_version"]
     assert summary["workers"] == 2 and meta["training"]["workers"] == 2
     assert summary["train_images"] + summary["validation_images"] == 10
-
-
-def test_score_job_writes_one_row_per_uploaded_image_to_s3(trained, head):
-    import pyarrow.dataset as pads
-
-    from anomaly_core import storage
-
-    train_job, model = trained
-    assert state(train_job) == "SUCCEEDED", "the train job failed; see its test"
-    source, out = f"{head.bucket}/data/{CATEGORY}/test/", f"{head.bucket}/scores"
-    job = submit(head, "score", "--model", model, "--input", source, "--output", out,
-                 "--batch-size", "4", "--rows-per-file", "4", "--progress-every", "0",
-                 "--s3-endpoint", head.s3_endpoint)
-    assert job.returncode == 0 and state(job) == "SUCCEEDED", job.describe()
-    images = storage.list_files(source, s3_endpoint=head.s3_endpoint)
-    assert len(images) == 6
-    assert re.search(rf"^scored\s+{len(images)}$", job.logs, re.MULTILINE), job.describe()
-    fs, path = storage.filesystem(out, s3_endpoint=head.s3_endpoint)
-    rows = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pylist()
-    assert sorted(r["uri"] for r in rows) == sorted(images)  # one row per image, none twice
-    version = last_json(train_job.logs)["model_version"]
-    assert {r["model"] for r in rows} == {"padim"} and {r["model_version"] for r in rows} == {version}
-    assert all(r["error"] is None and r["score"] is not None and r["mask_png"] for r in rows)
-    run_id = rows[0]["run_id"]
-    success = json.loads(storage.read_bytes(f"{out}/_runs/{run_id}/_SUCCESS.json",
-                                            s3_endpoint=head.s3_endpoint))
-    assert success["scored"] == len(images) and success["errors"] == 0
 
 
 def test_a_job_that_cannot_load_its_model_fails_with_the_reason_last(head):

@@ -247,35 +247,3 @@ def test_killed_driver_resumes_to_exactly_one_row_per_image(model, data, tmp_pat
     assert "resumed" in finished.stderr
     for text in (finished.stdout, finished.stderr, *[p.read_text() for p in out.glob("_runs/*/*.json")]):
         assert "s3cr3t-never-logged" not in text
-
-
-def test_report_of_a_scored_run_opens_in_chromium_with_every_thumbnail(model, data, tmp_path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from jobs import report
-    from tests.helpers import open_in_chromium
-
-    out = str(tmp_path / "out")
-    summary = run_score(model, f"{data}/capsule/test", out)
-    # An earlier night of another run beside it: the report adds a per-day section.
-    first = sorted(storage.list_files(summary["partition"], extensions=[".parquet"]))[0]
-    older = pq.read_table(first)
-    older = older.set_column(older.schema.get_field_index("run_id"), "run_id",
-                             pa.array(["20000101-older"] * older.num_rows))
-    earlier = tmp_path / "out" / "dt=2000-01-01" / "model=padim"
-    earlier.mkdir(parents=True)
-    pq.write_table(older, earlier / "part-older.parquet")
-    page = report.main(["--scores", out, "--labels", data, "--out", str(tmp_path / "report"),
-                        "--top", "5", "--sample", "3"])
-    text = open(page).read()
-    for section in ("Top 5 most anomalous", "A random sample of 3", "Per day", "2000-01-01",
-                    f"Against labels ({summary['scored']} labelled images)", "Run summary",
-                    "ROC and PR curves", "validation scores", summary["run_id"]):
-        assert section in text, section
-    screenshot = os.path.join(os.path.dirname(__file__), "..", "..", "test-artifacts", "report.png")
-    loaded = open_in_chromium(page, screenshot)
-    assert loaded["thumbnails"] == 8 and loaded["broken"] == 0
-    assert loaded["console"] == []
-    assert [u for u in loaded["requests"] if u != "data:"] == [f"file://{page}"]  # no network
-    assert os.path.getsize(screenshot) > 50_000

@@ -28,7 +28,7 @@ def data(tmp_path_factory) -> str:
     return root
 
 
-def test_train_then_score_on_two_workers_gives_one_row_per_image(data, tmp_path):
+def test_train_then_score_on_two_workers_gives_one_row_per_image_and_a_report(data, tmp_path):
     model = str(tmp_path / "model")
     summary = train.main([
         "--data", data, "--category", "capsule", "--output", model, "--num-workers", "2",
@@ -38,7 +38,7 @@ def test_train_then_score_on_two_workers_gives_one_row_per_image(data, tmp_path)
     assert artifact.training["workers"] == 2 and summary["train_images"] == 32
     assert artifact.calibration.method.startswith("quantile")
 
-    inputs = tmp_path / "inputs"
+    inputs = tmp_path / "inputs" / "capsule" / "test"  # the MVTec layout: the report finds labels
     shutil.copytree(f"{data}/capsule/test", inputs)
     (inputs / "bad").mkdir()
     (inputs / "bad" / "empty.png").write_bytes(b"")
@@ -67,3 +67,40 @@ def test_train_then_score_on_two_workers_gives_one_row_per_image(data, tmp_path)
     assert all(r["model_version"] == artifact.model_version for r in scored)
     assert all(0.0 <= r["score_normalized"] <= 1.0 for r in scored)
     assert all(r["is_anomalous"] == (r["score"] >= artifact.calibration.threshold) for r in scored)
+
+    # The report of the run opens in a browser, without network, with every thumbnail.
+    check_report(out, data, result, tmp_path)
+
+
+def check_report(out: str, data: str, summary: dict, tmp_path) -> None:
+    import datetime
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from jobs import report
+    from tests.helpers import open_in_chromium
+
+    # An earlier night of another run beside it: the report adds a per-day section.
+    first = sorted(storage.list_files(summary["partition"], extensions=[".parquet"]))[0]
+    older = pq.read_table(first)
+    older = older.set_column(older.schema.get_field_index("run_id"), "run_id",
+                             pa.array(["older-run"] * older.num_rows))
+    day = (datetime.date.fromisoformat(summary["day"]) - datetime.timedelta(days=1)).isoformat()
+    earlier = tmp_path / "scores" / f"dt={day}" / "model=padim"
+    earlier.mkdir(parents=True)
+    pq.write_table(older, earlier / "part-older.parquet")
+    page = report.main(["--scores", out, "--labels", data, "--out", str(tmp_path / "report"),
+                        "--top", "5", "--sample", "3"])
+    text = open(page).read()
+    for section in ("Top 5 most anomalous", "A random sample of 3", "Per day", day,
+                    f"Against labels ({summary['scored']} labelled images)", "Run summary",
+                    "ROC and PR curves", "validation scores", "Errors (3)", summary["run_id"]):
+        assert section in text, section
+    screenshot = os.path.join(os.path.dirname(__file__), "..", "..", "test-artifacts", "report.png")
+    loaded = open_in_chromium(page, screenshot)
+    assert loaded["thumbnails"] == 8 and loaded["broken"] == 0
+    assert loaded["console"] == []
+    assert [u for u in loaded["requests"] if u != "data:"] == [f"file://{page}"]  # no network
+    assert os.path.getsize(screenshot) > 50_000

@@ -27,25 +27,34 @@ def data(tmp_path_factory) -> str:
     return root
 
 
-def test_simplenet_noise_sweep_ranks_trials_and_its_best_config_trains_a_scoreable_model(data, tmp_path):
-    out = str(tmp_path / "sweep")
+def test_simplenet_noise_sweep_in_s3_ranks_trials_and_its_best_config_trains_a_scoreable_model(
+        data, tmp_path, s3_bucket, s3_endpoint):
+    from anomaly_core import storage
+
+    out = f"{s3_bucket}/sweep"
     summary = tune.main(["--data", data, "--category", "capsule", "--detector", "simplenet", *TINY,
                          "--param", "noise_std=loguniform:0.002:0.1", "--num-samples", "2",
                          "--max-concurrent", "2", "--epochs", "2", "--output", out,
-                         "--save-best-artifact"])
-    table = pq.read_table(f"{out}/results.parquet").to_pylist()
+                         "--save-best-artifact", "--s3-endpoint", s3_endpoint])
+    fs, path = storage.filesystem(f"{out}/results.parquet", s3_endpoint=s3_endpoint)
+    table = pq.read_table(path, filesystem=fs).to_pylist()
     assert len(table) == 2 == summary["trials"]
     objectives = [r["objective"] for r in table if r["objective"] is not None]
     assert objectives == sorted(objectives, reverse=True) and len(objectives) == 2
     sigmas = {json.loads(r["param_noise_std"]) for r in table}
     assert len(sigmas) == 2 and all(0.002 <= s <= 0.1 for s in sigmas)
-    best = yaml.safe_load(open(f"{out}/best_config.yaml"))
+    best = yaml.safe_load(storage.read_bytes(f"{out}/best_config.yaml", s3_endpoint=s3_endpoint))
     assert best["detector"] == "simplenet"
     assert best["options"]["noise_std"] == json.loads(table[0]["param_noise_std"])
-    model = ModelArtifact.read_metadata(summary["best_model"])
+    model = ModelArtifact.read_metadata(summary["best_model"], s3_endpoint=s3_endpoint)
     assert model["config"]["noise_std"] == best["options"]["noise_std"]
+    # Each trial's Ray Train checkpoints sit in the sweep's S3 storage under the trial's id.
+    checkpoints = storage.list_files(f"{out}/tune/sweep-simplenet-trials", s3_endpoint=s3_endpoint)
+    assert {c.split("/trial-")[1].split("/")[0] for c in checkpoints if "/trial-" in c} == {
+        r["trial_id"] for r in table}
+    assert any(c.endswith("state.pt") for c in checkpoints)
     scored = score.main(["--model", summary["best_model"], "--input", f"{data}/capsule/test",
-                         "--output", str(tmp_path / "scores")])
+                         "--output", str(tmp_path / "scores"), "--s3-endpoint", s3_endpoint])
     assert scored["scored"] == scored["inputs"] > 0
 
 
