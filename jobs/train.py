@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
                "workers": args.num_workers, "train_images": len(train), "validation_images": len(val),
                "wall_s": round(time.perf_counter() - start, 1),
                "threshold": meta["calibration"]["threshold"], "calibration": meta["calibration"]["method"],
+               "pixel_threshold": meta["calibration"]["pixel_threshold"],
+               "pixel_calibration": meta["calibration"].get("pixel_method", ""),
                **{k: meta["training"].get(k) for k in ("best_epoch", "resumed_from_epoch", "nodes")},
                "validation_metrics": meta["validation_metrics"]}
     body = json.dumps(summary, indent=2, default=str)
