@@ -32,10 +32,10 @@ class Calibration:
     threshold: float  # image score >= threshold: anomalous
     pixel_threshold: float  # map value >= pixel_threshold: in the mask
     min: float  # image scores: lowest held-out normal score
-    max: float  # image scores: highest validation score
+    max: float  # image scores: top of the window (see calibrate)
     method: str
     pixel_min: float | None = None  # map values: low end of held-out normal maps (1st percentile)
-    pixel_max: float | None = None  # map values: highest validation map value
+    pixel_max: float | None = None  # map values: top of the window (see calibrate)
     pixel_method: str = ""
     # Held-out normal image scores (at most REFERENCE_SCORES quantiles): the distribution that
     # scores of a new day are compared with (a drift signal in the report).
@@ -110,10 +110,14 @@ def calibrate(
             val.update(metrics.evaluate(labels, scores, masks, maps))
             pixel_threshold = val["pixel_f1_threshold"]
             pixel_method = "f1_max on labelled validation masks"
+    # Windows: from the lowest normal value to the highest validation value, and at least as far
+    # above the threshold as the low end is below it, so that normal values fill [0, 0.5] and
+    # higher ones keep room above 0.5 when the split has no defects.
+    low = float(normal_scores.min())
     calibration = Calibration(
         threshold=threshold, pixel_threshold=pixel_threshold,
-        min=float(normal_scores.min()), max=float(scores.max()), method=method,
-        pixel_min=pixel_low, pixel_max=float(maps.max()),
+        min=low, max=max(float(scores.max()), 2 * threshold - low), method=method,
+        pixel_min=pixel_low, pixel_max=max(float(maps.max()), 2 * pixel_threshold - pixel_low),
         pixel_method=pixel_method, normal_scores=reference_scores(normal_scores),
     )
     val.update({

@@ -65,7 +65,8 @@ def run_score(model: str, source: str, output: str, *extra: str) -> dict:
                        "--batch-size", "4", "--rows-per-file", "7", "--progress-every", "0", *extra])
 
 
-def test_folder_in_folder_out_one_row_per_image_readable_as_one_table(model, data, tmp_path):
+def test_folder_in_folder_out_one_row_per_image_readable_as_one_table_and_rerun_adds_none(
+        model, data, tmp_path):
     source = images_dir(data, tmp_path / "in")
     out = str(tmp_path / "out")
     summary = run_score(model, source, out)
@@ -89,37 +90,28 @@ def test_folder_in_folder_out_one_row_per_image_readable_as_one_table(model, dat
     assert count == (len(listed), len(listed))
     manifest = json.loads((tmp_path / "out" / "_runs" / summary["run_id"] / "_SUCCESS.json").read_text())
     assert manifest["scored"] == len(listed) and manifest["skipped"] == 0 and "timings_s" in manifest
+    # The same command again: the finished run is resumed and writes nothing new.
+    files = sorted(os.listdir(next((tmp_path / "out").glob("dt=*/model=padim"))))
+    again = run_score(model, source, out)
+    assert again["resumed"] and sorted(os.listdir(next((tmp_path / "out").glob("dt=*/model=padim")))) == files
+    assert len(read_rows(out)) == again["rows"] == len(listed)
 
 
-def test_mask_size_flag_sets_the_mask_and_heatmap_size(model, data, tmp_path):
-    out = str(tmp_path / "out")
-    run_score(model, images_dir(data, tmp_path / "in"), out, "--mask-size", "16", "24")
-    row = read_rows(out)[0]
-    assert np.asarray(Image.open(io.BytesIO(row["mask_png"]))).shape == (16, 24)
-
-
-def test_s3_in_s3_out(model, data, s3_bucket, s3_endpoint):
+def test_s3_in_s3_out_at_the_mask_size_asked_for(model, data, s3_bucket, s3_endpoint):
     src = f"{s3_bucket}/incoming"
     local = storage.list_files(f"{data}/capsule/test")
     for path in local:
         storage.write_bytes(src + path.split("/capsule/test", 1)[1], open(path, "rb").read(),
                             s3_endpoint=s3_endpoint)
     out = f"{s3_bucket}/scores"
-    summary = run_score(model, src, out, "--s3-endpoint", s3_endpoint)
+    summary = run_score(model, src, out, "--s3-endpoint", s3_endpoint, "--mask-size", "16", "24")
     rows = read_rows(out, s3_endpoint)
     assert len(rows) == len({r["uri"] for r in rows}) == len(local) == summary["scored"]
+    for column in ("mask_png", "heatmap_png"):  # --mask-size, not the image's size
+        assert np.asarray(Image.open(io.BytesIO(rows[0][column]))).shape == (16, 24)
     assert all(r["uri"].startswith(src) for r in rows)
     assert all(r["etag"] and not r["etag"].startswith("sha256:") for r in rows)  # S3 ETags
     assert storage.exists(f"{out}/_runs/{summary['run_id']}/_SUCCESS.json", s3_endpoint=s3_endpoint)
-
-
-def test_rerunning_a_finished_run_writes_nothing_new(model, data, tmp_path):
-    source, out = images_dir(data, tmp_path / "in"), str(tmp_path / "out")
-    run_score(model, source, out)
-    files = sorted(os.listdir(next((tmp_path / "out").glob("dt=*/model=padim"))))
-    again = run_score(model, source, out)
-    assert again["resumed"] and sorted(os.listdir(next((tmp_path / "out").glob("dt=*/model=padim")))) == files
-    assert len(read_rows(out)) == again["rows"]
 
 
 def test_incremental_scores_only_new_and_changed_images(model, data, tmp_path):

@@ -75,8 +75,13 @@ def test_image_and_pixel_thresholds_come_from_their_own_quantities():
     # Heatmaps: the normal maps stay below 0.5 (the pixel threshold) but at their top.
     heat = calibration.normalize(maps, pixel=True)
     assert (heat >= 0.5).mean() == pytest.approx(0.001, abs=2e-4)
-    assert calibration.normalize(calibration.pixel_min, pixel=True) == 0.0
-    assert calibration.normalize(calibration.threshold) == 0.5 and calibration.normalize(100.0) == 0.0
+    # The windows: the low end of the normal values -> 0, the threshold -> 0.5, and as much
+    # room above it (no defects in this split).
+    assert calibration.normalize(calibration.pixel_min, pixel=True) == pytest.approx(0.0, abs=1e-9)
+    top = 2 * calibration.pixel_threshold - calibration.pixel_min
+    assert calibration.normalize(top, pixel=True) == pytest.approx(1.0)
+    assert calibration.normalize(calibration.threshold) == 0.5
+    assert calibration.normalize(scores.min()) == pytest.approx(0.0, abs=1e-9)
     # The drift reference: the held-out normal scores, sorted, capped in number.
     assert calibration.normal_scores == sorted(scores.tolist())
     big, _ = calibrate(rng.random(5000), rng.random((5000, 2, 2)), np.zeros(5000))
