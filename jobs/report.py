@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import html
 import io
 import json
@@ -283,11 +284,11 @@ def day_counts(rows):
     return days.sort_index()
 
 
-def labelled_metrics(run_rows, truth: dict, pngs: dict, s3_endpoint: str | None):
-    """Image AUROC, pixel AUROC, AUPRO and image F1-max per category and per defect type; and the
-    (labels, scores) per category for the curves. Maps and masks are compared at PIXEL_SIDE."""
-    from anomaly_core import metrics, storage
-    from anomaly_core.data.decode import decode_mask
+def labelled_metrics(run_rows, truth: dict, pngs: dict, true_mask):
+    """Image AUROC, pixel AUROC, AUPRO and image F1-max per category and per defect type, and
+    the (labels, scores) per category for the curves; true masks come from `true_mask(uri)`.
+    Maps and masks are compared at PIXEL_SIDE."""
+    from anomaly_core import metrics
     from anomaly_core.scoring import decode_png
 
     items = []
@@ -297,9 +298,7 @@ def labelled_metrics(run_rows, truth: dict, pngs: dict, s3_endpoint: str | None)
             continue
         heat = _resized(decode_png(pngs[row.uri]["heatmap_png"]), (PIXEL_SIDE, PIXEL_SIDE))
         if facts["mask_uri"]:
-            mask = decode_mask(storage.read_bytes(facts["mask_uri"], s3_endpoint=s3_endpoint),
-                               facts["mask_uri"])
-            mask = _resized(mask, (PIXEL_SIDE, PIXEL_SIDE), nearest=True)
+            mask = _resized(true_mask(facts["mask_uri"]), (PIXEL_SIDE, PIXEL_SIDE), nearest=True)
         else:
             mask = np.zeros((PIXEL_SIDE, PIXEL_SIDE), dtype=bool)
         items.append({**facts, "score": row.score, "heat": heat / 255.0, "mask": mask})
@@ -476,14 +475,16 @@ def main(argv: list[str] | None = None) -> str:
     matched = [u for u in run_rows["uri"] if label_key(u) in truth]
     pngs = read_pngs(fs, run_rows, {*top["uri"], *sample["uri"], *matched})
 
+    # A thumbnail's true mask serves the metrics too; the cache holds no more than the thumbnails'.
+    @functools.lru_cache(maxsize=max(args.top + args.sample, 1))
+    def true_mask(uri: str) -> np.ndarray:
+        return decode_mask(storage.read_bytes(uri, s3_endpoint=args.s3_endpoint), uri)
+
     def thumbs(chosen) -> list[dict]:
         out = []
         for row in chosen.itertuples():
             facts = truth.get(label_key(row.uri))
-            gt = None
-            if facts and facts["mask_uri"]:
-                gt = decode_mask(storage.read_bytes(facts["mask_uri"], s3_endpoint=args.s3_endpoint),
-                                 facts["mask_uri"])
+            gt = true_mask(facts["mask_uri"]) if facts and facts["mask_uri"] else None
             src, note = thumbnail(row.uri, pngs.get(row.uri), gt, args.thumb_size, args.s3_endpoint)
             out.append({"uri": row.uri, "score": row.score, "threshold": threshold,
                         "anomalous": bool(row.is_anomalous), "src": src, "note": note,
@@ -508,7 +509,7 @@ def main(argv: list[str] | None = None) -> str:
     if len(days) > 1:
         context.update(days=days, days_plot=days_plot(days))
     if truth:
-        table, groups, n = labelled_metrics(run_rows, truth, pngs, args.s3_endpoint)
+        table, groups, n = labelled_metrics(run_rows, truth, pngs, true_mask)
         context.update(metrics=table, labelled=n, curves=curves(groups) if groups else None)
         if not n:
             log.warning("none of the run's images is among the labelled test images of %s",
