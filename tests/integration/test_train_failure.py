@@ -50,7 +50,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     killer.start()
     summary = train.main([
         "--data", data, "--category", "capsule", "--output", str(tmp_path / "model"),
-        "--detector", "autoencoder", "--set", "image_size=64", "--epochs", "10",
+        "--detector", "autoencoder", "--set", "image_size=64", "--epochs", "6",
         "--batch-size", "4", "--num-workers", "2", "--storage-path", str(results),
         "--max-failures", "2",
     ])
@@ -58,7 +58,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
     assert killed, "no worker was killed: the run ended before a checkpoint was registered"
     assert summary["resumed_from_epoch"] >= 0  # restarted from a checkpoint, not from scratch
     artifact = ModelArtifact.load(str(tmp_path / "model"))
-    assert artifact.training["epochs"] == 10 and artifact.training["last_epoch"]["epoch"] == 9
+    assert artifact.training["epochs"] == 6 and artifact.training["last_epoch"]["epoch"] == 5
 
 
 def test_resources_no_node_has_fail_at_once_instead_of_waiting_forever(tmp_path):
