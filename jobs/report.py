@@ -151,12 +151,12 @@ def label_key(uri: str) -> str:
 # ---------------------------------------------------------------- pictures
 
 
-def _png(fig) -> str:
-    """A matplotlib figure as a data: URI, closed after."""
+def _png(fig, tight: bool = True) -> str:
+    """A matplotlib figure as a data: URI, closed after; `tight` trims its margins."""
     import matplotlib.pyplot as plt
 
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight" if tight else None)
     plt.close(fig)
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
@@ -204,10 +204,7 @@ def thumbnail(uri: str, pngs: dict | None, truth_mask: np.ndarray | None, side: 
         if outline is not None and outline.any():
             ax.contour(_resized(outline, size, nearest=True), levels=[0.5], colors=color,
                        linewidths=1.2)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), note
+    return _png(fig, tight=False), note  # the image fills the figure: no margins to trim
 
 
 def histogram(scores: np.ndarray, threshold: float | None) -> str:
