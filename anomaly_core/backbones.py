@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from anomaly_core.precision import network_autocast, network_output
+
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "mobilenet_v2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -241,10 +243,10 @@ class FeatureExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
-        out = self.body(x)
-        if isinstance(out, dict):
-            return [out[layer] for layer in self.layers]
-        return list(out)
+        with network_autocast(x):
+            out = self.body(x)
+        feats = [out[layer] for layer in self.layers] if isinstance(out, dict) else list(out)
+        return [network_output(f) for f in feats]
 
 
 class ViTExtractor(nn.Module):
@@ -286,7 +288,8 @@ class ViTExtractor(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = (images - self.mean) / self.std
-        tokens = self.body(pixel_values=x).last_hidden_state
+        with network_autocast(x):
+            tokens = network_output(self.body(pixel_values=x).last_hidden_state)
         grid = self.image_size // self.patch_size
         patches = tokens[:, 1:].transpose(1, 2).reshape(len(x), self.dim, grid, grid)
         return tokens[:, 0], patches

@@ -34,6 +34,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from anomaly_core.precision import low_precision_dtype
+
 log = logging.getLogger(__name__)
 
 # Elements of one distance block in knn(): 2**22 float32 values = 16 MiB of scratch.
@@ -141,7 +143,9 @@ def knn(
     re-ranks a few extra candidates in float32: only near-ties may be ordered differently.
     """
     # Under a caller's bf16 autocast the expansion would lose the distances: precision is
-    # what `dtype` says, nothing else.
+    # what `dtype` says, or bf16 products (re-ranked in float32) inside compute_precision("bf16").
+    if dtype is None:
+        dtype = low_precision_dtype()
     with torch.autocast(query.device.type, enabled=False):
         return _knn(query, bank, k, block=block, dtype=dtype)
 

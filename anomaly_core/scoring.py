@@ -1,21 +1,27 @@
-"""Scoring stages, independent of Ray: read+decode+resize one image, run the model on a batch,
-turn raw output into score rows (normalized score, binary mask PNG, 8-bit heatmap PNG)."""
+"""Scoring stages, independent of Ray: read+decode+resize one image (uint8), run the model on a
+batch (floats made on the model's device), turn raw output into score rows (normalized score,
+binary mask PNG, 8-bit heatmap PNG)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import threading
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from anomaly_core import storage
 from anomaly_core.artifact import ModelArtifact
-from anomaly_core.data.datasets import prepare_image
+from anomaly_core.data.datasets import resize_image, to_unit_float
 from anomaly_core.data.decode import MAX_PIXELS, ImageDecodeError, decode_image
+from anomaly_core.detectors.base import AnomalyOutput
 from anomaly_core.evaluate import Calibration
+from anomaly_core.precision import compute_precision, resolve_precision
 
 
 def read_image(
@@ -27,7 +33,7 @@ def read_image(
     max_pixels: int = MAX_PIXELS,
     s3_endpoint: str | None = None,
 ) -> dict[str, Any]:
-    """One input row: file facts plus the model-ready image, or `error` set and no image.
+    """One input row: file facts plus the resized uint8 image [3,H,W], or `error` and no image.
 
     `etag` is the listing's (S3); without one the content hash is the etag. A row whose etag
     equals `prev_etag` (already scored by this model version) comes back `skipped`, undecoded.
@@ -43,7 +49,7 @@ def read_image(
             return row
         pixels = decode_image(data, uri, max_pixels=max_pixels)
         row["height"], row["width"] = pixels.shape[:2]
-        row["image"] = prepare_image(pixels, size).numpy()
+        row["image"] = resize_image(pixels, size).numpy()
     except (storage.StorageError, ImageDecodeError) as exc:
         row["error"] = str(exc)
     except Exception as exc:  # never lose a row to a surprise in a decoder
@@ -51,14 +57,85 @@ def read_image(
     return row
 
 
-@torch.no_grad()
-def run_model(
-    artifact: ModelArtifact, images: list[np.ndarray], *, device: str = "cpu"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Raw scores [B] and maps [B,h,w] (float32, model resolution) for prepared images."""
-    batch = torch.from_numpy(np.stack(images)).to(device)
-    out = artifact.predict(batch)
-    return out.score.float().cpu().numpy(), out.map.float().cpu().numpy()
+class Scorer:
+    """An artifact's detector ready for uint8 batches on one device.
+
+    Images cross to the device as uint8 (from pinned memory, without blocking, on the calling
+    thread's own CUDA stream, so two threads overlap one batch's copy with another's compute)
+    and become floats there; the networks run in 16 bits when asked (anomaly_core.precision
+    says which parts; "auto" is fp16 on a GPU), channels_last on a GPU, optionally compiled.
+    """
+
+    def __init__(
+        self,
+        artifact: ModelArtifact,
+        *,
+        device: str = "cpu",
+        precision: str = "auto",
+        channels_last: bool | None = None,
+        compile: bool = False,
+    ) -> None:
+        self.device = torch.device(device)
+        self.precision = resolve_precision(precision, self.device)
+        cuda = self.device.type == "cuda"
+        self.channels_last = cuda if channels_last is None else channels_last
+        detector = artifact.detector.to(self.device).eval()
+        if self.channels_last:
+            detector.to(memory_format=torch.channels_last)
+        self.model = torch.compile(detector) if compile else detector
+        self._local = threading.local()
+
+    def _stream(self) -> torch.cuda.Stream | None:
+        if self.device.type != "cuda":
+            return None
+        if not hasattr(self._local, "stream"):
+            self._local.stream = torch.cuda.Stream(self.device)
+        return self._local.stream
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray | torch.Tensor) -> AnomalyOutput:
+        """Raw scores [B] and maps [B,h,w] (float32, on the device) for uint8 images [B,3,H,W]
+        in host memory (or already on the device)."""
+        batch = torch.as_tensor(images)
+        if batch.dtype != torch.uint8:
+            raise TypeError(f"Scorer takes uint8 images [B,3,H,W], got {batch.dtype}")
+        stream = self._stream()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if batch.device.type != self.device.type:
+                batch = batch.pin_memory().to(self.device, non_blocking=True)
+            batch = to_unit_float(batch)
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with compute_precision(self.precision):
+                out = self.model(batch)
+            if self.precision != "fp32" and not bool(torch.isfinite(out.score).all()):
+                out = self.model(batch)  # 16 bits overflowed somewhere: this batch in float32
+            return AnomalyOutput(score=out.score.float(), map=out.map.float())
+
+
+def render_maps(
+    maps: torch.Tensor,
+    sizes: list[tuple[int, int]],
+    calibration: Calibration,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Masks (0/255) and 8-bit heatmaps, uint8 at each image's (height, width), from raw maps
+    [B,h,w] on whatever device they are: resized bilinear there (antialiased when shrinking),
+    thresholded at the pixel threshold and windowed by the pixel calibration."""
+    if calibration.pixel_min is not None:
+        t, low, high = calibration.pixel_threshold, calibration.pixel_min, calibration.pixel_max
+    else:  # artifacts from before per-quantity calibration
+        t, low, high = calibration.pixel_threshold, calibration.min, calibration.max
+    span = max(high - low, 1e-12)
+    masks, heats = [], []
+    for amap, size in zip(maps.float(), sizes):
+        size = (int(size[0]), int(size[1]))
+        if tuple(amap.shape) != size:
+            amap = F.interpolate(amap[None, None], size=size, mode="bilinear",
+                                 align_corners=False, antialias=True)[0, 0]
+        masks.append(((amap >= t).to(torch.uint8) * 255).cpu().numpy())
+        heat = ((amap - t) / span + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_()
+        heats.append(heat.to(torch.uint8).cpu().numpy())
+    return masks, heats
 
 
 def encode_png(pixels: np.ndarray) -> bytes:
@@ -68,30 +145,14 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def resize_map(amap: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a float map to (height, width)."""
-    if amap.shape == tuple(size):
-        return amap
-    image = Image.fromarray(amap.astype(np.float32))
-    return np.asarray(image.resize((size[1], size[0]), Image.BILINEAR))
-
-
-def outputs(
-    score: float,
-    amap: np.ndarray,
-    calibration: Calibration,
-    size: tuple[int, int],
-) -> dict[str, Any]:
-    """Score-row fields from one raw output; mask and heatmap at `size` (height, width):
-    the image's own size, or the job's --mask-size."""
-    amap = resize_map(amap, size)
-    normalized = float(calibration.normalize(score))
+def outputs(score: float, mask: np.ndarray, heat: np.ndarray, calibration: Calibration) -> dict[str, Any]:
+    """Score-row fields from one raw score and its rendered mask and heatmap (render_maps)."""
     return {
         "score": float(score),
-        "score_normalized": normalized,
+        "score_normalized": float(calibration.normalize(score)),
         "is_anomalous": bool(score >= calibration.threshold),
-        "mask_png": encode_png((amap >= calibration.pixel_threshold) * 255),
-        "heatmap_png": encode_png(np.round(calibration.normalize(amap, pixel=True) * 255)),
+        "mask_png": encode_png(mask),
+        "heatmap_png": encode_png(heat),
     }
 
 

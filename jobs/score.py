@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import numpy as np
@@ -47,6 +48,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-actors", type=int, default=1, help="model replicas (actor pool size)")
     p.add_argument("--cpus-per-actor", type=float, default=1)
     p.add_argument("--decode-cpus", type=float, default=1, help="CPUs per decode task")
+    p.add_argument("--decode-memory-mb", type=float, default=512,
+                   help="memory Ray reserves per decode task (MiB); raise it for very large images")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="networks' precision (scores stay float32): auto = fp16 on a GPU, "
+                        "fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model in each actor")
+    p.add_argument("--batches-in-flight", type=int,
+                   help="batches each model actor runs at once, on their own CUDA streams so "
+                        "copies overlap compute (default: 2 with --use-gpu, else 1)")
+    p.add_argument("--render-on-device", action="store_true",
+                   help="resize, threshold and quantize the maps in the model actor (on the GPU) "
+                        "instead of in the row tasks")
     p.add_argument("--mask-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                    help="mask/heatmap size (default: each image's own size)")
     p.add_argument("--max-pixels", type=int, default=100_000_000,
@@ -58,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.rows_per_file < 1 or args.num_actors < 1:
         p.error("--batch-size, --rows-per-file and --num-actors must be at least 1")
+    if args.batches_in_flight is None:
+        args.batches_in_flight = 2 if args.use_gpu else 1
+    if args.batches_in_flight < 1 or args.decode_memory_mb <= 0:
+        p.error("--batches-in-flight must be at least 1 and --decode-memory-mb positive")
     if not 0.0 <= args.max_error_rate <= 1.0:
         p.error("--max-error-rate is a share between 0 and 1")
     return args
@@ -72,7 +89,7 @@ def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint
                    max_pixels=max_pixels, s3_endpoint=s3_endpoint)
         for uri, etag, prev in zip(batch["uri"], batch["etag"], batch["prev_etag"])
     ]
-    blank = np.zeros((3, *size), dtype=np.float32)
+    blank = np.zeros((3, *size), dtype=np.uint8)
     # Ray turns an all-None column into floats; carry "" and -1 for missing, nulls again in rows.
     out = {k: [r[k] or "" for r in rows] for k in TEXT_COLUMNS}
     out.update({k: [r[k] or -1 for r in rows] for k in INT_COLUMNS})
@@ -82,39 +99,67 @@ def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint
 
 
 class ScoringActor:
-    """Loads the artifact once, then runs the model on each batch of decoded images."""
+    """Loads the artifact once, then runs the model on each batch of uint8 images.
 
-    def __init__(self, model_uri: str, s3_endpoint: str | None, use_gpu: bool) -> None:
+    With more than one call in flight (--batches-in-flight, threads) each thread has its own
+    CUDA stream, so one batch's host-to-device copy overlaps another's compute.
+    """
+
+    def __init__(self, model_uri: str, s3_endpoint: str | None, use_gpu: bool, precision: str,
+                 compile: bool, render_on_device: bool, mask_size) -> None:
         import ray
 
         from anomaly_core.artifact import ModelArtifact
+        from anomaly_core.scoring import Scorer
 
         self.node = ray.get_runtime_context().get_node_id()
-        self.device = "cuda" if use_gpu else "cpu"
-        self.artifact = ModelArtifact.load(model_uri, s3_endpoint=s3_endpoint, device=self.device)
+        device = "cuda" if use_gpu else "cpu"
+        artifact = ModelArtifact.load(model_uri, s3_endpoint=s3_endpoint, device=device)
+        self.calibration, self.input_size = artifact.calibration, artifact.input_size
+        self.scorer = Scorer(artifact, device=device, precision=precision, compile=compile)
+        self.render_on_device, self.mask_size = render_on_device, mask_size
 
     def __call__(self, batch: dict) -> dict:
-        from anomaly_core.scoring import run_model
+        from anomaly_core.scoring import render_maps
 
         ok = [i for i, (e, s) in enumerate(zip(batch["error"], batch["skipped"])) if not e and not s]
-        n, (h, w) = len(batch["uri"]), self.artifact.input_size
+        n = len(batch["uri"])
         scores = np.full(n, np.nan, dtype=np.float32)
-        maps = np.zeros((n, h, w), dtype=np.float32)
-        if ok:
-            scores[ok], maps[ok] = run_model(self.artifact, [batch["image"][i] for i in ok], device=self.device)
         out = {k: v for k, v in batch.items() if k != "image"}
-        out.update(raw_score=scores, raw_map=maps, model_node=[self.node] * n)
+        if self.render_on_device:  # mask and heatmap at output size, uint8, made on the device
+            masks, heats = [b""] * n, [b""] * n
+        else:
+            maps = np.zeros((n, *self.input_size), dtype=np.float32)
+        if ok:
+            result = self.scorer(np.ascontiguousarray(batch["image"][ok]))
+            scores[ok] = result.score.cpu().numpy()
+            if self.render_on_device:
+                sizes = [output_size(batch, i, self.mask_size) for i in ok]
+                for i, m, h in zip(ok, *render_maps(result.map, sizes, self.calibration)):
+                    masks[i], heats[i] = m.tobytes(), h.tobytes()
+            else:
+                maps[ok] = result.map.cpu().numpy()
+        if self.render_on_device:
+            out.update(mask_u8=masks, heat_u8=heats)
+        else:
+            out["raw_map"] = maps
+        out.update(raw_score=scores, model_node=[self.node] * n)
         return out
 
 
-def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
-    """CPU task: raw outputs -> schema rows -> one atomic part file; returns the counts."""
-    import ray
+def output_size(batch: dict, i: int, mask_size) -> tuple[int, int]:
+    """(height, width) of row i's mask and heatmap: --mask-size, else the image's own size."""
+    return tuple(mask_size) if mask_size else (int(batch["height"][i]), int(batch["width"][i]))
+
+
+def make_rows(batch: dict, run: dict, calibration: dict, mask_size) -> list[dict]:
+    """Raw outputs -> schema rows (PNG mask and heatmap, normalized score); no Ray needed."""
+    import torch
 
     from anomaly_core.evaluate import Calibration
-    from anomaly_core.runs import ScoreRun, commit_part
+    from anomaly_core.runs import ScoreRun
     from anomaly_core.schema import utc_now
-    from anomaly_core.scoring import outputs
+    from anomaly_core.scoring import outputs, render_maps
 
     score_run, cal, now, rows = ScoreRun(**run), Calibration(**calibration), utc_now(), []
     for i in range(len(batch["uri"])):
@@ -125,10 +170,25 @@ def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
         row = {k: None if v in ("", -1) else v for k, v in row.items()}
         row.update(model_version=score_run.model_version, scored_at=now, run_id=score_run.run_id)
         if row["error"] is None:
-            size = tuple(mask_size) if mask_size else (int(row["height"]), int(row["width"]))
-            row.update(outputs(float(batch["raw_score"][i]), batch["raw_map"][i], cal, size))
+            size = output_size(batch, i, mask_size)
+            if "raw_map" in batch:
+                (mask,), (heat,) = render_maps(torch.from_numpy(batch["raw_map"][i][None]), [size], cal)
+            else:  # rendered by the model actor (--render-on-device)
+                mask = np.frombuffer(batch["mask_u8"][i], np.uint8).reshape(size)
+                heat = np.frombuffer(batch["heat_u8"][i], np.uint8).reshape(size)
+            row.update(outputs(float(batch["raw_score"][i]), mask, heat, cal))
         rows.append(row)
-    commit_part(score_run, rows)
+    return rows
+
+
+def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
+    """CPU task: raw outputs -> schema rows -> one atomic part file; returns the counts."""
+    import ray
+
+    from anomaly_core.runs import ScoreRun, commit_part
+
+    rows = make_rows(batch, run, calibration, mask_size)
+    commit_part(ScoreRun(**run), rows)
     errors = sum(r["error"] is not None for r in rows)
     return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors],
             "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))],
@@ -185,8 +245,10 @@ def main(argv: list[str] | None = None) -> dict:
 
         check_replicas(args.num_actors, args.cpus_per_actor, args.use_gpu, "--num-actors",
                        "--cpus-per-actor")
-        check_resources({"CPU": args.decode_cpus}, 1, f"--decode-cpus {args.decode_cpus:g}",
-                        "lower --decode-cpus")
+        decode_memory = int(args.decode_memory_mb * 2**20)
+        check_resources({"CPU": args.decode_cpus, "memory": decode_memory}, 1,
+                        f"--decode-cpus {args.decode_cpus:g} with --decode-memory-mb "
+                        f"{args.decode_memory_mb:g}", "lower --decode-cpus or --decode-memory-mb")
 
         t1 = time.perf_counter()
         # Blocks of 64 rows, fewer rows when that would leave CPUs (and actors) without a block.
@@ -197,15 +259,21 @@ def main(argv: list[str] | None = None) -> dict:
             read_images, batch_size=args.batch_size, fn_kwargs={
                 "size": info.input_size, "max_pixels": args.max_pixels,
                 "s3_endpoint": args.s3_endpoint},
-            # Remote args from a function keep Ray Data from fusing decoding into the model
-            # actor: decoding scales out on CPU tasks, the actor only runs the model.
-            ray_remote_args_fn=lambda: {"num_cpus": args.decode_cpus},
+            # A memory reservation the model actor does not have keeps Ray Data from fusing
+            # decoding into the actor (it fuses maps with equal resources): decoding scales
+            # out on CPU tasks, the actor only runs the model.
+            num_cpus=args.decode_cpus, memory=decode_memory,
         )
         ds = ds.map_batches(
             ScoringActor,
-            fn_constructor_kwargs={"model_uri": args.model, "s3_endpoint": args.s3_endpoint,
-                                   "use_gpu": args.use_gpu},
-            compute=ray.data.ActorPoolStrategy(size=args.num_actors),
+            fn_constructor_kwargs={
+                "model_uri": args.model, "s3_endpoint": args.s3_endpoint, "use_gpu": args.use_gpu,
+                "precision": args.precision, "compile": args.compile,
+                "render_on_device": args.render_on_device, "mask_size": args.mask_size},
+            compute=ray.data.ActorPoolStrategy(
+                size=args.num_actors, max_concurrent_calls_per_actor=args.batches_in_flight,
+                enable_true_multi_threading=args.batches_in_flight > 1,
+                max_tasks_in_flight_per_actor=args.batches_in_flight + 1),
             batch_size=args.batch_size,
             num_cpus=args.cpus_per_actor,
             num_gpus=1 if args.use_gpu else 0,
@@ -220,12 +288,15 @@ def main(argv: list[str] | None = None) -> dict:
             nodes["model"].update(n for n in counts["model_node"].split(",") if n)
             nodes["rows"].add(counts["rows_node"])
         t_score = time.perf_counter() - t1
+        # The operators as Ray ran them ("A->B" when fused): decoding must not be in the actor.
+        stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)
     else:
-        t_score = 0.0
+        t_score, stages = 0.0, []
     summary = finish(run, {"plan": t_plan, "score": t_score, "total": time.perf_counter() - t0},
                      {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
                       # the Ray nodes that ran the model actors and wrote the rows
                       "nodes": {k: sorted(v) for k, v in nodes.items()},
+                      "stages": stages,
                       # what the rows were scored with; the report reads these
                       "model_uri": args.model, "calibration": info.calibration.to_dict(),
                       "validation_metrics": info.validation_metrics})

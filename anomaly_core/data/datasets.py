@@ -131,10 +131,11 @@ def split_records(
     return train, held_out
 
 
-def prepare_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """HxWx3 uint8 RGB to float32 [3, height, width] in [0, 1], resized bilinear (antialiased).
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """HxWx3 uint8 RGB to uint8 [3, height, width], resized bilinear (antialiased).
 
-    The one resize used by training and scoring, so both see the same pixels.
+    The one resize used by training and scoring, so both see the same pixels. Scoring ships
+    this uint8 tensor (a quarter of float32's bytes) and makes floats on the model's device.
     """
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         raise ValueError(
@@ -147,8 +148,17 @@ def prepare_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         # so fine texture is averaged rather than aliased.
         resized = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
         image = np.asarray(resized)
-    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    return tensor.to(torch.float32).div_(255.0)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any leading shape) to float32 in [0, 1]: what detectors take."""
+    return images.to(torch.float32).div_(255.0)
+
+
+def prepare_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """HxWx3 uint8 RGB to float32 [3, height, width] in [0, 1]: resize_image, then to_unit_float."""
+    return to_unit_float(resize_image(image, size))
 
 
 def prepare_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:

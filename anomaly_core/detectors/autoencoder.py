@@ -14,6 +14,7 @@ from torch import nn
 from anomaly_core.backbones import FeatureExtractor, freeze
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import AnomalyOutput, Detector, DetectorConfig, gaussian_blur
+from anomaly_core.precision import network_autocast, network_output
 
 
 @dataclass
@@ -129,12 +130,13 @@ class Autoencoder(Detector):
                 f"autoencoder input {tuple(images.shape[-2:])} is not divisible by its stride "
                 f"{self.stride}; resize images to image_size={self.config.image_size}"
             )
-        if self.config.transfer_learning:
-            with torch.no_grad():  # the encoder is frozen: no activations kept for backward
-                code = self.encoder(images)[0]
-        else:
-            code = self.encoder(images)
-        return self.decoder(code)
+        with network_autocast(images):
+            if self.config.transfer_learning:
+                with torch.no_grad():  # the encoder is frozen: no activations kept for backward
+                    code = self.encoder(images)[0]
+            else:
+                code = self.encoder(images)
+            return network_output(self.decoder(code))
 
     def training_step(self, images: torch.Tensor) -> torch.Tensor:
         recon = self.reconstruct(images)

@@ -74,6 +74,8 @@ def test_folder_in_folder_out_one_row_per_image_readable_as_one_table_and_rerun_
     listed = storage.list_files(source)
     assert sorted(r["uri"] for r in rows) == listed  # every image once: no gaps, no duplicates
     assert summary["scored"] == len(listed) and summary["errors"] == 0 and summary["files"] >= 2
+    # Decoding ran in its own CPU tasks, not fused into the model actor.
+    assert {"MapBatches(read_images)", "MapBatches(ScoringActor)"} <= set(summary["stages"])
     assert set(COLUMNS) <= set(rows[0]) and {r["model"] for r in rows} == {"padim"}
     first = rows[0]
     mask = np.asarray(Image.open(io.BytesIO(first["mask_png"])))
@@ -97,14 +99,17 @@ def test_folder_in_folder_out_one_row_per_image_readable_as_one_table_and_rerun_
     assert len(read_rows(out)) == again["rows"] == len(listed)
 
 
-def test_s3_in_s3_out_at_the_mask_size_asked_for(model, data, s3_bucket, s3_endpoint):
+def test_s3_in_s3_out_at_the_mask_size_asked_for_rendered_in_the_actor(
+        model, data, s3_bucket, s3_endpoint):
     src = f"{s3_bucket}/incoming"
     local = storage.list_files(f"{data}/capsule/test")
     for path in local:
         storage.write_bytes(src + path.split("/capsule/test", 1)[1], open(path, "rb").read(),
                             s3_endpoint=s3_endpoint)
     out = f"{s3_bucket}/scores"
-    summary = run_score(model, src, out, "--s3-endpoint", s3_endpoint, "--mask-size", "16", "24")
+    # The GPU path's options on CPU: maps rendered in the actor, two batches in it at once.
+    summary = run_score(model, src, out, "--s3-endpoint", s3_endpoint, "--mask-size", "16", "24",
+                        "--render-on-device", "--batches-in-flight", "2")
     rows = read_rows(out, s3_endpoint)
     assert len(rows) == len({r["uri"] for r in rows}) == len(local) == summary["scored"]
     for column in ("mask_png", "heatmap_png"):  # --mask-size, not the image's size
