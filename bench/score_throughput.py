@@ -1,7 +1,17 @@
-"""Scoring throughput: a bare in-process loop (decode + model + rows, no Ray) against the Ray Data
-job (jobs/score.py) on the same images and model, in one run. Prints a table.
+"""The scoring job (jobs/score.py on Ray Data) against the node's ceilings, on the same images
+and model, in one run. Prints a table and writes JSON.
 
-    python bench/score_throughput.py [--images 200] [--image-size 128] [--source-size 256]
+  ceilings  CPU (decode + rows on all cores, bench/ceilings.py) and model (uint8 batches on the
+            device, the job's precision)
+  bound     on a GPU node the stages use different resources: min(cpu, model). On a CPU-only
+            node the model shares the cores with decoding and rows: 1/(1/cpu + 1/model).
+  job       images/s of the job from dataset creation to its last part file (Ray already up;
+            actor start-up and model loading included), and its fraction of the bound and of
+            min(cpu, model).
+
+    python bench/score_throughput.py [--images 6000] [--source-size 256] [--detector padim]
+        [--set backbone=mobilenet_v2 --set image_size=128] [--num-actors 1] [--use-gpu]
+    python bench/score_throughput.py --smoke   # CI: a few images, does it run
 """
 
 from __future__ import annotations
@@ -10,77 +20,91 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def bare_loop(model: str, source: str, output: str, batch_size: int, rows_per_file: int) -> float:
-    """images/s of the job's own stages called in one process: no Ray, no parallelism."""
-    import numpy as np
-
-    from anomaly_core.runs import open_run, pending
-    from jobs.score import ScoringActor, read_images, write_rows
-
-    start = time.perf_counter()
-    actor = ScoringActor(model, None, use_gpu=False)
-    artifact = actor.artifact
-    run = open_run(source=source, output=output, model=artifact.name,
-                   model_version=artifact.model_version, extensions=[".png"])
-    todo = pending(run).to_pydict()
-    fields, cal = run.describe(), artifact.calibration.to_dict()
-    done: list[dict] = []
-    for i in range(0, len(todo["uri"]), batch_size):
-        batch = {k: v[i : i + batch_size] for k, v in todo.items()}
-        done.append(actor(read_images(batch, artifact.input_size, 100_000_000, None)))
-        if sum(len(d["uri"]) for d in done) >= rows_per_file or i + batch_size >= len(todo["uri"]):
-            merged = {k: np.concatenate([np.asarray(d[k]) for d in done]) for k in done[0]}
-            write_rows(merged, fields, cal, None)
-            done = []
-    return len(todo["uri"]) / (time.perf_counter() - start)
+from bench.ceilings import cpu_ceilings, model_ceiling  # noqa: E402
+from bench.common import (  # noqa: E402
+    detector_at_defaults,
+    image_set,
+    machine,
+    parse_sets,
+    print_table,
+    set_env,
+    write_json,
+)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--images", type=int, default=2000)
-    p.add_argument("--image-size", type=int, default=128, help="model input size")
-    p.add_argument("--source-size", type=int, default=256, help="size of the image files")
+    p.add_argument("--images", type=int, default=6000)
+    p.add_argument("--source-size", type=int, default=256, help="side of the image files (px)")
+    p.add_argument("--format", choices=("png", "jpg"), default="png")
+    p.add_argument("--detector", default="padim")
+    p.add_argument("--set", action="append", default=None,
+                   help="detector option key=value (default: backbone=mobilenet_v2, image_size=128)")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--rows-per-file", type=int, default=256)
-    args = p.parse_args()
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--cpus-per-actor", type=float, default=1)
+    p.add_argument("--use-gpu", action="store_true")
+    p.add_argument("--extra", default="", help="more jobs.score flags, space separated")
+    p.add_argument("--cores", type=int, default=os.cpu_count())
+    p.add_argument("--smoke", action="store_true", help="a few small images (CI)")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "score_throughput.json"))
+    args = p.parse_args(argv)
+    if args.set is None:
+        args.set = ["backbone=mobilenet_v2", "image_size=128"]
+    if args.smoke:
+        args.images, args.source_size, args.batch_size, args.rows_per_file = 24, 96, 8, 8
+        args.set = ["backbone=resnet18", "image_size=64"]
+    set_env()
     from anomaly_core.artifact import ModelArtifact
-    from anomaly_core.data.datasets import ImageDataset, folder_records, mvtec_records
-    from anomaly_core.data.synthetic import generate
-    from anomaly_core.detectors import build_detector
-    from anomaly_core.evaluate import calibrate, predict
-    from anomaly_core.fit import fit
+    from anomaly_core.evaluate import Calibration
+    from bench.ceilings import CALIBRATION
     from jobs import score
+    from jobs.common import init_ray
 
-    work = tempfile.mkdtemp(prefix="bench_score_")
-    data = os.path.join(work, "data")
-    generate(data, categories=["capsule"], size=args.source_size, n_train=40,
-             n_test_good=args.images // 2, n_test_defect=max(1, args.images // 8))
-    size = (args.image_size, args.image_size)
-    detector = build_detector("padim", backbone="mobilenet_v2", image_size=args.image_size)
-    fit(detector, ImageDataset(mvtec_records(data, "capsule", "train"), size), batch_size=16)
-    pred = predict(detector, ImageDataset(mvtec_records(data, "capsule", "train")[:8], size))
+    device = "cuda" if args.use_gpu else "cpu"
+    work = tempfile.mkdtemp(prefix="bench-score-")
+    paths = image_set(os.path.join(work, "data"), args.images, args.source_size, args.format)
+    detector = detector_at_defaults(args.detector, device, 64 if not args.smoke else 4,
+                                    parse_sets(args.set))
     model = os.path.join(work, "model")
-    ModelArtifact(detector, calibrate(pred["scores"], pred["maps"], pred["labels"])[0]).save(model)
-    uris = [r.uri for r in folder_records(os.path.join(data, "capsule", "test"))]
+    ModelArtifact(detector, Calibration(**CALIBRATION)).save(model)
+    size = detector.config.image_size
 
-    source = os.path.join(data, "capsule", "test")
-    bare = bare_loop(model, source, os.path.join(work, "bare"), args.batch_size, args.rows_per_file)
-    result = score.main(["--model", model, "--input", source, "--output", os.path.join(work, "scores"),
-                         "--batch-size", str(args.batch_size), "--num-actors", str(args.num_actors),
-                         "--rows-per-file", str(args.rows_per_file)])
-    ray_rate = result["images_per_s"]
-    print(f"\nscoring {len(uris)} images ({args.source_size}px files, padim mobilenet_v2 at "
-          f"{args.image_size}px), {os.cpu_count()} cores")
-    print(f"{'pipeline':<32}{'images/s':>10}{'ratio':>8}")
-    print(f"{'bare loop (no Ray)':<32}{bare:>10.1f}{1.0:>8.2f}")
-    print(f"{'Ray Data job (jobs/score.py)':<32}{ray_rate:>10.1f}{ray_rate / bare:>8.2f}")
+    cpu = cpu_ceilings(paths, size, args.source_size, args.cores, args.rows_per_file)
+    precision = "auto"
+    flags = args.extra.split()
+    if "--precision" in flags:
+        precision = flags[flags.index("--precision") + 1]
+    model_rate = model_ceiling(detector, device, precision, args.batch_size,
+                               0.0 if args.smoke else 10.0)
+    del detector
+    init_ray(None)
+    summary = score.main(["--model", model, "--input", os.path.dirname(paths[0]),
+                          "--output", os.path.join(work, "scores"), "--batch-size",
+                          str(args.batch_size), "--rows-per-file", str(args.rows_per_file),
+                          "--num-actors", str(args.num_actors), "--cpus-per-actor",
+                          str(args.cpus_per_actor), "--progress-every", "30",
+                          *(["--use-gpu"] if args.use_gpu else []), *flags])
+    job = summary["images_per_s"]
+    ceiling_min = min(cpu["cpu"], model_rate["images_per_s"])
+    bound = ceiling_min if args.use_gpu else 1 / (1 / cpu["cpu"] + 1 / model_rate["images_per_s"])
+    row = {"images": args.images, "decode": cpu["decode"], "rows": cpu["rows"], "cpu": cpu["cpu"],
+           "model": model_rate["images_per_s"], "bound": bound, "job": job,
+           "of_bound": job / bound, "of_min": job / ceiling_min}
+    print(f"\n{args.images} {args.source_size} px {args.format} files, {args.detector} "
+          f"{','.join(args.set)} ({model_rate['precision']}) on {device}, batch "
+          f"{args.batch_size}, {args.num_actors} actor(s), {args.cores} cores; images/s")
+    print_table([row], [("images", "images"), ("decode", "decode"), ("rows", "rows"),
+                        ("cpu", "cpu ceiling"), ("model", "model ceiling"), ("bound", "bound"),
+                        ("job", "job"), ("of_bound", "job/bound"), ("of_min", "job/min")])
+    result = {"machine": machine(), "args": vars(args), "result": row,
+              "stages": summary.get("stages"), "timings_s": summary.get("timings_s")}
+    write_json(args.out, result)
+    return result
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Sweep a detector's hyperparameters with Ray Tune; every trial runs jobs/train.py's Ray Train fit.
 
     python -m jobs.tune --data DIR_OR_S3 --category capsule --detector simplenet \
-        --param noise_std=loguniform:0.002:0.1 --num-samples 8 --output SWEEP_URI
+        --param noise_std=loguniform:0.03:1.0 --num-samples 8 --output SWEEP_URI
 
 Writes <output>/results.parquet (one row per trial, sorted by the objective), the best config as
 <output>/best_config.yaml (for `jobs.train --config`), <output>/summary.json and, with
@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.tune", description=__doc__.split("\n")[0])
     p.add_argument("--output", required=True, help="sweep results folder (local or s3://)")
     p.add_argument("--param", action="append", default=[], metavar="NAME=DIST:ARGS",
-                   help="search dimension, repeatable: noise_std=loguniform:0.002:0.1, "
+                   help="search dimension, repeatable: noise_std=loguniform:0.03:1.0, "
                    "flow_steps=randint:2:16, lr=uniform:1e-4:1e-2, "
                    "backbone=choice:resnet18,resnet50,wide_resnet50_2, coreset_ratio=grid:0.01,0.1")
     p.add_argument("--space", help="YAML: {detector: NAME, params: {name: 'loguniform:a:b', ...}, "
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def parse_param(spec: str) -> tuple[str, str, list[Any]]:
-    """'noise_std=loguniform:0.002:0.1' -> ('noise_std', 'loguniform', [0.002, 0.1])."""
+    """'noise_std=loguniform:0.03:1.0' -> ('noise_std', 'loguniform', [0.03, 1.0])."""
     name, sep, rest = spec.partition("=")
     kind, _, values = rest.partition(":")
     if not sep or kind not in DISTRIBUTIONS or not values:

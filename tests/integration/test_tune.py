@@ -33,7 +33,7 @@ def test_simplenet_noise_sweep_in_s3_ranks_trials_and_its_best_config_trains_a_l
 
     out = f"{s3_bucket}/sweep"
     summary = tune.main(["--data", data, "--category", "capsule", "--detector", "simplenet", *TINY,
-                         "--param", "noise_std=loguniform:0.002:0.1", "--num-samples", "2",
+                         "--param", "noise_std=loguniform:0.03:1.0", "--num-samples", "2",
                          "--max-concurrent", "2", "--epochs", "2", "--output", out,
                          "--save-best-artifact", "--s3-endpoint", s3_endpoint])
     fs, path = storage.filesystem(f"{out}/results.parquet", s3_endpoint=s3_endpoint)
@@ -42,7 +42,7 @@ def test_simplenet_noise_sweep_in_s3_ranks_trials_and_its_best_config_trains_a_l
     objectives = [r["objective"] for r in table if r["objective"] is not None]
     assert objectives == sorted(objectives, reverse=True) and len(objectives) == 2
     sigmas = {json.loads(r["param_noise_std"]) for r in table}
-    assert len(sigmas) == 2 and all(0.002 <= s <= 0.1 for s in sigmas)
+    assert len(sigmas) == 2 and all(0.03 <= s <= 1.0 for s in sigmas)
     best = yaml.safe_load(storage.read_bytes(f"{out}/best_config.yaml", s3_endpoint=s3_endpoint))
     assert best["detector"] == "simplenet"
     assert best["options"]["noise_std"] == json.loads(table[0]["param_noise_std"])

@@ -76,8 +76,8 @@ def test_optimizers_train_adaptor_and_discriminator_at_their_rates_not_the_backb
     detector = _make()
     (opt,) = detector.optimizers()
     rates = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
-    assert {rates[id(p)] for p in detector.adaptor.parameters()} == {1e-4}
-    assert {rates[id(p)] for p in detector.discriminator.parameters()} == {2e-4}
+    assert {rates[id(p)] for p in detector.adaptor.parameters()} == {1e-3}
+    assert {rates[id(p)] for p in detector.discriminator.parameters()} == {2e-3}
     assert not any(id(p) in rates or p.requires_grad for p in detector.backbone.parameters())
     assert all(g["weight_decay"] == 1e-5 for g in opt.param_groups)
     assert not detector.train().backbone.training
@@ -91,13 +91,12 @@ def test_optimizers_train_adaptor_and_discriminator_at_their_rates_not_the_backb
 
 def test_masks_of_a_simplenet_that_learns_find_the_defects_with_its_pre_blur_score(synthetic):
     # Its image score is the grid maximum before upsampling and blur, not the map's: the masks
-    # must follow the map's own calibration. A recipe that learns on this little data (noise 0.3,
-    # 10x the rates; the defaults do not, see test_defaults_learn).
+    # must follow the map's own calibration. At the defaults.
     n_fit, n_held = 16, 8
     train, test = synthetic_split(synthetic("wood", 64, n_fit + n_held, 8, 2), "wood", 64)
     torch.manual_seed(0)
     detector = build_detector("simplenet", backbone="mobilenet_v2", weights="imagenet",
-                              image_size=64, noise_std=0.3, adaptor_lr=1e-3, discriminator_lr=2e-3)
+                              image_size=64)
     fit(detector, Subset(train, range(n_fit)), batch_size=8, epochs=8)
     pred = predict(detector, test, batch_size=16)
     auroc = image_auroc(pred["labels"], pred["scores"])

@@ -1,0 +1,304 @@
+"""Ours against anomalib 2.7's torch models, side by side: PaDiM, PatchCore, FastFlow, STPM.
+
+The same synthetic images (capsule, train on good ones, test on good + defective with masks),
+the same backbone weights (ours copied into anomalib's timm backbone; random by default, as speed
+and memory do not depend on their values), the same resolution, batch and device, float32.
+Per model: fit seconds, forward images/s, peak memory (each model runs in its own process: peak
+RSS on CPU, torch's peak allocation on a GPU), image and pixel AUROC. anomalib is a bench-only
+extra (`pip install anomalib==2.7.0`), never a runtime dependency; its lightning wrappers are not
+used, only the torch models with the training steps of their lightning modules (PaDiM Gaussian
+fit, PatchCore k-center-greedy coreset at 0.1, FastFlow Adam 1e-3 on its loss, STFPM SGD 0.4).
+
+    python bench/vs_anomalib.py [--detectors padim,patchcore,fastflow,stpm] [--train 64]
+        [--test 64] [--size 256] [--batch-size 16] [--epochs 1] [--device cuda]
+    python bench/vs_anomalib.py --smoke     # CI: tiny, resnet18, does it run
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import REPO, machine, print_table, set_env, write_json  # noqa: E402
+
+DETECTORS = ("padim", "patchcore", "fastflow", "stpm")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def load_split(data: str, size: int):
+    """(train images [N,3,s,s], test images, test labels, test masks) as float tensors."""
+    import torch
+
+    from tests.helpers import synthetic_split
+
+    train, test = synthetic_split(data, "capsule", size)
+    x = torch.stack([train[i]["image"] for i in range(len(train))])
+    items = [test[i] for i in range(len(test))]
+    return (x, torch.stack([t["image"] for t in items]),
+            torch.tensor([int(t["label"]) for t in items]),
+            torch.stack([t["mask"] for t in items]) > 0.5)
+
+
+def ours(name: str, config: dict):
+    from anomaly_core.detectors import build_detector
+
+    return build_detector(name, **config)
+
+
+def copy_weights(src, dst) -> int:
+    """Copy a torchvision/timm backbone's tensors into another by parameter name; returns how
+    many; raises when a tensor of `dst` has no counterpart of the same shape."""
+    import torch
+
+    theirs = dst.state_dict()
+    mine = {k.split("body.", 1)[-1]: v for k, v in src.state_dict().items()}
+    missing = [k for k in theirs if k not in mine or mine[k].shape != theirs[k].shape]
+    if missing:
+        raise RuntimeError(f"backbone tensors without a counterpart: {missing[:5]}")
+    with torch.no_grad():
+        for k, v in theirs.items():
+            v.copy_(mine[k])
+    return len(theirs)
+
+
+@contextlib.contextmanager
+def no_download():
+    """anomalib's STFPM asks timm for pretrained teacher weights; build it without (ours are
+    copied in afterwards)."""
+    import timm
+
+    create = timm.create_model
+
+    def offline(*args, **kwargs):
+        kwargs["pretrained"] = False
+        return create(*args, **kwargs)
+
+    timm.create_model = offline
+    try:
+        yield
+    finally:
+        timm.create_model = create
+
+
+def anomalib_model(name: str, mine, size: int):
+    """anomalib's torch model configured like `mine`, with its backbone weights."""
+    from anomalib.models.image.fastflow.torch_model import FastflowModel
+    from anomalib.models.image.padim.torch_model import PadimModel
+    from anomalib.models.image.patchcore.torch_model import PatchcoreModel
+    from anomalib.models.image.stfpm.torch_model import STFPMModel
+
+    cfg = mine.config
+    with no_download():
+        if name == "padim":
+            from anomaly_core.detectors.padim import n_features
+
+            model = PadimModel(cfg.backbone, list(cfg.layers), pre_trained=False,
+                               n_features=n_features(cfg, sum(mine.backbone.channels)))
+            copy_weights(mine.backbone.body, model.feature_extractor.feature_extractor)
+        elif name == "patchcore":
+            model = PatchcoreModel(list(cfg.layers), cfg.backbone, pre_trained=False,
+                                   num_neighbors=cfg.num_neighbors)
+            copy_weights(mine.backbone.body, model.feature_extractor.feature_extractor)
+        elif name == "fastflow":
+            model = FastflowModel((size, size), cfg.backbone, pre_trained=False,
+                                  flow_steps=cfg.flow_steps, hidden_ratio=cfg.hidden_ratio,
+                                  conv3x3_only=cfg.backbone == "resnet18")
+            copy_weights(mine.backbone.body, model.feature_extractor)
+        else:
+            model = STFPMModel(list(cfg.layers), cfg.backbone)
+            copy_weights(mine.teacher.body, model.teacher_model.feature_extractor)
+            copy_weights(mine.student.body, model.student_model.feature_extractor)
+    return model
+
+
+def fit_anomalib(name: str, model, train, batch_size: int, epochs: int, device: str) -> None:
+    import torch
+
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+    batches = [((train[i:i + batch_size].to(device)) - mean) / std
+               for i in range(0, len(train), batch_size)]
+    model.train()
+    if name in ("padim", "patchcore"):
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        model.fit() if name == "padim" else model.subsample_embedding(0.1)
+    elif name == "fastflow":
+        from anomalib.models.image.fastflow.loss import FastflowLoss
+
+        opt = torch.optim.Adam(model.parameters(), lr=0.001, weight_decay=0.00001)
+        loss_fn = FastflowLoss()
+        for _ in range(epochs):
+            for x in batches:
+                opt.zero_grad()
+                loss_fn(*model(x)).backward()
+                opt.step()
+    else:
+        from anomalib.models.image.stfpm.loss import STFPMLoss
+
+        opt = torch.optim.SGD(model.student_model.parameters(), lr=0.4, momentum=0.9,
+                              dampening=0.0, weight_decay=0.001)
+        loss_fn = STFPMLoss()
+        for _ in range(epochs):
+            for x in batches:
+                opt.zero_grad()
+                loss_fn(*model(x)).backward()
+                opt.step()
+    model.eval()
+
+
+def child(impl: str, name: str, args: argparse.Namespace) -> dict:
+    """One implementation of one detector: fit, time the forward, score the test set."""
+    import numpy as np
+    import torch
+
+    from anomaly_core.fit import fit
+    from anomaly_core.metrics import image_auroc, pixel_auroc
+    from tests.helpers import TensorImages
+
+    torch.manual_seed(0)
+    device = args.device
+    train, test, labels, masks = load_split(args.data, args.size)
+    config = {"image_size": args.size, "weights": args.weights, **json.loads(args.config)}
+    mine = ours(name, config)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    if impl == "ours":
+        model = mine
+        fit(model, TensorImages(train), batch_size=args.batch_size, epochs=args.epochs,
+            device=device)
+        model.to(device).eval()
+
+        def forward(x):
+            out = model(x)
+            return out.score, out.map
+    else:
+        model = anomalib_model(name, mine, args.size).to(device)
+        del mine
+        fit_anomalib(name, model, train, args.batch_size, args.epochs, device)
+        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+        def forward(x):
+            out = model((x - mean) / std)
+            return out.pred_score.flatten(), out.anomaly_map[:, 0]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    fit_s = time.perf_counter() - start
+    scores, maps = [], []
+    with torch.no_grad():
+        for i in range(0, len(test), args.batch_size):
+            s, m = forward(test[i:i + args.batch_size].to(device))
+            scores.append(s.float().cpu())
+            maps.append(m.float().cpu())
+        batch = test[: args.batch_size].to(device)
+        forward(batch)
+        sync()
+        calls, start = 0, time.perf_counter()
+        while calls < 2 or (time.perf_counter() - start < args.seconds and calls < 100):
+            forward(batch)
+            calls += 1
+        sync()
+        rate = calls * len(batch) / (time.perf_counter() - start)
+    scores, maps = torch.cat(scores).numpy(), torch.cat(maps).numpy()
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    return {"detector": name, "impl": impl, "fit_s": fit_s, "images_per_s": rate,
+            "peak_mb": peak, "image_auroc": image_auroc(labels.numpy(), scores),
+            "pixel_auroc": pixel_auroc(masks.numpy(), maps),
+            "finite": bool(np.isfinite(scores).all())}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--detectors", default=",".join(DETECTORS))
+    p.add_argument("--train", type=int, default=64, help="training images")
+    p.add_argument("--test", type=int, default=64, help="test images (half defective)")
+    p.add_argument("--size", type=int, default=256, help="image and model resolution")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--epochs", type=int, default=1, help="epochs of FastFlow and STPM")
+    p.add_argument("--weights", default="random", help="random, or imagenet where it resolves")
+    p.add_argument("--backbone", help="one backbone for all (default: each of ours' defaults)")
+    p.add_argument("--seconds", type=float, default=10.0, help="forward timing per model")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per model")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny, resnet18, PatchCore only unless --detectors, in this process (CI)")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "vs_anomalib.json"))
+    p.add_argument("--child", nargs=2, metavar=("IMPL", "DETECTOR"), help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--config", default="{}", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.train, args.test, args.size, args.batch_size = 4, 4, 64, 2
+        args.backbone, args.seconds = "resnet18", 0.0
+        args.detectors = "patchcore" if args.detectors == ",".join(DETECTORS) else args.detectors
+    if args.child:
+        print("RESULT " + json.dumps(child(*args.child, args)), flush=True)
+        return {}
+    set_env()
+    from anomaly_core.data.synthetic import generate
+
+    work = tempfile.mkdtemp(prefix="bench-vs-anomalib-")
+    data = os.path.join(work, "data")
+    generate(data, categories=["capsule"], size=args.size, n_train=args.train,
+             n_test_good=args.test // 2, n_test_defect=max(1, args.test // 8))
+    rows = []
+    for name in args.detectors.split(","):
+        config = {"backbone": args.backbone} if args.backbone else {}
+        for impl in ("ours", "anomalib"):
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, name, "--data", data,
+                   "--config", json.dumps(config), "--size", str(args.size), "--batch-size",
+                   str(args.batch_size), "--epochs", str(args.epochs), "--weights", args.weights,
+                   "--seconds", str(args.seconds), "--device", args.device]
+            if args.smoke:  # in this process: does it run (peak memory is then shared)
+                rows.append(child(impl, name, argparse.Namespace(**{
+                    **vars(args), "data": data, "config": json.dumps(config)})))
+                continue
+            try:
+                done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
+                                      timeout=args.timeout)
+                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+                row = (json.loads(lines[-1][7:]) if lines else
+                       {"detector": name, "impl": impl, "error": done.stderr.strip()[-300:]})
+            except subprocess.TimeoutExpired:
+                row = {"detector": name, "impl": impl, "error": f"timeout {args.timeout} s"}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    by = {(r["detector"], r["impl"]): r for r in rows}
+    for name in args.detectors.split(","):
+        a, b = by.get((name, "ours"), {}), by.get((name, "anomalib"), {})
+        if "images_per_s" in a and "images_per_s" in b:
+            a["speedup"] = a["images_per_s"] / b["images_per_s"]
+            a["fit_speedup"] = b["fit_s"] / a["fit_s"]
+    print(f"\n{args.train} train / {args.test} test images at {args.size} px, batch "
+          f"{args.batch_size}, {args.weights} weights, fp32 on {args.device}")
+    print_table(rows, [("detector", "detector"), ("impl", "impl"), ("fit_s", "fit s"),
+                       ("images_per_s", "images/s"), ("speedup", "x anomalib"),
+                       ("fit_speedup", "fit x"), ("peak_mb", "peak MB"),
+                       ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
+                       ("error", "error")])
+    result = {"machine": machine(), "args": vars(args), "rows": rows}
+    write_json(args.out, result)
+    return result
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The benchmarks in their smoke mode (a few tiny images), so they cannot rot: each runs end to
+end, prints its table and writes its JSON with numbers in it."""
+
+import json
+import math
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def _positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_ceilings_smoke(tmp_path):
+    from bench import ceilings
+
+    out = tmp_path / "ceilings.json"
+    result = ceilings.main(["--smoke", "--out", str(out)])
+    assert all(_positive(result["cpu"][k]) for k in ("decode", "rows", "cpu"))
+    assert result["cpu"]["cpu"] < min(result["cpu"]["decode"], result["cpu"]["rows"])
+    assert [m["detector"] for m in result["models"]] == ["padim", "stpm"]
+    assert all(_positive(m.get("images_per_s")) for m in result["models"]), result["models"]
+    assert json.loads(out.read_text())["machine"]["cpus"] >= 1
+
+
+def test_score_throughput_smoke(tmp_path):
+    from bench import score_throughput
+
+    result = score_throughput.main(["--smoke", "--out", str(tmp_path / "score.json")])
+    row = result["result"]
+    assert all(_positive(row[k]) for k in ("cpu", "model", "bound", "job", "of_bound"))
+    # the job ran decoding in its own tasks, apart from the model actor
+    assert "MapBatches(read_images)" in result["stages"]
+
+
+def test_vs_anomalib_smoke(tmp_path):
+    from bench import vs_anomalib
+
+    result = vs_anomalib.main(["--smoke", "--out", str(tmp_path / "vs.json")])
+    rows = {r["impl"]: r for r in result["rows"]}
+    assert set(rows) == {"ours", "anomalib"}, result["rows"]
+    for row in rows.values():
+        assert "error" not in row and row["finite"], row
+        assert _positive(row["images_per_s"]) and _positive(row["fit_s"])
+        assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
+    assert _positive(rows["ours"]["speedup"])
