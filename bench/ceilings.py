@@ -92,9 +92,11 @@ def cpu_ceilings(paths: list[str], model_size: int, source_size: int, cores: int
                  rows_per_file: int = 256) -> dict:
     """decode, rows and both together (images/s) on `cores` processes."""
     chunk = max(1, min(32, len(paths) // (4 * cores)))
-    # spawn, not fork: the caller may hold threads (Ray, torch) that a forked child inherits.
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(cores, mp_context=spawn, initializer=_one_thread) as pool:
+    # Not fork: the caller may hold threads (Ray, torch) that a forked child would inherit. A
+    # forkserver imports the stages once; each worker is a cheap fork of it.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["jobs.score", "anomaly_core.scoring", "anomaly_core.schema"])
+    with ProcessPoolExecutor(cores, mp_context=context, initializer=_one_thread) as pool:
         warm = [(paths[:1], model_size)] * cores  # imports and first-call costs out of the timing
         list(pool.map(_decode, *zip(*warm)))
         list(pool.map(_rows, [1] * cores, [model_size] * cores, [source_size] * cores,
