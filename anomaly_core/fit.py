@@ -10,7 +10,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
 
+from anomaly_core.data.datasets import to_unit_float
 from anomaly_core.detectors.base import Detector
 
 # report(metrics, state): called after every epoch (once for memory detectors); `state` is what
@@ -27,6 +28,8 @@ EpochReport = Callable[[dict, "dict | None"], None]
 Validate = Callable[[Detector], dict]
 SELECTION_METRIC = "objective"  # higher is better; from the validation hook
 PRECISIONS = ("fp32", "bf16")
+# An epoch's batches for this rank: fit's alternative to a dataset and its DataLoader.
+EpochBatches = Callable[[int], Iterable[dict]]
 
 
 def world() -> tuple[int, int]:
@@ -193,21 +196,35 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def _images(batch: dict, device: torch.device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """A batch's images on the device as floats in [0, 1] (uint8 batches are converted there)."""
+    images = batch["image"].to(device, non_blocking=True)
+    if images.dtype == torch.uint8:
+        images = to_unit_float(images)
+    return images.contiguous(memory_format=memory_format)
+
+
 def _fit_memory(
-    detector: Detector, dataset: Dataset, loader_kwargs: dict, device, precision, validate
+    detector: Detector, dataset: Dataset | None, loader_kwargs: dict, device, precision, validate,
+    batches: EpochBatches | None,
 ) -> dict:
     rank, size = world()
-    # Every image exactly once across ranks (no padding): the reduction must equal one worker's.
-    shard = Subset(dataset, range(rank, len(dataset), size))
+    if batches is None:
+        # Every image exactly once across ranks (no padding): the reduction must equal one worker's.
+        shard = Subset(dataset, range(rank, len(dataset), size))
+        source = DataLoader(shard, shuffle=False, **loader_kwargs)
+    else:
+        source = batches(0)
     detector.eval()
-    seen = 0
+    seen, start = 0, time.perf_counter()
     with torch.no_grad():
-        for batch in DataLoader(shard, shuffle=False, **loader_kwargs):
+        for batch in source:
             with autocast(device, precision):
-                detector.observe(batch["image"].to(device, non_blocking=True))
+                detector.observe(_images(batch, device))
             seen += len(batch["image"])
+    observed = time.perf_counter() - start
     detector.finalize()
-    metrics = {"epoch": 0, "images": seen}
+    metrics = {"epoch": 0, "images": seen, "images_per_s": seen / max(observed, 1e-9)}
     if validate is not None:
         with autocast(device, precision):
             metrics.update(validate(detector))
@@ -216,7 +233,7 @@ def _fit_memory(
 
 def _fit_gradient(
     detector: Detector,
-    dataset: Dataset,
+    dataset: Dataset | None,
     loader_kwargs: dict,
     device: torch.device,
     *,
@@ -227,18 +244,22 @@ def _fit_gradient(
     resume: dict | None,
     precision: str,
     channels_last: bool,
+    batches: EpochBatches | None,
 ) -> dict:
     rank, size = world()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     if channels_last:
         detector.to(memory_format=torch.channels_last)
     step_module: nn.Module = _TrainingStep(detector)
+    sampler = None
     if size > 1:
-        # Padded so every rank takes the same number of steps (DDP would hang otherwise).
-        sampler = DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed)
         ids = [device.index] if device.type == "cuda" else None
         step_module = nn.parallel.DistributedDataParallel(step_module, device_ids=ids)
-    else:
+    # A batch stream shards, shuffles and balances the ranks' batches itself.
+    if batches is None and size > 1:
+        # Padded so every rank takes the same number of steps (DDP would hang otherwise).
+        sampler = DistributedSampler(dataset, num_replicas=size, rank=rank, shuffle=True, seed=seed)
+    elif batches is None:
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     optimizers = detector.optimizers()
     best = {"epoch": -1, "metric": None, "state": None}
@@ -250,14 +271,14 @@ def _fit_gradient(
         best, start_epoch = resume["best"], resume["epoch"] + 1
     # Its own generator: the loader workers' seeds differ per rank and epoch (see below).
     loader_rng = torch.Generator()
-    loader = DataLoader(
+    loader = None if batches is not None else DataLoader(
         dataset, sampler=sampler, drop_last=False, generator=loader_rng, **loader_kwargs
     )
     metrics: dict[str, Any] = {}
     for epoch in range(start_epoch, epochs):
         if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)  # the same permutation on every rank, from `seed`
-        else:  # a resumed run must shuffle epoch e as the uninterrupted run did
+        elif sampler is not None:  # a resumed run must shuffle epoch e as the uninterrupted run did
             sampler.generator.manual_seed(seed + epoch)
         # Noise (SimpleNet's), dropout and loader workers draw differently on each rank, and
         # epoch e draws the same in a resumed run as in the uninterrupted one.
@@ -265,8 +286,8 @@ def _fit_gradient(
         loader_rng.manual_seed(_derived_seed(seed, rank, epoch, 1))
         detector.train()
         total, steps, seen, start = torch.zeros(2, device=device), 0, 0, time.perf_counter()
-        for batch in loader:
-            images = batch["image"].to(device, non_blocking=True, memory_format=memory_format)
+        for batch in loader if batches is None else batches(epoch):
+            images = _images(batch, device, memory_format)
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             with autocast(device, precision):
@@ -327,8 +348,14 @@ def fit(
     resume: dict | None = None,
     precision: str = "fp32",
     channels_last: bool = False,
+    batches: EpochBatches | None = None,
 ) -> dict:
     """Fit `detector` on `dataset` (items with an "image" tensor) and return the last epoch's metrics.
+
+    `batches(epoch)`, when given, replaces the dataset and its DataLoader: an iterable of this
+    rank's batches ({"image": float or uint8 [B,3,H,W]}) for that epoch, already sharded across
+    ranks (every rank the same number of batches) and shuffled, e.g. a Ray Data shard's
+    iter_torch_batches; `dataset` is then unused.
 
     Under torch.distributed each rank sees its shard; memory detectors reduce their state in
     finalize(), gradient detectors are wrapped in DDP. `validate(detector)` runs after each
@@ -347,14 +374,16 @@ def fit(
         pin_memory=device.type == "cuda",
         persistent_workers=loader_workers > 0,
     )
-    if len(dataset) == 0:
+    if batches is None and len(dataset) == 0:
         raise ValueError("fit() got an empty training set; check the data path and split")
     if detector.family == "memory":
-        metrics = _fit_memory(detector, dataset, loader_kwargs, device, precision, validate)
+        metrics = _fit_memory(detector, dataset, loader_kwargs, device, precision, validate,
+                              batches)
         if report is not None:
             report(metrics, None)
         return metrics
     return _fit_gradient(
         detector, dataset, loader_kwargs, device, epochs=epochs, seed=seed, report=report,
         validate=validate, resume=resume, precision=precision, channels_last=channels_last,
+        batches=batches,
     )

@@ -5,6 +5,13 @@ observe step (memory family) in one process, all in one run. Prints a table.
 
 One thread by default: a Ray Train worker with --cpus-per-worker 1 gets one core. Backbones use
 random weights: the cost does not depend on the weights' values.
+
+    python bench/train_throughput.py --input-pipelines [--detector stpm] [--images 256]
+        [--source-size 512] [--workers 1] [--epochs 2] [--use-gpu]
+
+runs jobs.train on the same image files with each input pipeline (each worker's own DataLoader,
+or Ray Data decode tasks streaming uint8 shards) and prints rank 0's training images/s in the
+last epoch and the job's wall time.
 """
 
 from __future__ import annotations
@@ -59,13 +66,55 @@ CASES = [
 ]
 
 
+def input_pipelines(args: argparse.Namespace) -> list[dict]:
+    """jobs.train with each --input-pipeline on the same files; one row each."""
+    import tempfile
+
+    from bench.common import image_set, set_env
+    from jobs import train
+    from jobs.common import init_ray
+
+    set_env()
+    work = tempfile.mkdtemp(prefix="bench-train-input-")
+    paths = image_set(os.path.join(work, "data"), args.images, args.source_size)
+    init_ray(None)
+    rows = []
+    for pipeline in ("loader", "ray-data"):
+        start = time.perf_counter()
+        summary = train.main([
+            "--data", os.path.dirname(paths[0]), "--output", os.path.join(work, pipeline),
+            "--detector", args.detector, "--set", "weights=random", "--set",
+            f"image_size={args.image_size}", "--batch-size", str(args.batch_size), "--epochs",
+            str(args.epochs), "--num-workers", str(args.workers), "--input-pipeline", pipeline,
+            "--val-fraction", "0.1", *(["--use-gpu"] if args.use_gpu else [])])
+        rows.append({"pipeline": pipeline, "worker_images_per_s": summary["worker_images_per_s"],
+                     "wall_s": time.perf_counter() - start})
+    print(f"\n{args.detector} at {args.image_size} px from {args.images} {args.source_size} px "
+          f"PNGs, {args.workers} worker(s), batch {args.batch_size}, {args.epochs} epochs")
+    print(f"{'input pipeline':<16}{'rank 0 images/s (last epoch)':>30}{'job wall s':>12}")
+    for r in rows:
+        print(f"{r['pipeline']:<16}{r['worker_images_per_s']:>30.1f}{r['wall_s']:>12.1f}")
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--input-pipelines", action="store_true",
+                   help="compare jobs.train's input pipelines instead (see above)")
+    p.add_argument("--detector", default="stpm")
+    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--source-size", type=int, default=512)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--use-gpu", action="store_true")
     args = p.parse_args()
+    if args.input_pipelines:
+        input_pipelines(args)
+        return
     import torch
 
     from anomaly_core.detectors import make_config

@@ -51,6 +51,12 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-failures", type=int, default=3,
                    help="worker failures to survive, resuming from the last checkpoint")
     p.add_argument("--loader-workers", type=int, default=0, help="DataLoader processes per worker")
+    p.add_argument("--input-pipeline", choices=("loader", "ray-data"), default="loader",
+                   help="loader: each worker reads and decodes with its own DataLoader; ray-data: "
+                        "CPU tasks across the cluster decode (uint8) and stream shards to the "
+                        "workers, so GPU workers are not starved by their own decoding")
+    p.add_argument("--decode-cpus", type=float, default=1,
+                   help="CPUs per decode task (--input-pipeline ray-data)")
     p.add_argument("--storage-path", default=None,
                    help="Ray Train checkpoints (local or s3://; on several nodes a path all of them "
                    "see); default <output>/checkpoints")
@@ -99,6 +105,47 @@ def training_records(args: argparse.Namespace) -> tuple[list, list]:
     if not val:
         raise SystemExit("no validation images: raise --val-fraction or pass --val-data")
     return train, val
+
+
+def decode_for_training(batch: dict, size: tuple[int, int], s3_endpoint: str | None) -> dict:
+    """Ray Data task (--input-pipeline ray-data): uris -> uint8 images [B,3,H,W], resized as
+    ImageDataset does; an unreadable training image fails the run naming it."""
+    import numpy as np
+
+    from anomaly_core import storage
+    from anomaly_core.data.datasets import resize_image
+    from anomaly_core.data.decode import decode_image
+
+    images = [resize_image(decode_image(storage.read_bytes(str(uri), s3_endpoint=s3_endpoint),
+                                        str(uri)), size).numpy() for uri in batch["uri"]]
+    return {"image": np.stack(images)}
+
+
+def training_stream(args, cfg: dict):
+    """The training images as a Ray Data dataset decoded on CPU tasks (uint8, model size)."""
+    import ray
+
+    from anomaly_core.detectors import make_config
+
+    size = (make_config(cfg["detector"], **cfg["options"]).image_size,) * 2
+    return ray.data.from_items([{"uri": r["uri"]} for r in cfg["train"]]).map_batches(
+        decode_for_training, batch_size=cfg["batch_size"], num_cpus=args.decode_cpus,
+        fn_kwargs={"size": size, "s3_endpoint": args.s3_endpoint})
+
+
+def epoch_batches(batch_size: int, seed: int):
+    """fit()'s batches(epoch) from this worker's Ray Data shard: shuffled within a buffer, with
+    another seed each epoch; Ray Train splits the stream equally, so ranks take equal steps."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+
+    def batches(epoch: int):
+        return shard.iter_torch_batches(batch_size=batch_size, prefetch_batches=2,
+                                        local_shuffle_buffer_size=4 * batch_size,
+                                        local_shuffle_seed=seed + epoch)
+
+    return batches
 
 
 def _checkpointing_report(rank: int):
@@ -256,13 +303,15 @@ def train_worker(cfg: dict) -> None:
     if error:
         _report_fatal(rank, error)
         return
+    stream = cfg["input_pipeline"] == "ray-data"
     metrics = fit(
-        detector, ImageDataset(train, size, s3_endpoint=cfg["s3_endpoint"]),
+        detector, None if stream else ImageDataset(train, size, s3_endpoint=cfg["s3_endpoint"]),
         batch_size=cfg["batch_size"], epochs=cfg["epochs"], device=device,
         loader_workers=cfg["loader_workers"], seed=cfg["seed"], report=_checkpointing_report(rank),
         validate=validation_hook(objective_set, cfg["objective"], cfg["batch_size"], device)
         if rank == 0 else None,
         resume=resume, precision=cfg["precision"], channels_last=cfg["channels_last"],
+        batches=epoch_batches(cfg["batch_size"], cfg["seed"]) if stream else None,
     )
     nodes = _gather(ray.get_runtime_context().get_node_id())
     if rank == 0 and cfg["output"]:
@@ -299,6 +348,7 @@ def worker_config(args, name: str, options: dict, train: list, val: list, output
         "batch_size": args.batch_size, "epochs": args.epochs, "loader_workers": args.loader_workers,
         "seed": args.seed, "precision": args.precision, "channels_last": args.channels_last,
         "objective": parse_objective(args.objective), "use_gpu": args.use_gpu,
+        "input_pipeline": args.input_pipeline,
     }
 
 
@@ -316,6 +366,7 @@ def make_trainer(args, cfg: dict, *, name: str | None = None, callbacks: list | 
     return TorchTrainer(
         train_worker,
         train_loop_config=cfg,
+        datasets={"train": training_stream(args, cfg)} if cfg["input_pipeline"] == "ray-data" else None,
         scaling_config=ScalingConfig(
             num_workers=args.num_workers, use_gpu=args.use_gpu,
             resources_per_worker={"CPU": args.cpus_per_worker},
@@ -386,6 +437,9 @@ def main(argv: list[str] | None = None) -> dict:
                "pixel_threshold": meta["calibration"]["pixel_threshold"],
                "pixel_calibration": meta["calibration"].get("pixel_method", ""),
                **{k: meta["training"].get(k) for k in ("best_epoch", "resumed_from_epoch", "nodes")},
+               # rank 0's training throughput in its last epoch, and how its images arrived
+               "input_pipeline": args.input_pipeline,
+               "worker_images_per_s": (meta["training"].get("last_epoch") or {}).get("images_per_s"),
                "validation_metrics": meta["validation_metrics"]}
     body = json.dumps(summary, indent=2, default=str)
     storage.write_bytes(storage.join(args.output, "train_summary.json"), body.encode(),

@@ -33,9 +33,13 @@ def test_train_then_score_on_two_workers_gives_one_row_per_image_and_a_report(da
     summary = train.main([
         "--data", data, "--category", "capsule", "--output", model, "--num-workers", "2",
         "--set", "backbone=mobilenet_v2", "--set", f"image_size={SIZE}", "--batch-size", "8",
+        # decoded by Ray Data tasks, streamed to the workers as uint8 shards
+        "--input-pipeline", "ray-data",
     ])
     artifact = ModelArtifact.load(model)
     assert artifact.training["workers"] == 2 and summary["train_images"] == 32
+    assert summary["input_pipeline"] == "ray-data"
+    assert artifact.training["last_epoch"]["images"] == 16  # rank 0's equal half of the stream
     assert artifact.calibration.method.startswith("quantile")
 
     inputs = tmp_path / "inputs" / "capsule" / "test"  # the MVTec layout: the report finds labels

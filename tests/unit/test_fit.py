@@ -80,6 +80,32 @@ def test_loss_decreases_and_steps_match_the_documented_count():
     assert steps_per_epoch(10, 4, world_size=2) == 2
 
 
+def _seeded_padim():
+    torch.manual_seed(0)
+    return build_detector("padim", backbone="resnet18", weights="random", image_size=16)
+
+
+def test_an_epoch_batch_stream_of_uint8_images_replaces_the_dataset():
+    # --input-pipeline ray-data: fit takes each epoch's (already sharded, shuffled) batches.
+    images = (Images(8).x * 255).round().to(torch.uint8)
+    asked: list[int] = []
+
+    def batches(epoch: int):
+        asked.append(epoch)
+        return [{"image": images[i:i + 4]} for i in (4, 0)]
+
+    det, history = _toy(), []
+    fit(det, None, batch_size=4, epochs=2, batches=batches, report=lambda m, s: history.append(m))
+    assert asked == [0, 1] and det.steps == 4 and [m["images"] for m in history] == [8, 8]
+    # A memory detector observes the stream's floats exactly as the dataset's.
+    floats = TensorImages(images.float() / 255)
+    streamed, loaded = (_seeded_padim() for _ in range(2))
+    fit(streamed, None, batches=lambda epoch: [{"image": images[:5]}, {"image": images[5:]}])
+    fit(loaded, floats, batch_size=3)
+    assert torch.allclose(streamed.mean, loaded.mean, atol=1e-6)
+    assert torch.allclose(streamed.inv_covariance, loaded.inv_covariance, rtol=1e-4, atol=1e-4)
+
+
 def test_resuming_from_a_reported_state_ends_where_the_uninterrupted_run_ends():
     whole = _toy()
     fit(whole, Images(), batch_size=4, epochs=3)

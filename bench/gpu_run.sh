@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The scoring-speed measurements (issue "Speed") in one run on a GPU machine, each step with its
+# own timeout, each writing JSON and a log under $OUT; prints each step's table.
+#
+# Here, once:  ../shared/tools/gpu-wheels --anomalib .whl      (ray 2.60 + anomalib, git-ignored)
+# There:       bash bench/gpu_run.sh                             (with .whl carried)
+# Dry run on CPU at tiny sizes:  SMOKE=1 OUT=/tmp/gpu-dry bash bench/gpu_run.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+if [ -d .whl ] && ! python3 -c "import ray" 2>/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONPATH=${PYTHONPATH:-$PWD} ANOMALY_OFFLINE=1 HF_HUB_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 \
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1
+py=${PYTHON:-python3}
+if [ -n "${SMOKE:-}" ]; then
+    ceil=(--smoke); score=(--smoke); vs=(--smoke)
+else
+    ceil=(--images 2000 --source-size 512 --seconds 5)
+    score=(--images 6000 --source-size 512 --detector patchcore --set image_size=224 --num-actors 1
+           --batch-size 64 --use-gpu)
+    vs=(--train 64 --test 64 --seconds 5 --timeout 150)
+fi
+step() {  # name timeout command...
+    local name=$1 limit=$2
+    shift 2
+    local start=$SECONDS
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name: exit $? in $((SECONDS - start)) s"
+    grep -v -i "warn" "$OUT/$name.log" | tail -22
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
+"$py" -c "import torch; print(torch.__version__, torch.cuda.is_available())" >> "$OUT/gpu.txt" 2>&1
+step ceilings 200 "$py" bench/ceilings.py "${ceil[@]}" --out "$OUT/ceilings.json"
+step score_throughput 170 "$py" bench/score_throughput.py "${score[@]}" --out "$OUT/score_throughput.json"
+step vs_anomalib 240 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomalib.json"
