@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches-in-flight", type=int,
                    help="batches each model actor runs at once, on their own CUDA streams so "
                         "copies overlap compute (default: 2 with --use-gpu, else 1)")
+    p.add_argument("--gpu-decode", action="store_true",
+                   help="decode plain JPEGs in the model actor on its device (nvJPEG with "
+                        "--use-gpu); other files still decode on CPU tasks")
     p.add_argument("--render-on-device", action="store_true",
                    help="resize, threshold and quantize the maps in the model actor (on the GPU) "
                         "instead of in the row tasks")
@@ -80,13 +83,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint: str | None) -> dict:
-    """CPU task: bytes -> decoded, resized image per row; failures keep the row with `error`."""
+def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint: str | None,
+                keep_jpeg: bool = False) -> dict:
+    """CPU task: bytes -> decoded, resized image per row; failures keep the row with `error`.
+    With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their bytes in `jpeg`."""
     from anomaly_core.scoring import read_image
 
     rows = [
         read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,
-                   max_pixels=max_pixels, s3_endpoint=s3_endpoint)
+                   max_pixels=max_pixels, s3_endpoint=s3_endpoint, keep_jpeg=keep_jpeg)
         for uri, etag, prev in zip(batch["uri"], batch["etag"], batch["prev_etag"])
     ]
     blank = np.zeros((3, *size), dtype=np.uint8)
@@ -95,6 +100,7 @@ def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint
     out.update({k: [r[k] or -1 for r in rows] for k in INT_COLUMNS})
     out["skipped"] = np.array([r["skipped"] for r in rows])
     out["image"] = np.stack([blank if r["image"] is None else r["image"] for r in rows])
+    out["jpeg"] = [r["jpeg"] or b"" for r in rows]
     return out
 
 
@@ -122,16 +128,17 @@ class ScoringActor:
     def __call__(self, batch: dict) -> dict:
         from anomaly_core.scoring import render_maps
 
-        ok = [i for i, (e, s) in enumerate(zip(batch["error"], batch["skipped"])) if not e and not s]
         n = len(batch["uri"])
+        out = {k: v for k, v in batch.items() if k not in ("image", "jpeg")}
+        images = self.decode_on_device(batch, out)
+        ok = [i for i, (e, s) in enumerate(zip(out["error"], batch["skipped"])) if not e and not s]
         scores = np.full(n, np.nan, dtype=np.float32)
-        out = {k: v for k, v in batch.items() if k != "image"}
         if self.render_on_device:  # mask and heatmap at output size, uint8, made on the device
             masks, heats = [b""] * n, [b""] * n
         else:
             maps = np.zeros((n, *self.input_size), dtype=np.float32)
         if ok:
-            result = self.scorer(np.ascontiguousarray(batch["image"][ok]))
+            result = self.scorer(images[ok])
             scores[ok] = result.score.cpu().numpy()
             if self.render_on_device:
                 sizes = [output_size(batch, i, self.mask_size) for i in ok]
@@ -145,6 +152,25 @@ class ScoringActor:
             out["raw_map"] = maps
         out.update(raw_score=scores, model_node=[self.node] * n)
         return out
+
+
+    def decode_on_device(self, batch: dict, out: dict):
+        """The batch's images on the device, the JPEGs the decode tasks left (--gpu-decode)
+        decoded there; a JPEG that fails gets its row's `error` in `out`."""
+        images = batch["image"]
+        jpegs = [i for i, data in enumerate(batch.get("jpeg", [])) if len(data)]
+        if not jpegs:
+            return images
+        images = self.scorer.to_device(np.ascontiguousarray(images))
+        decoded = self.scorer.decode_jpegs([bytes(batch["jpeg"][i]) for i in jpegs],
+                                           self.input_size)
+        out["error"] = list(out["error"])
+        for i, image in zip(jpegs, decoded):
+            if isinstance(image, str):
+                out["error"][i] = f"{batch['uri'][i]}: {image}"
+            else:
+                images[i] = image
+        return images
 
 
 def output_size(batch: dict, i: int, mask_size) -> tuple[int, int]:
@@ -258,7 +284,7 @@ def main(argv: list[str] | None = None) -> dict:
         ds = ds.map_batches(
             read_images, batch_size=args.batch_size, fn_kwargs={
                 "size": info.input_size, "max_pixels": args.max_pixels,
-                "s3_endpoint": args.s3_endpoint},
+                "s3_endpoint": args.s3_endpoint, "keep_jpeg": args.gpu_decode},
             # A memory reservation the model actor does not have keeps Ray Data from fusing
             # decoding into the actor (it fuses maps with equal resources): decoding scales
             # out on CPU tasks, the actor only runs the model.

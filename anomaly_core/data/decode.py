@@ -78,6 +78,20 @@ def decode_image(data: bytes, uri: str = "<bytes>", *, max_pixels: int = MAX_PIX
     return _to_rgb(image, uri)
 
 
+def plain_jpeg_size(data: bytes, uri: str = "<bytes>", *,
+                    max_pixels: int = MAX_PIXELS) -> tuple[int, int] | None:
+    """(height, width) of a baseline RGB or grayscale JPEG without an EXIF rotation, read from
+    its header (no pixel decoded; the same errors as decode_image for a bad header or too many
+    pixels); None for anything else. Such a file decodes to the same image with another JPEG
+    decoder (a GPU's), so it may skip decode_image; the others must not."""
+    if _signature(data) != "JPEG":
+        return None
+    image = _open(data, uri, max_pixels)
+    plain = (image.format == "JPEG" and image.mode in ("RGB", "L")
+             and not image.info.get("progressive") and image.getexif().get(0x0112, 1) == 1)
+    return (image.size[1], image.size[0]) if plain else None
+
+
 def decode_mask(data: bytes, uri: str = "<bytes>") -> np.ndarray:
     """Decode a ground-truth mask to an HxW bool array: any nonzero pixel is defect."""
     image = _open(data, uri, MAX_PIXELS)

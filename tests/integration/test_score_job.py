@@ -168,17 +168,23 @@ def test_every_bad_input_kind_is_a_row_and_the_run_goes_on(model, data, tmp_path
     _write(source / "odd" / "cmyk.jpg", Image.new("CMYK", (40, 30), (0, 50, 100, 0)))
     gray16 = Image.fromarray(np.full((30, 40), 40000, dtype=np.uint16))
     _write(source / "odd" / "gray16.png", gray16)
+    # --gpu-decode: plain JPEGs decode in the model actor (on CPU here), the CMYK one on a task
+    photo = Image.open(io.BytesIO(good_png)).convert("RGB").resize((40, 30))
+    _write(source / "odd" / "photo.jpg", photo, quality=90)
+    photo_jpg = (source / "odd" / "photo.jpg").read_bytes()
+    (bad / "truncated.jpg").write_bytes(photo_jpg[: len(photo_jpg) // 2])
     out = str(tmp_path / "out")
-    summary = run_score(model, str(source), out, "--max-pixels", "4000000")
+    summary = run_score(model, str(source), out, "--max-pixels", "4000000", "--gpu-decode")
     rows = {r["uri"].rsplit("/", 1)[-1]: r for r in read_rows(out)}
-    for name in ("zero.png", "text.jpg", "truncated.png", "corrupt.png", "huge.png"):
+    for name in ("zero.png", "text.jpg", "truncated.png", "corrupt.png", "huge.png",
+                 "truncated.jpg"):
         assert rows[name]["error"] and name in rows[name]["error"], name
         assert rows[name]["score"] is None
     assert "pixels" in rows["huge.png"]["error"]
-    for name in ("gray.png", "cmyk.jpg", "gray16.png"):  # converted to RGB and scored
+    for name in ("gray.png", "cmyk.jpg", "gray16.png", "photo.jpg"):  # RGB and scored
         assert rows[name]["error"] is None and rows[name]["score"] is not None
         assert (rows[name]["width"], rows[name]["height"]) == (40, 30)
-    assert summary["errors"] == 5 and summary["rows"] == len(storage.list_files(str(source)))
+    assert summary["errors"] == 6 and summary["rows"] == len(storage.list_files(str(source)))
 
 
 def test_max_error_rate_fails_the_run_after_writing_the_rows(model, tmp_path):

@@ -159,3 +159,48 @@ def test_rows_from_maps_rendered_in_the_actor_equal_rows_rendered_in_the_row_tas
         [{k: v for k, v in r.items() if k not in strip} for r in from_actor]
     assert from_maps[2]["error"] == "broken" and "mask_png" not in from_maps[2]  # null column
     assert [r["is_anomalous"] for r in from_maps[:2]] == [False, True]
+
+
+def _jpeg(pixels: np.ndarray, **save) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=92, **save)
+    return buffer.getvalue()
+
+
+def _photo(h: int = 90, w: int = 120) -> np.ndarray:
+    y, x = np.mgrid[0:h, 0:w]
+    return np.stack([x * 2, y * 2, (x + y)], -1).clip(0, 255).astype(np.uint8)
+
+
+def test_plain_jpegs_are_left_for_the_device_and_others_decoded_on_cpu(tmp_path):
+    from anomaly_core.scoring import read_image
+
+    files = {"plain.jpg": _jpeg(_photo()), "progressive.jpg": _jpeg(_photo(), progressive=True),
+             "gray.jpg": _jpeg(_photo()[..., 0])}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    plain = read_image(str(tmp_path / "plain.jpg"), (32, 32), keep_jpeg=True)
+    assert plain["jpeg"] == files["plain.jpg"] and plain["image"] is None
+    assert (plain["height"], plain["width"]) == (90, 120) and plain["error"] is None
+    gray = read_image(str(tmp_path / "gray.jpg"), (32, 32), keep_jpeg=True)
+    assert gray["jpeg"] is not None  # grayscale decodes to RGB on either decoder
+    progressive = read_image(str(tmp_path / "progressive.jpg"), (32, 32), keep_jpeg=True)
+    assert progressive["jpeg"] is None and progressive["image"].shape == (3, 32, 32)
+    assert read_image(str(tmp_path / "plain.jpg"), (32, 32))["jpeg"] is None  # not asked
+
+
+def test_device_jpeg_decoding_matches_the_cpu_decoder_and_names_a_corrupt_file(padim):
+    from anomaly_core.data.datasets import resize_image
+    from anomaly_core.data.decode import decode_image
+
+    good = _jpeg(_photo())
+    decoded = Scorer(padim).decode_jpegs([good, good[: len(good) // 3]], (64, 64))
+    assert isinstance(decoded[1], str) and "corrupt" in decoded[1]
+    cpu = resize_image(decode_image(good), (64, 64)).int()
+    assert decoded[0].dtype == torch.uint8 and decoded[0].shape == (3, 64, 64)
+    # libjpeg against torchvision's decoder, PIL's antialiased bilinear against torch's
+    assert (decoded[0].int() - cpu).abs().float().mean() <= 1.0
