@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-actors", type=int, default=1, help="model replicas (actor pool size)")
     p.add_argument("--cpus-per-actor", type=float, default=1)
     p.add_argument("--decode-cpus", type=float, default=1, help="CPUs per decode task")
-    p.add_argument("--decode-memory-mb", type=float, default=512,
+    p.add_argument("--decode-memory-mb", type=float, default=1024,
                    help="memory Ray reserves per decode task (MiB); raise it for very large images")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="networks' precision (scores stay float32): auto = fp16 on a GPU, "
