@@ -41,13 +41,17 @@ class Calibration:
     # scores of a new day are compared with (a drift signal in the report).
     normal_scores: list[float] = field(default_factory=list)
 
-    def normalize(self, values: np.ndarray | float, pixel: bool = False) -> np.ndarray:
-        """Threshold -> 0.5, the validation window -> a unit-wide range, clipped to [0, 1]."""
+    def window(self, pixel: bool = False) -> tuple[float, float]:
+        """(threshold, span) of a quantity: what normalize maps to 0.5 and to a unit width."""
         if pixel and self.pixel_min is not None:
             t, low, high = self.pixel_threshold, self.pixel_min, self.pixel_max
         else:
             t, low, high = (self.pixel_threshold if pixel else self.threshold), self.min, self.max
-        span = max(high - low, 1e-12)
+        return t, max(high - low, 1e-12)
+
+    def normalize(self, values: np.ndarray | float, pixel: bool = False) -> np.ndarray:
+        """Threshold -> 0.5, the validation window -> a unit-wide range, clipped to [0, 1]."""
+        t, span = self.window(pixel)
         return np.clip((np.asarray(values, dtype=np.float64) - t) / span + 0.5, 0.0, 1.0)
 
     def to_dict(self) -> dict:

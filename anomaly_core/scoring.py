@@ -174,11 +174,7 @@ def render_maps(
     """Masks (0/255) and 8-bit heatmaps, uint8 at each image's (height, width), from raw maps
     [B,h,w] on whatever device they are: resized bilinear there (antialiased when shrinking),
     thresholded at the pixel threshold and windowed by the pixel calibration."""
-    if calibration.pixel_min is not None:
-        t, low, high = calibration.pixel_threshold, calibration.pixel_min, calibration.pixel_max
-    else:  # artifacts from before per-quantity calibration
-        t, low, high = calibration.pixel_threshold, calibration.min, calibration.max
-    span = max(high - low, 1e-12)
+    t, span = calibration.window(pixel=True)
     masks, heats = [], []
     for amap, size in zip(maps.float(), sizes):
         size = (int(size[0]), int(size[1]))

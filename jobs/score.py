@@ -47,8 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows-per-file", type=int, default=256, help="rows per Parquet part file")
     p.add_argument("--num-actors", type=int, default=1, help="model replicas (actor pool size)")
     p.add_argument("--cpus-per-actor", type=float, default=1)
+    p.add_argument("--actor-start-timeout", type=float, default=600,
+                   help="seconds to wait for every model actor to load its model before any "
+                        "image is sent, so all replicas share the work from the start")
     p.add_argument("--decode-cpus", type=float, default=1, help="CPUs per decode task")
-    p.add_argument("--decode-memory-mb", type=float, default=1024,
+    p.add_argument("--decode-memory-mb", type=float, default=512,
                    help="memory Ray reserves per decode task (MiB); raise it for very large images")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
                    help="networks' precision (scores stay float32): auto = fp16 on a GPU, "
@@ -276,6 +279,9 @@ def main(argv: list[str] | None = None) -> dict:
                         f"--decode-cpus {args.decode_cpus:g} with --decode-memory-mb "
                         f"{args.decode_memory_mb:g}", "lower --decode-cpus or --decode-memory-mb")
 
+        # Every actor up (model loaded) before images flow: otherwise the first replica ready
+        # takes what the others were started for, and a pool that cannot start says so.
+        ray.data.DataContext.get_current().wait_for_min_actors_s = args.actor_start_timeout
         t1 = time.perf_counter()
         # Blocks of 64 rows, fewer rows when that would leave CPUs (and actors) without a block.
         cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
@@ -298,8 +304,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "render_on_device": args.render_on_device, "mask_size": args.mask_size},
             compute=ray.data.ActorPoolStrategy(
                 size=args.num_actors, max_concurrent_calls_per_actor=args.batches_in_flight,
-                enable_true_multi_threading=args.batches_in_flight > 1,
-                max_tasks_in_flight_per_actor=args.batches_in_flight + 1),
+                enable_true_multi_threading=args.batches_in_flight > 1),
             batch_size=args.batch_size,
             num_cpus=args.cpus_per_actor,
             num_gpus=1 if args.use_gpu else 0,

@@ -147,7 +147,9 @@ def test_scoring_runs_actors_and_tasks_on_both_nodes(cluster, padim_model):
     source, out = f"{cluster.data}/{CATEGORY}/test/", f"{cluster.bucket}/scores"
     summary = score.main(["--model", model, "--input", source, "--output", out,
                           "--num-actors", "2", "--cpus-per-actor", "1.5", "--decode-cpus", "0.25",
-                          "--batch-size", "4", "--rows-per-file", "4", "--progress-every", "0",
+                          # a batch per image: enough batches that the actor on the blocks'
+                          # own node (Ray prefers it) cannot hold them all at once
+                          "--batch-size", "1", "--rows-per-file", "4", "--progress-every", "0",
                           "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
     assert len(summary["nodes"]["model"]) == 2  # 1.5 CPUs per actor: one actor per node
     assert summary["nodes"]["rows"]  # the row tasks ran (and wrote to S3) wherever there was room
