@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.common import (  # noqa: E402
     DETECTORS,
+    cuda_available,
     detector_at_defaults,
     image_set,
     machine,
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--format", choices=("png", "jpg"), default="png")
     p.add_argument("--input-size", type=int, default=256, help="model input the decode resizes to")
     p.add_argument("--detectors", default=",".join(DETECTORS))
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--precisions", help="comma list (default: fp32, plus fp16,bf16 on a GPU)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--fit-images", type=int, default=64, help="images memory detectors fit on")
@@ -194,12 +195,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine(), "args": vars(args), "cpu": cpu, "models": models}
     write_json(args.out, result)
     return result
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,12 @@ def machine() -> dict[str, Any]:
     return info
 
 
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def image_set(folder: str, n: int, size: int, fmt: str = "png", distinct: int = 200) -> list[str]:
     """n synthetic capsule images of size x size px in `folder` as PNG or JPEG files: `distinct`
     generated ones, copied under new names up to n (decoding costs the same)."""

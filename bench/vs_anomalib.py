@@ -28,7 +28,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import REPO, machine, print_table, set_env, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    REPO,
+    cuda_available,
+    machine,
+    print_table,
+    set_env,
+    write_json,
+)
 
 DETECTORS = ("padim", "patchcore", "fastflow", "stpm")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -231,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", default="random", help="random, or imagenet where it resolves")
     p.add_argument("--backbone", help="one backbone for all (default: each of ours' defaults)")
     p.add_argument("--seconds", type=float, default=10.0, help="forward timing per model")
-    p.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--timeout", type=float, default=900, help="seconds per model")
     p.add_argument("--smoke", action="store_true",
                    help="tiny, resnet18, PatchCore only unless --detectors, in this process (CI)")
@@ -292,12 +299,6 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"machine": machine(), "args": vars(args), "rows": rows}
     write_json(args.out, result)
     return result
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":
