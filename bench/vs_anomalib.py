@@ -140,27 +140,24 @@ def fit_anomalib(name: str, model, train, batch_size: int, epochs: int, device: 
             for x in batches:
                 model(x)
         model.fit() if name == "padim" else model.subsample_embedding(0.1)
-    elif name == "fastflow":
+        model.eval()
+        return
+    if name == "fastflow":
         from anomalib.models.image.fastflow.loss import FastflowLoss
 
         opt = torch.optim.Adam(model.parameters(), lr=0.001, weight_decay=0.00001)
         loss_fn = FastflowLoss()
-        for _ in range(epochs):
-            for x in batches:
-                opt.zero_grad()
-                loss_fn(*model(x)).backward()
-                opt.step()
     else:
         from anomalib.models.image.stfpm.loss import STFPMLoss
 
         opt = torch.optim.SGD(model.student_model.parameters(), lr=0.4, momentum=0.9,
                               dampening=0.0, weight_decay=0.001)
         loss_fn = STFPMLoss()
-        for _ in range(epochs):
-            for x in batches:
-                opt.zero_grad()
-                loss_fn(*model(x)).backward()
-                opt.step()
+    for _ in range(epochs):  # their lightning modules' training step, without lightning
+        for x in batches:
+            opt.zero_grad()
+            loss_fn(*model(x)).backward()
+            opt.step()
     model.eval()
 
 
