@@ -17,14 +17,17 @@ export PYTHONPATH=${PYTHONPATH:-$PWD} ANOMALY_OFFLINE=1 HF_HUB_OFFLINE=1 RAY_USA
     RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_AUTH_MODE=disabled RAY_DATA_DISABLE_PROGRESS_BARS=1
 py=${PYTHON:-python3}
 if [ -n "${SMOKE:-}" ]; then
-    ceil=(--smoke); score=(--smoke); vs=(--smoke)
+    ceil=(--smoke); score=(--smoke); vs=(--smoke --precisions fp32,fp16)
+    train=(--input-pipelines --images 16 --source-size 96 --image-size 64 --batch-size 4 --epochs 1)
 else
-    ceil=(--images 2000 --source-size 512 --seconds 5)
+    ceil=(--images 1000 --source-size 512 --seconds 2)
     score=(--images 6000 --source-size 512 --detector patchcore --set image_size=224 --num-actors 1
            --batch-size 64 --use-gpu)
-    vs=(--train 64 --test 64 --seconds 5 --timeout 150)
+    vs=(--train 64 --test 64 --seconds 2 --timeout 60)
+    train=(--input-pipelines --detector stpm --images 2048 --source-size 512 --image-size 256
+           --batch-size 32 --epochs 2 --use-gpu)
 fi
-step() {  # name timeout command...
+step() {  # name timeout command...  (4 steps: a log and a JSON each, 8 files back in all)
     local name=$1 limit=$2
     shift 2
     local start=$SECONDS
@@ -32,8 +35,9 @@ step() {  # name timeout command...
     echo "== $name: exit $? in $((SECONDS - start)) s"
     grep -v -i "warn" "$OUT/$name.log" | tail -22
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" 2>&1
-"$py" -c "import torch; print(torch.__version__, torch.cuda.is_available())" >> "$OUT/gpu.txt" 2>&1
-step ceilings 200 "$py" bench/ceilings.py "${ceil[@]}" --out "$OUT/ceilings.json"
-step score_throughput 170 "$py" bench/score_throughput.py "${score[@]}" --out "$OUT/score_throughput.json"
-step vs_anomalib 240 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomalib.json"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+"$py" -c "import torch, os; print('torch', torch.__version__, torch.cuda.is_available(), os.cpu_count(), 'cpus')"
+step ceilings 120 "$py" bench/ceilings.py "${ceil[@]}" --out "$OUT/ceilings.json"
+step score_throughput 120 "$py" bench/score_throughput.py "${score[@]}" --out "$OUT/score_throughput.json"
+step vs_anomalib 190 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomalib.json"
+step train_input 100 "$py" bench/train_throughput.py "${train[@]}"

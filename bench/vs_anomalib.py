@@ -2,8 +2,9 @@
 
 The same synthetic images (capsule, train on good ones, test on good + defective with masks),
 the same backbone weights (ours copied into anomalib's timm backbone; random by default, as speed
-and memory do not depend on their values), the same resolution, batch and device, float32.
-Per model: fit seconds, forward images/s, peak memory (each model runs in its own process: peak
+and memory do not depend on their values), the same resolution, batch and device. Fit in float32; the forward in float32 and, on a GPU, in
+fp16 too (ours through the job's 16-bit path, anomalib under torch.autocast as Lightning's
+"16-mixed" runs it). Per model: fit seconds, forward images/s, peak memory (each model runs in its own process: peak
 RSS on CPU, torch's peak allocation on a GPU), image and pixel AUROC. anomalib is a bench-only
 extra (`pip install anomalib==2.7.0`), never a runtime dependency; its lightning wrappers are not
 used, only the torch models with the training steps of their lightning modules (PaDiM Gaussian
@@ -161,13 +162,12 @@ def fit_anomalib(name: str, model, train, batch_size: int, epochs: int, device: 
     model.eval()
 
 
-def child(impl: str, name: str, args: argparse.Namespace) -> dict:
-    """One implementation of one detector: fit, time the forward, score the test set."""
-    import numpy as np
+def child(impl: str, name: str, args: argparse.Namespace) -> list[dict]:
+    """One implementation of one detector: fit, then per precision time the forward and score the
+    test set (a row each)."""
     import torch
 
     from anomaly_core.fit import fit
-    from anomaly_core.metrics import image_auroc, pixel_auroc
     from tests.helpers import TensorImages
 
     torch.manual_seed(0)
@@ -200,26 +200,62 @@ def child(impl: str, name: str, args: argparse.Namespace) -> dict:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     fit_s = time.perf_counter() - start
+    rows = []
+    for precision in args.precisions.split(","):
+        rows.append({"detector": name, "impl": impl, "precision": precision, "fit_s": fit_s,
+                     **timed(model, forward, impl, precision, test, labels, masks, args)})
+    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    for row in rows:
+        row["peak_mb"] = peak
+    return rows
+
+
+def timed(model, forward, impl: str, precision: str, test, labels, masks, args) -> dict:
+    """Forward images/s and AUROCs of one fitted model at one precision: ours through the
+    job's 16-bit path (anomaly_core.precision, channels_last), anomalib under torch.autocast (what
+    Lightning's "16-mixed" does)."""
+    import numpy as np
+    import torch
+
+    from anomaly_core.metrics import image_auroc, pixel_auroc
+    from anomaly_core.precision import LOW_DTYPES, compute_precision
+
+    device = args.device
+    cuda = device.startswith("cuda")
+    low = precision != "fp32"
+    layout = torch.channels_last if cuda and impl == "ours" else torch.contiguous_format
+    model.to(memory_format=layout)
+
+    def run(x):
+        x = x.contiguous(memory_format=layout)
+        if impl == "ours":
+            with compute_precision(precision):
+                s, m = forward(x)
+        else:
+            with (torch.autocast(device_type=x.device.type, dtype=LOW_DTYPES[precision]) if low
+                  else contextlib.nullcontext()):
+                s, m = forward(x)
+        return s.float(), m.float()
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     scores, maps = [], []
     with torch.no_grad():
         for i in range(0, len(test), args.batch_size):
-            s, m = forward(test[i:i + args.batch_size].to(device))
-            scores.append(s.float().cpu())
-            maps.append(m.float().cpu())
+            s, m = run(test[i:i + args.batch_size].to(device))
+            scores.append(s.cpu())
+            maps.append(m.cpu())
         batch = test[: args.batch_size].to(device)
-        forward(batch)
+        run(batch)
         sync()
         calls, start = 0, time.perf_counter()
         while calls < 2 or (time.perf_counter() - start < args.seconds and calls < 100):
-            forward(batch)
+            run(batch)
             calls += 1
         sync()
         rate = calls * len(batch) / (time.perf_counter() - start)
     scores, maps = torch.cat(scores).numpy(), torch.cat(maps).numpy()
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"detector": name, "impl": impl, "fit_s": fit_s, "images_per_s": rate,
-            "peak_mb": peak, "image_auroc": image_auroc(labels.numpy(), scores),
+    return {"images_per_s": rate, "image_auroc": image_auroc(labels.numpy(), scores),
             "pixel_auroc": pixel_auroc(masks.numpy(), maps),
             "finite": bool(np.isfinite(scores).all())}
 
@@ -236,6 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--backbone", help="one backbone for all (default: each of ours' defaults)")
     p.add_argument("--seconds", type=float, default=10.0, help="forward timing per model")
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
+    p.add_argument("--precisions", help="forward precisions, comma list (default: fp32, plus "
+                   "fp16 on a GPU: ours' job path against anomalib under autocast)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per model")
     p.add_argument("--smoke", action="store_true",
                    help="tiny, resnet18, PatchCore only unless --detectors, in this process (CI)")
@@ -248,6 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.train, args.test, args.size, args.batch_size = 4, 4, 64, 2
         args.backbone, args.seconds = "resnet18", 0.0
         args.detectors = "patchcore" if args.detectors == ",".join(DETECTORS) else args.detectors
+    if not args.precisions:
+        args.precisions = "fp32,fp16" if args.device.startswith("cuda") else "fp32"
     if args.child:
         print("RESULT " + json.dumps(child(*args.child, args)), flush=True)
         return {}
@@ -265,30 +305,33 @@ def main(argv: list[str] | None = None) -> dict:
             cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, name, "--data", data,
                    "--config", json.dumps(config), "--size", str(args.size), "--batch-size",
                    str(args.batch_size), "--epochs", str(args.epochs), "--weights", args.weights,
-                   "--seconds", str(args.seconds), "--device", args.device]
+                   "--seconds", str(args.seconds), "--device", args.device,
+                   "--precisions", args.precisions]
             if args.smoke:  # in this process: does it run (peak memory is then shared)
-                rows.append(child(impl, name, argparse.Namespace(**{
-                    **vars(args), "data": data, "config": json.dumps(config)})))
+                rows += child(impl, name, argparse.Namespace(**{
+                    **vars(args), "data": data, "config": json.dumps(config)}))
                 continue
             try:
                 done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
                                       timeout=args.timeout)
                 lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-                row = (json.loads(lines[-1][7:]) if lines else
-                       {"detector": name, "impl": impl, "error": done.stderr.strip()[-300:]})
+                got = (json.loads(lines[-1][7:]) if lines else
+                       [{"detector": name, "impl": impl, "error": done.stderr.strip()[-300:]}])
             except subprocess.TimeoutExpired:
-                row = {"detector": name, "impl": impl, "error": f"timeout {args.timeout} s"}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    by = {(r["detector"], r["impl"]): r for r in rows}
-    for name in args.detectors.split(","):
-        a, b = by.get((name, "ours"), {}), by.get((name, "anomalib"), {})
-        if "images_per_s" in a and "images_per_s" in b:
+                got = [{"detector": name, "impl": impl, "error": f"timeout {args.timeout} s"}]
+            rows += got
+            print(json.dumps(got), flush=True)
+    by = {(r["detector"], r["impl"], r.get("precision")): r for r in rows}
+    for (name, impl, precision), a in by.items():
+        b = by.get((name, "anomalib", precision), {})
+        if impl == "ours" and "images_per_s" in a and "images_per_s" in b:
             a["speedup"] = a["images_per_s"] / b["images_per_s"]
             a["fit_speedup"] = b["fit_s"] / a["fit_s"]
     print(f"\n{args.train} train / {args.test} test images at {args.size} px, batch "
-          f"{args.batch_size}, {args.weights} weights, fp32 on {args.device}")
-    print_table(rows, [("detector", "detector"), ("impl", "impl"), ("fit_s", "fit s"),
+          f"{args.batch_size}, {args.weights} weights, on {args.device}; fit in fp32, forward "
+          f"at each precision (x anomalib: against anomalib at the same precision)")
+    print_table(rows, [("detector", "detector"), ("impl", "impl"), ("precision", "precision"),
+                       ("fit_s", "fit s"),
                        ("images_per_s", "images/s"), ("speedup", "x anomalib"),
                        ("fit_speedup", "fit x"), ("peak_mb", "peak MB"),
                        ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
