@@ -222,7 +222,7 @@ def commit_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
     return uri
 
 
-def finish(run: ScoreRun, timings: dict[str, float], extra: dict[str, Any] | None = None) -> dict:
+def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any] | None = None) -> dict:
     """Count what the run's committed files hold and write _SUCCESS.json; returns the summary."""
     files = part_files(run)
     errors = read_parquet(files, ["error"], run.s3_endpoint)["error"]
@@ -239,7 +239,7 @@ def finish(run: ScoreRun, timings: dict[str, float], extra: dict[str, Any] | Non
         "partition": run.partition,
         "resumed": run.resumed,
         "finished_at": utc_now().isoformat(timespec="seconds"),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "timings_s": {k: None if v is None else round(v, 3) for k, v in timings.items()},
         **(extra or {}),
     }
     body = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()

@@ -43,7 +43,7 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def image_set(folder: str, n: int, size: int, fmt: str = "png", distinct: int = 200) -> list[str]:
+def image_set(folder: str, n: int, size: int, fmt: str = "png", distinct: int = 40) -> list[str]:
     """n synthetic capsule images of size x size px in `folder` as PNG or JPEG files: `distinct`
     generated ones, copied under new names up to n (decoding costs the same)."""
     from PIL import Image

@@ -7,7 +7,9 @@ and model, in one run. Prints a table and writes JSON.
             node the model shares the cores with decoding and rows: 1/(1/cpu + 1/model).
   job       images/s of the job from dataset creation to its last part file (Ray already up;
             actor start-up and model loading included), and its fraction of the bound and of
-            min(cpu, model).
+            min(cpu, model)
+  steady    images/s after the first part file came out (start-up and pipeline fill left out),
+            and its fraction of the bound.
 
     python bench/score_throughput.py [--images 6000] [--source-size 256] [--detector padim]
         [--set backbone=mobilenet_v2 --set image_size=128] [--num-actors 1] [--use-gpu]
@@ -90,17 +92,25 @@ def main(argv: list[str] | None = None) -> dict:
                           str(args.cpus_per_actor), "--progress-every", "30",
                           *(["--use-gpu"] if args.use_gpu else []), *flags])
     job = summary["images_per_s"]
+    timings = summary["timings_s"]
+    # after the first part file: the pipeline's steady rate, without actor start-up and fill
+    steady = ((args.images - min(args.rows_per_file, args.images - 1))
+              / max(timings["score"] - timings["first_rows"], 1e-9))
     ceiling_min = min(cpu["cpu"], model_rate["images_per_s"])
     bound = ceiling_min if args.use_gpu else 1 / (1 / cpu["cpu"] + 1 / model_rate["images_per_s"])
     row = {"images": args.images, "decode": cpu["decode"], "rows": cpu["rows"], "cpu": cpu["cpu"],
            "model": model_rate["images_per_s"], "bound": bound, "job": job,
-           "of_bound": job / bound, "of_min": job / ceiling_min}
+           "of_bound": job / bound, "of_min": job / ceiling_min,
+           "first_rows_s": timings["first_rows"], "steady": steady,
+           "steady_of_bound": steady / bound}
     print(f"\n{args.images} {args.source_size} px {args.format} files, {args.detector} "
           f"{','.join(args.set)} ({model_rate['precision']}) on {device}, batch "
           f"{args.batch_size}, {args.num_actors} actor(s), {args.cores} cores; images/s")
     print_table([row], [("images", "images"), ("decode", "decode"), ("rows", "rows"),
                         ("cpu", "cpu ceiling"), ("model", "model ceiling"), ("bound", "bound"),
-                        ("job", "job"), ("of_bound", "job/bound"), ("of_min", "job/min")])
+                        ("job", "job"), ("of_bound", "job/bound"), ("of_min", "job/min"),
+                        ("first_rows_s", "first rows s"), ("steady", "steady"),
+                        ("steady_of_bound", "steady/bound")])
     result = {"machine": machine(), "args": vars(args), "result": row,
               "stages": summary.get("stages"), "timings_s": summary.get("timings_s")}
     write_json(args.out, result)

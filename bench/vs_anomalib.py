@@ -212,33 +212,37 @@ def child(impl: str, name: str, args: argparse.Namespace) -> list[dict]:
 
 
 def timed(model, forward, impl: str, precision: str, test, labels, masks, args) -> dict:
-    """Forward images/s and AUROCs of one fitted model at one precision: ours through the
-    job's 16-bit path (anomaly_core.precision, channels_last), anomalib under torch.autocast (what
-    Lightning's "16-mixed" does)."""
+    """Forward images/s and AUROCs of one fitted model at one precision. Ours through the job's
+    Scorer (uint8 in, channels_last on a GPU, 16-bit networks with a float32 rerun of a batch
+    that overflows); anomalib's model under torch.autocast, what Lightning's "16-mixed" does.
+    AUROCs are left out (None) when scores are not finite."""
     import numpy as np
     import torch
 
+    from anomaly_core.artifact import ModelArtifact
+    from anomaly_core.evaluate import Calibration
     from anomaly_core.metrics import image_auroc, pixel_auroc
-    from anomaly_core.precision import LOW_DTYPES, compute_precision
+    from anomaly_core.precision import LOW_DTYPES
+    from anomaly_core.scoring import Scorer
+    from bench.ceilings import CALIBRATION
 
     device = args.device
-    cuda = device.startswith("cuda")
-    low = precision != "fp32"
-    layout = torch.channels_last if cuda and impl == "ours" else torch.contiguous_format
-    model.to(memory_format=layout)
+    if impl == "ours":  # the test files are PNGs: x * 255 is exact
+        scorer = Scorer(ModelArtifact(model, Calibration(**CALIBRATION)), device=device,
+                        precision=precision)
+        test = (test * 255).round().to(torch.uint8)
 
-    def run(x):
-        x = x.contiguous(memory_format=layout)
-        if impl == "ours":
-            with compute_precision(precision):
+        def run(x):
+            out = scorer(x)
+            return out.score, out.map
+    else:
+        def run(x):
+            with (torch.autocast(device_type=x.device.type, dtype=LOW_DTYPES[precision])
+                  if precision != "fp32" else contextlib.nullcontext()):
                 s, m = forward(x)
-        else:
-            with (torch.autocast(device_type=x.device.type, dtype=LOW_DTYPES[precision]) if low
-                  else contextlib.nullcontext()):
-                s, m = forward(x)
-        return s.float(), m.float()
+            return s.float(), m.float()
 
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     scores, maps = [], []
     with torch.no_grad():
         for i in range(0, len(test), args.batch_size):
@@ -255,9 +259,10 @@ def timed(model, forward, impl: str, precision: str, test, labels, masks, args) 
         sync()
         rate = calls * len(batch) / (time.perf_counter() - start)
     scores, maps = torch.cat(scores).numpy(), torch.cat(maps).numpy()
-    return {"images_per_s": rate, "image_auroc": image_auroc(labels.numpy(), scores),
-            "pixel_auroc": pixel_auroc(masks.numpy(), maps),
-            "finite": bool(np.isfinite(scores).all())}
+    finite = bool(np.isfinite(scores).all() and np.isfinite(maps).all())
+    return {"images_per_s": rate, "finite": finite,
+            "image_auroc": image_auroc(labels.numpy(), scores) if finite else None,
+            "pixel_auroc": pixel_auroc(masks.numpy(), maps) if finite else None}
 
 
 def main(argv: list[str] | None = None) -> dict:

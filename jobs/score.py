@@ -230,11 +230,14 @@ class Progress:
     def __init__(self, total: int, every: float) -> None:
         self.total, self.every, self.done, self.errors = total, every, 0, 0
         self.start = self.last = time.perf_counter()
+        self.first: float | None = None  # seconds until the first rows came out
 
     def update(self, images: int, errors: int) -> None:
         self.done += images
         self.errors += errors
         now = time.perf_counter()
+        if self.first is None:
+            self.first = now - self.start
         if now - self.last >= self.every or self.done == self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
@@ -318,12 +321,14 @@ def main(argv: list[str] | None = None) -> dict:
             progress.update(counts["images"], counts["errors"])
             nodes["model"].update(n for n in counts["model_node"].split(",") if n)
             nodes["rows"].add(counts["rows_node"])
-        t_score = time.perf_counter() - t1
+        t_score, t_first = time.perf_counter() - t1, progress.first
         # The operators as Ray ran them ("A->B" when fused): decoding must not be in the actor.
         stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)
     else:
-        t_score, stages = 0.0, []
-    summary = finish(run, {"plan": t_plan, "score": t_score, "total": time.perf_counter() - t0},
+        t_score, t_first, stages = 0.0, None, []
+    # first_rows: from the dataset's creation to the first part file (actors' start included)
+    summary = finish(run, {"plan": t_plan, "first_rows": t_first, "score": t_score,
+                           "total": time.perf_counter() - t0},
                      {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
                       # the Ray nodes that ran the model actors and wrote the rows
                       "nodes": {k: sorted(v) for k, v in nodes.items()},
