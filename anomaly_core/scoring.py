@@ -105,6 +105,18 @@ class Scorer:
             self._local.stream = torch.cuda.Stream(self.device)
         return self._local.stream
 
+    def _hand_over(self, stream: torch.cuda.Stream | None, *tensors: torch.Tensor) -> None:
+        """Results made on this thread's stream, safe for the caller's (current) stream: it waits
+        for them there, and their memory is not reused before its work on them is done. Without
+        this the caller reads them too early (measured on an H200: PatchCore's scores were
+        another batch's, image AUROC 0.20 instead of 0.78)."""
+        if stream is None:
+            return
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(stream)
+        for t in tensors:
+            t.record_stream(current)
+
     def to_device(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 images to the device: pinned and without blocking on a GPU (this thread's
         stream)."""
@@ -113,7 +125,9 @@ class Scorer:
             return batch
         stream = self._stream()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            return batch.pin_memory().to(self.device, non_blocking=True)
+            out = batch.pin_memory().to(self.device, non_blocking=True)
+        self._hand_over(stream, out)
+        return out
 
     @torch.no_grad()
     def decode_jpegs(self, files: list[bytes], size: tuple[int, int]) -> list[torch.Tensor | str]:
@@ -133,10 +147,11 @@ class Scorer:
         stream = self._stream()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             try:
-                return [resized(im) for im in decode_jpeg(data, mode=ImageReadMode.RGB,
-                                                           device=self.device)]
+                out: list[torch.Tensor | str] = [
+                    resized(im) for im in decode_jpeg(data, mode=ImageReadMode.RGB,
+                                                      device=self.device)]
             except RuntimeError:
-                out: list[torch.Tensor | str] = []
+                out = []
                 for one in data:
                     try:
                         out.append(resized(decode_jpeg(one, mode=ImageReadMode.RGB,
@@ -144,7 +159,8 @@ class Scorer:
                     except RuntimeError as err:
                         out.append(f"cannot decode JPEG pixel data ({err}); the file is "
                                    "truncated or corrupt: re-export or re-upload it, or remove it")
-                return out
+        self._hand_over(stream, *(t for t in out if isinstance(t, torch.Tensor)))
+        return out
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray | torch.Tensor) -> AnomalyOutput:
@@ -163,7 +179,9 @@ class Scorer:
                 out = self.model(batch)
             if self.precision != "fp32" and not bool(torch.isfinite(out.score).all()):
                 out = self.model(batch)  # 16 bits overflowed somewhere: this batch in float32
-            return AnomalyOutput(score=out.score.float(), map=out.map.float())
+            result = AnomalyOutput(score=out.score.float(), map=out.map.float())
+        self._hand_over(stream, result.score, result.map)
+        return result
 
 
 def render_maps(

@@ -40,6 +40,9 @@ step() {  # name timeout command...  (4 steps: a log and a JSON each, 8 files ba
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$py" -c "import torch, os; print('torch', torch.__version__, torch.cuda.is_available(), os.cpu_count(), 'cpus')"
+if [[ $steps == *" gpu_tests "* || -z "${STEPS:-}" ]]; then  # the GPU-only tests, output here only
+    echo "== gpu_tests"; timeout 120 "$py" -m pytest -q -x -p no:cacheprovider tests/unit/test_scoring.py 2>&1 | tail -4
+fi
 step ceilings 120 "$py" bench/ceilings.py "${ceil[@]}" --out "$OUT/ceilings.json"
 step score_throughput 130 "$py" bench/score_throughput.py "${score[@]}" --out "$OUT/score_throughput.json"
 step vs_anomalib 190 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomalib.json" ${VS_ARGS:-}
