@@ -1,12 +1,22 @@
-"""Scoring runs that write every row exactly once: a frozen input list, atomic part files with
-deterministic names, resume by what is committed, and a _SUCCESS manifest with the counts.
+"""Scoring runs that write every row exactly once: a frozen input list, part files staged by
+the tasks and published by the driver, resume by what is published, and a _SUCCESS manifest.
 
 Layout under the output root:
-    dt=YYYY-MM-DD/model=NAME/part-<run_id>-<digest>.parquet   the rows (committed = visible)
+    dt=YYYY-MM-DD/model=NAME/part-<run_id>-<attempt>-<digest>.parquet   the rows (published)
     _runs/<run_id>/run.json        what the run is (written first, with the input list)
     _runs/<run_id>/inputs.arrow    the input list, frozen at the run's first start
+    _runs/<run_id>/attempts/<attempt>.json   each start of the run: the files published before
+    _runs/<run_id>/staging/<attempt>/part-<digest>.parquet   written by the row tasks
     _runs/<run_id>/_SUCCESS.json   counts and timings (written last)
 Readers skip `_runs` (names starting with "_" are hidden by pyarrow, pandas, Spark and Hive).
+
+Exactly once without a timing assumption: row tasks only ever write into their attempt's
+staging folder; only the driver of the attempt publishes a staged file into the partition (a
+rename, or a server-side copy on S3), after the task that wrote it has returned. A straggler
+task of a killed attempt can therefore write only where nothing reads. A resumed attempt
+schedules what is not published; when it finishes it deletes any file of another attempt that
+was published after it planned (only a dead driver's last copy in flight can do that), then the
+staging folders.
 """
 
 from __future__ import annotations
@@ -14,7 +24,8 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -48,6 +59,9 @@ class ScoreRun:
     resumed: bool = False
     s3_endpoint: str | None = field(default=None, repr=False)
     inputs: pa.Table = field(default=None, repr=False)
+    # this start of the run: its tasks stage part files under this name
+    attempt: str = field(default_factory=lambda: new_attempt())
+    planned_files: frozenset[str] = field(default=frozenset(), repr=False)  # published at planning
 
     @property
     def partition(self) -> str:
@@ -57,9 +71,20 @@ class ScoreRun:
     def run_dir(self) -> str:
         return storage.join(self.output, RUNS_DIR, self.run_id)
 
+    @property
+    def staging(self) -> str:
+        return storage.join(self.run_dir, "staging", self.attempt)
+
     def describe(self) -> dict[str, Any]:
-        keep = ("run_id", "output", "model", "model_version", "day", "source", "incremental", "created_at")
-        return {k: v for k, v in asdict(self).items() if k in keep}
+        """What the run is, and this attempt (run.json keeps the run's part only)."""
+        keep = ("run_id", "output", "model", "model_version", "day", "source", "incremental",
+                "created_at", "attempt")
+        return {k: getattr(self, k) for k in keep}
+
+
+def new_attempt() -> str:
+    """A start of a run: UTC time (sortable) and a random suffix, no dashes."""
+    return f"{utc_now():%Y%m%dT%H%M%S}{uuid.uuid4().hex[:6]}"
 
 
 def default_run_id(day: str, model_version: str, source: str, incremental: bool) -> str:
@@ -160,7 +185,9 @@ def open_run(
             )
         data = storage.read_bytes(inputs_uri, s3_endpoint=s3_endpoint)
         inputs = ipc.open_file(pa.BufferReader(data)).read_all()
-        return ScoreRun(**meta, resumed=True, s3_endpoint=s3_endpoint, inputs=inputs)
+        meta.pop("attempt", None)
+        return ScoreRun(**meta, resumed=True, s3_endpoint=s3_endpoint, inputs=inputs,
+                        attempt=new_attempt())
     inputs = list_inputs(source, extensions=extensions, manifest=manifest, s3_endpoint=s3_endpoint)
     if incremental:
         done = scored_index(output, model, model_version, s3_endpoint)
@@ -169,18 +196,20 @@ def open_run(
         )
         inputs = joined.select(INPUT_SCHEMA.names).sort_by("uri").cast(INPUT_SCHEMA)
     run = ScoreRun(run_id, output, model, model_version, day, source, incremental,
-                   now.isoformat(timespec="seconds"), s3_endpoint=s3_endpoint, inputs=inputs)
+                   now.isoformat(timespec="seconds"), s3_endpoint=s3_endpoint, inputs=inputs,
+                   attempt=new_attempt())
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, inputs.schema) as writer:
         writer.write_table(inputs)
     # The input list first, run.json second: run.json's presence means the list is complete.
     storage.write_bytes(inputs_uri, sink.getvalue().to_pybytes(), s3_endpoint=s3_endpoint)
-    storage.write_bytes(meta_uri, json.dumps(run.describe(), indent=2).encode(), s3_endpoint=s3_endpoint)
+    meta = {k: v for k, v in run.describe().items() if k != "attempt"}
+    storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode(), s3_endpoint=s3_endpoint)
     return run
 
 
 def part_files(run: ScoreRun) -> list[str]:
-    """The run's committed part files."""
+    """The run's published part files (every attempt's)."""
     if not storage.exists(run.partition, s3_endpoint=run.s3_endpoint):
         return []
     prefix = f"part-{run.run_id}-"
@@ -202,29 +231,66 @@ def read_parquet(
 
 
 def pending(run: ScoreRun) -> pa.Table:
-    """Inputs still to do: not in a committed part file, and not unchanged since last scored."""
+    """Inputs still to do: not in a published part file, and not unchanged since last scored.
+    Records which files were published when this attempt planned (see finish)."""
     inputs = run.inputs
-    done = read_parquet(part_files(run), ["uri"], run.s3_endpoint)["uri"]
+    published = part_files(run)
+    run.planned_files = frozenset(published)
+    record = {"attempt": run.attempt, "started_at": utc_now().isoformat(timespec="seconds"),
+              "published_before": [f.rsplit("/", 1)[-1] for f in published]}
+    storage.write_bytes(storage.join(run.run_dir, "attempts", f"{run.attempt}.json"),
+                        json.dumps(record, indent=1).encode(), s3_endpoint=run.s3_endpoint)
+    done = read_parquet(published, ["uri"], run.s3_endpoint)["uri"]
     keep = pc.invert(pc.is_in(inputs["uri"], value_set=done))
     # An ETag known from the listing equal to the one already scored: skip without reading.
     unchanged = pc.fill_null(pc.equal(inputs["etag"], inputs["prev_etag"]), False)
     return inputs.filter(pc.and_(keep, pc.invert(unchanged)))
 
 
-def commit_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
-    """Write one part file atomically; its name is a digest of its URIs (same rows, same name)."""
+def stage_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
+    """A row task's part file, written atomically into its attempt's staging folder; its name is
+    a digest of its URIs (same rows, same name). Returns its URI (None for no rows)."""
     if not rows:
         return None
     rows = sorted(rows, key=lambda r: r["uri"])
     digest = hashlib.sha256("\n".join(r["uri"] for r in rows).encode()).hexdigest()[:20]
-    uri = storage.join(run.partition, f"part-{run.run_id}-{digest}.parquet")
+    uri = storage.join(run.staging, f"part-{digest}.parquet")
     storage.write_bytes(uri, parquet_bytes(score_table(rows)), s3_endpoint=run.s3_endpoint)
     return uri
 
 
+def publish_part(run: ScoreRun, staged: str) -> str:
+    """The driver's step: a staged part file of this attempt into the partition (readers see it
+    whole or not at all). Returns its published URI."""
+    name = staged.rsplit("/", 1)[-1]
+    if not staged.startswith(run.staging + "/") or not name.startswith("part-"):
+        raise ValueError(f"{staged} is not a part file staged by attempt {run.attempt} of run "
+                         f"{run.run_id}")
+    uri = storage.join(run.partition, f"part-{run.run_id}-{run.attempt}-{name[len('part-'):]}")
+    storage.move(staged, uri, s3_endpoint=run.s3_endpoint)
+    return uri
+
+
+def commit_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
+    """Stage and publish one part file (for callers without a driver/task split)."""
+    staged = stage_part(run, rows)
+    return publish_part(run, staged) if staged else None
+
+
+def _attempt_of(run: ScoreRun, uri: str) -> str:
+    return uri.rsplit("/", 1)[-1][len(f"part-{run.run_id}-"):].split("-", 1)[0]
+
+
 def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any] | None = None) -> dict:
-    """Count what the run's committed files hold and write _SUCCESS.json; returns the summary."""
+    """Drop what a dead attempt published after this one planned, clear the staging folders,
+    count what the run's part files hold and write _SUCCESS.json; returns the summary."""
     files = part_files(run)
+    late = [f for f in files
+            if f not in run.planned_files and _attempt_of(run, f) != run.attempt]
+    for f in late:  # its rows were scheduled again by this attempt: they would repeat
+        storage.delete(f, s3_endpoint=run.s3_endpoint)
+    files = [f for f in files if f not in late]
+    storage.delete(storage.join(run.run_dir, "staging"), s3_endpoint=run.s3_endpoint)
     errors = read_parquet(files, ["error"], run.s3_endpoint)["error"]
     n_rows = len(errors)
     n_errors = n_rows - errors.null_count
@@ -238,6 +304,7 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
         "files": len(files),
         "partition": run.partition,
         "resumed": run.resumed,
+        "late_files_removed": len(late),
         "finished_at": utc_now().isoformat(timespec="seconds"),
         "timings_s": {k: None if v is None else round(v, 3) for k, v in timings.items()},
         **(extra or {}),

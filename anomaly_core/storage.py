@@ -222,6 +222,22 @@ def copy_file(src: str, dst: str, *, s3_endpoint: str | None = None, chunk_size:
     return digest.hexdigest()
 
 
+def move(src: str, dst: str, *, s3_endpoint: str | None = None) -> None:
+    """Move one file within one filesystem: a same-filesystem rename locally (atomic), a
+    server-side copy then a delete on S3 (the copy appears whole or not at all)."""
+    fs, src_path = filesystem(src, s3_endpoint=s3_endpoint)
+    _, dst_path = filesystem(dst, s3_endpoint=s3_endpoint)
+    try:
+        if is_s3(src):
+            fs.copy_file(src_path, dst_path)
+            fs.delete_file(src_path)
+        else:
+            os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+            os.replace(src_path, dst_path)
+    except OSError as exc:
+        raise _storage_error(exc, f"{src} -> {dst}", "move", s3_endpoint) from exc
+
+
 def _info(fs: pafs.FileSystem, path: str, uri: str, s3_endpoint: str | None) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)

@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -211,15 +212,17 @@ def make_rows(batch: dict, run: dict, calibration: dict, mask_size) -> list[dict
 
 
 def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
-    """CPU task: raw outputs -> schema rows -> one atomic part file; returns the counts."""
+    """CPU task: raw outputs -> schema rows -> one part file in the attempt's staging folder
+    (the driver publishes it); returns the counts and the staged file."""
     import ray
 
-    from anomaly_core.runs import ScoreRun, commit_part
+    from anomaly_core.runs import ScoreRun, stage_part
 
     rows = make_rows(batch, run, calibration, mask_size)
-    commit_part(ScoreRun(**run), rows)
+    staged = stage_part(ScoreRun(**run), rows)
     errors = sum(r["error"] is not None for r in rows)
     return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors],
+            "staged": [staged or ""],
             "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))],
             "rows_node": [ray.get_runtime_context().get_node_id()]}
 
@@ -246,11 +249,21 @@ class Progress:
                      self.done, self.total, 100 * self.done / max(self.total, 1), self.errors, rate, eta)
 
 
+def input_blocks(todo, cpus: float, batch_size: int, per_cpu: int = 4) -> list:
+    """The input list as a few blocks per CPU of the cluster (not one per few rows: a million
+    inputs would be tens of thousands of blocks to plan), at least a batch each. Decode tasks
+    stream their block batch by batch, so a large block does not delay the first rows."""
+    n = todo.num_rows
+    blocks = max(1, min(per_cpu * max(int(cpus), 1), -(-n // batch_size)))
+    size = -(-n // blocks)
+    return [todo.slice(i, size) for i in range(0, n, size)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
     from anomaly_core.artifact import ArtifactInfo
-    from anomaly_core.runs import finish, open_run, pending
+    from anomaly_core.runs import finish, open_run, pending, publish_part
 
     t0 = time.perf_counter()
     # Fail before any work when the model, the input or the output cannot be used. The driver
@@ -286,10 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
         # takes what the others were started for, and a pool that cannot start says so.
         ray.data.DataContext.get_current().wait_for_min_actors_s = args.actor_start_timeout
         t1 = time.perf_counter()
-        # Blocks of 64 rows, fewer rows when that would leave CPUs (and actors) without a block.
-        cpus = max(int(ray.cluster_resources().get("CPU", 1)), 1)
-        chunk = max(args.batch_size, min(64, -(-todo.num_rows // (4 * cpus))))
-        ds = ray.data.from_arrow([todo.slice(i, chunk) for i in range(0, todo.num_rows, chunk)])
+        ds = ray.data.from_arrow(input_blocks(todo, ray.cluster_resources().get("CPU", 1),
+                                              args.batch_size))
         ds = ds.map_batches(
             read_images, batch_size=args.batch_size, fn_kwargs={
                 "size": info.input_size, "max_pixels": args.max_pixels,
@@ -317,10 +328,18 @@ def main(argv: list[str] | None = None) -> dict:
             "run": run_fields, "calibration": info.calibration.to_dict(),
             "mask_size": args.mask_size})
         progress = Progress(todo.num_rows, args.progress_every)
-        for counts in ds.iter_rows():
-            progress.update(counts["images"], counts["errors"])
-            nodes["model"].update(n for n in counts["model_node"].split(",") if n)
-            nodes["rows"].add(counts["rows_node"])
+        # Only this driver publishes staged part files, each after its task returned: a
+        # straggler of a killed attempt never writes where readers look (anomaly_core.runs).
+        with ThreadPoolExecutor(8) as publisher:
+            published = []
+            for counts in ds.iter_rows():
+                if counts["staged"]:
+                    published.append(publisher.submit(publish_part, run, counts["staged"]))
+                progress.update(counts["images"], counts["errors"])
+                nodes["model"].update(n for n in counts["model_node"].split(",") if n)
+                nodes["rows"].add(counts["rows_node"])
+            for future in published:
+                future.result()
         t_score, t_first = time.perf_counter() - t1, progress.first
         # The operators as Ray ran them ("A->B" when fused): decoding must not be in the actor.
         stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)

@@ -1,0 +1,101 @@
+"""The run protocol on its own (no Ray): exactly one row per image for readers after a killed
+attempt, whatever its stragglers and its driver's last copy do afterwards."""
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pytest
+
+from anomaly_core import runs, storage
+from anomaly_core.schema import utc_now
+
+N = 40
+
+
+def _rows(uris: list[str], attempt: str) -> list[dict]:
+    now = utc_now()
+    return [{"uri": u, "model_version": "v1", "scored_at": now, "run_id": "r", "score": 1.0,
+             "error": None, "etag": attempt} for u in uris]
+
+
+def _open(source: str, output: str) -> runs.ScoreRun:
+    return runs.open_run(source=source, output=output, model="padim", model_version="v1",
+                         extensions=[".png"], run_id="r")
+
+
+def _read_every_way(output: str) -> dict[str, list[str]]:
+    """The uris each documented reader returns for the whole output folder."""
+    glob = f"{output}/dt=*/model=*/*.parquet"
+    return {
+        "pandas": pd.read_parquet(output)["uri"].tolist(),
+        "pyarrow": pads.dataset(output, partitioning="hive").to_table(columns=["uri"])["uri"].to_pylist(),
+        "duckdb": [r[0] for r in duckdb.sql(
+            f"select uri from read_parquet('{glob}', hive_partitioning = true)").fetchall()],
+    }
+
+
+@pytest.fixture
+def source(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(N):
+        (folder / f"{i:03d}.png").write_bytes(b"x")
+    return str(folder)
+
+
+def test_a_killed_attempts_late_files_never_reach_readers_twice(source, tmp_path):
+    output = str(tmp_path / "out")
+    a = _open(source, output)
+    todo = runs.pending(a)["uri"].to_pylist()
+    assert len(todo) == N
+    runs.commit_part(a, _rows(todo[:10], "a"))  # published before the kill
+    straggler = runs.stage_part(a, _rows(todo[10:20], "a"))  # staged; the driver died first
+
+    b = _open(source, output)  # resumed at once, while a's stragglers may still run
+    assert b.resumed and b.attempt != a.attempt
+    left = runs.pending(b)["uri"].to_pylist()
+    assert left == todo[10:]
+    # After b planned: a straggler of a stages another file, and a's dead driver's last copy
+    # (already in flight) lands in the partition.
+    runs.stage_part(a, _rows(todo[20:30], "a"))
+    late = runs.publish_part(a, straggler)
+    for k in range(0, len(left), 8):
+        runs.commit_part(b, _rows(left[k:k + 8], "b"))
+    summary = runs.finish(b, {"total": 1.0})
+
+    assert summary["late_files_removed"] == 1 and not storage.exists(late)
+    assert summary["rows"] == N and summary["files"] == 1 + 4
+    for reader, uris in _read_every_way(output).items():
+        assert sorted(uris) == sorted(todo), reader  # each image once, none missing
+    # A straggler that writes after the run finished still writes only where nobody reads.
+    runs.stage_part(a, _rows(todo[30:], "a"))
+    for reader, uris in _read_every_way(output).items():
+        assert len(uris) == N, reader
+
+
+def test_a_resumed_attempt_keeps_what_earlier_attempts_published_before_it_planned(source, tmp_path):
+    output = str(tmp_path / "out")
+    a = _open(source, output)
+    todo = runs.pending(a)["uri"].to_pylist()
+    first = runs.commit_part(a, _rows(todo[:25], "a"))
+    b = _open(source, output)
+    left = runs.pending(b)["uri"].to_pylist()
+    runs.commit_part(b, _rows(left, "b"))
+    summary = runs.finish(b, {"total": 1.0})
+    assert summary["late_files_removed"] == 0 and storage.exists(first)
+    assert sorted(pd.read_parquet(output)["uri"]) == sorted(todo)
+    assert not storage.exists(f"{output}/_runs/r/staging")
+    # Each attempt left its record: what was published when it planned.
+    record = storage.read_bytes(f"{output}/_runs/r/attempts/{b.attempt}.json")
+    assert first.rsplit("/", 1)[-1].encode() in record
+
+
+def test_only_the_attempts_own_staged_files_are_published(source, tmp_path):
+    output = str(tmp_path / "out")
+    a = _open(source, output)
+    staged = runs.stage_part(a, _rows(runs.pending(a)["uri"].to_pylist()[:3], "a"))
+    b = _open(source, output)
+    with pytest.raises(ValueError, match="not a part file staged by attempt"):
+        runs.publish_part(b, staged)
+    assert isinstance(runs.pending(b), pa.Table)
