@@ -299,8 +299,10 @@ def main(argv: list[str] | None = None) -> dict:
         # takes what the others were started for, and a pool that cannot start says so.
         ray.data.DataContext.get_current().wait_for_min_actors_s = args.actor_start_timeout
         t1 = time.perf_counter()
-        ds = ray.data.from_arrow(input_blocks(todo, ray.cluster_resources().get("CPU", 1),
-                                              args.batch_size))
+        blocks = input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
+        log.info("planned in %.2f s; %d inputs to Ray Data in %d blocks", t_plan, todo.num_rows,
+                 len(blocks))
+        ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             read_images, batch_size=args.batch_size, fn_kwargs={
                 "size": info.input_size, "max_pixels": args.max_pixels,
