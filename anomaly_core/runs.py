@@ -22,7 +22,6 @@ staging folders.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -31,17 +30,15 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.ipc as ipc
 
 from anomaly_core import storage
+from anomaly_core.inputs import INPUT_SCHEMA, list_inputs
 from anomaly_core.schema import parquet_bytes, partition_path, score_table, utc_now
+from anomaly_core.scored_index import INDEX_DIR, ScoredIndex
 
 RUNS_DIR = "_runs"
-INPUT_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string()), ("prev_etag", pa.string())]
-)
 
 
 @dataclass
@@ -93,56 +90,17 @@ def default_run_id(day: str, model_version: str, source: str, incremental: bool)
     return f"{day.replace('-', '')}-{model_version}-{digest}"
 
 
-def list_inputs(
-    source: str, *, extensions: list[str], manifest: bool = False, s3_endpoint: str | None = None
-) -> pa.Table:
-    """The images to score: a folder/prefix listed once in pages, or a manifest file of URIs."""
-    if manifest:
-        data = storage.read_bytes(source, s3_endpoint=s3_endpoint)
-        try:
-            if source.lower().endswith(".csv"):
-                table = pacsv.read_csv(io.BytesIO(data))
-            else:
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(io.BytesIO(data))
-        except pa.ArrowInvalid as exc:
-            raise ValueError(f"manifest {source} is not a readable Parquet/CSV file ({exc})") from exc
-        if "uri" not in table.column_names:
-            raise ValueError(f"manifest {source} has no `uri` column; its columns: {table.column_names}")
-        n = table.num_rows
-        columns = {
-            "uri": table["uri"].cast(pa.string()),
-            "size_bytes": table["size_bytes"].cast(pa.int64()) if "size_bytes" in table.column_names
-            else pa.nulls(n, pa.int64()),
-            "etag": table["etag"].cast(pa.string()) if "etag" in table.column_names
-            else pa.nulls(n, pa.string()),
-            "prev_etag": pa.nulls(n, pa.string()),
-        }
-        table = pa.table(columns, schema=INPUT_SCHEMA)
-        duplicates = table.num_rows - len(pc.unique(table["uri"]))
-        if duplicates:
-            raise ValueError(f"manifest {source} lists {duplicates} URIs more than once; dedupe it")
-        return table
-    uris, sizes, etags = [], [], []
-    for page in storage.list_objects(source, extensions=extensions, s3_endpoint=s3_endpoint):
-        for uri, size, etag in page:
-            uris.append(uri)
-            sizes.append(size)
-            etags.append(etag)
-    return pa.table(
-        [uris, sizes, etags, pa.nulls(len(uris), pa.string())], schema=INPUT_SCHEMA
-    )
-
-
-def scored_index(output: str, model: str, model_version: str, s3_endpoint: str | None) -> pa.Table:
-    """(uri, etag) of every image this model version already scored without error, any run."""
-    empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string())})
+def scan_history(output: str, model: str, model_version: str, s3_endpoint: str | None) -> pa.Table:
+    """(uri, etag, scored_at) of the latest error-free scoring of every image by this model
+    version, read from every part file under `output`: linear in history. Used once per output
+    and model, to fill the index (scored_index.ScoredIndex) of results written before it."""
+    empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
+                      "scored_at": pa.array([], pa.timestamp("us", tz="UTC"))})
     if not storage.exists(output, s3_endpoint=s3_endpoint):
         return empty
     files = [
         f for f in storage.list_files(output, extensions=[".parquet"], s3_endpoint=s3_endpoint)
-        if f"/model={model}/" in f and f"/{RUNS_DIR}/" not in f
+        if f"/model={model}/" in f and f"/{RUNS_DIR}/" not in f and f"/{INDEX_DIR}/" not in f
     ]
     if not files:
         return empty
@@ -155,7 +113,22 @@ def scored_index(output: str, model: str, model_version: str, s3_endpoint: str |
     uris = rows["uri"].combine_chunks()
     first = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))
     keep = pa.concat_arrays([pa.array([True]), first])
-    return rows.filter(keep).select(["uri", "etag"])
+    return rows.filter(keep)
+
+
+def scored_index(output: str, model: str, model_version: str, s3_endpoint: str | None) -> pa.Table:
+    """(uri, etag) of every image this model version already scored without error, any run, by
+    the full scan (how incremental runs planned before the index; kept to compare with it)."""
+    return scan_history(output, model, model_version, s3_endpoint).select(["uri", "etag"])
+
+
+def model_index(output: str, model: str, model_version: str, s3_endpoint: str | None) -> ScoredIndex:
+    """The incremental state of a model version. An output that has no index for this model yet
+    (results written before it) gets it filled once from the part files."""
+    index = ScoredIndex(output, model, model_version, s3_endpoint)
+    if not storage.exists(storage.join(output, INDEX_DIR, model), s3_endpoint=s3_endpoint):
+        index.add(scan_history(output, model, model_version, s3_endpoint), name="backfill")
+    return index
 
 
 def open_run(
@@ -166,14 +139,21 @@ def open_run(
     model_version: str,
     extensions: list[str],
     manifest: bool = False,
+    inventory: str | None = None,
+    since: str | None = None,
+    date_prefix: str | None = None,
     incremental: bool = False,
     run_id: str | None = None,
     s3_endpoint: str | None = None,
 ) -> ScoreRun:
-    """Start a run, or resume it when its input list was already frozen."""
+    """Start a run, or resume it when its input list was already frozen. The input is a folder
+    or prefix, a manifest, or an S3 Inventory report filtered to a prefix; with `since` and
+    `date_prefix` only the date folders from `since` on (anomaly_core.inputs)."""
     now = utc_now()
     day = f"{now:%Y-%m-%d}"
-    run_id = run_id or default_run_id(day, model_version, f"{source}|{','.join(extensions)}", incremental)
+    what = "|".join(str(x) for x in (source, ",".join(extensions), inventory, since, date_prefix)
+                    if x is not None)
+    run_id = run_id or default_run_id(day, model_version, what, incremental)
     run_dir = storage.join(output, RUNS_DIR, run_id)
     meta_uri, inputs_uri = storage.join(run_dir, "run.json"), storage.join(run_dir, "inputs.arrow")
     if storage.exists(meta_uri, s3_endpoint=s3_endpoint):
@@ -188,9 +168,13 @@ def open_run(
         meta.pop("attempt", None)
         return ScoreRun(**meta, resumed=True, s3_endpoint=s3_endpoint, inputs=inputs,
                         attempt=new_attempt())
-    inputs = list_inputs(source, extensions=extensions, manifest=manifest, s3_endpoint=s3_endpoint)
+    inputs = list_inputs(source, extensions=extensions, manifest=manifest, inventory=inventory,
+                         since=since, date_prefix=date_prefix, today=now.date(),
+                         s3_endpoint=s3_endpoint)
     if incremental:
-        done = scored_index(output, model, model_version, s3_endpoint)
+        # Only what can match tonight's images is read: time and memory follow tonight's
+        # inputs, not the history (anomaly_core/scored_index.py).
+        done = model_index(output, model, model_version, s3_endpoint).lookup(inputs["uri"])
         joined = inputs.drop_columns(["prev_etag"]).join(
             done.rename_columns(["uri", "prev_etag"]), keys="uri", join_type="left outer"
         )
@@ -291,6 +275,12 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
         storage.delete(f, s3_endpoint=run.s3_endpoint)
     files = [f for f in files if f not in late]
     storage.delete(storage.join(run.run_dir, "staging"), s3_endpoint=run.s3_endpoint)
+    # The run's error-free rows into the incremental state (again after a resume: the batch is
+    # replaced, not repeated); read from tonight's files only.
+    scored = read_parquet(files, ["uri", "etag", "scored_at", "error"], run.s3_endpoint,
+                          pc.field("error").is_null())
+    model_index(run.output, run.model, run.model_version, run.s3_endpoint).add(
+        scored.select(["uri", "etag", "scored_at"]), name=run.run_id)
     errors = read_parquet(files, ["error"], run.s3_endpoint)["error"]
     n_rows = len(errors)
     n_errors = n_rows - errors.null_count

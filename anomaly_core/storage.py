@@ -130,7 +130,7 @@ def read_bytes(uri: str, *, s3_endpoint: str | None = None) -> bytes:
     """The whole content of one file."""
     fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
     try:
-        with fs.open_input_stream(path) as f:
+        with fs.open_input_stream(path, compression=None) as f:
             return f.readall()
     except OSError as exc:
         raise _storage_error(exc, uri, "read", s3_endpoint) from exc
@@ -143,7 +143,7 @@ def write_bytes(uri: str, data: bytes, *, s3_endpoint: str | None = None) -> Non
         if is_s3(uri):
             # An S3 upload becomes visible only when complete. Always close streams explicitly:
             # an unclosed one flushes in its destructor, which hangs against an in-process server.
-            with fs.open_output_stream(path) as f:
+            with fs.open_output_stream(path, compression=None) as f:
                 f.write(data)
             return
         parent, name = os.path.split(path)
@@ -187,13 +187,13 @@ def copy_file(src: str, dst: str, *, s3_endpoint: str | None = None, chunk_size:
             write(chunk)
 
     try:
-        source = src_fs.open_input_stream(src_path)
+        source = src_fs.open_input_stream(src_path, compression=None)
     except OSError as exc:
         raise _storage_error(exc, src, "read", s3_endpoint) from exc
     with source:
         if is_s3(dst):
             try:
-                with dst_fs.open_output_stream(dst_path) as out:
+                with dst_fs.open_output_stream(dst_path, compression=None) as out:
                     pump(source, out.write)
             except OSError as exc:
                 raise _storage_error(exc, dst, "write", s3_endpoint) from exc

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--inputs", type=int, default=1_000_000)
     p.add_argument("--timeout", type=float, default=900, help="seconds to wait for the first rows")
+    p.add_argument("--job-args", default="", help="more jobs.score flags, space separated")
     p.add_argument("--smoke", action="store_true", help="2,000 inputs (CI)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "plan_million.json"))
     args = p.parse_args(argv)
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = os.path.join(work, "scores")
     cmd = [sys.executable, "-m", "jobs.score", "--model", model, "--manifest", manifest,
            "--output", out, "--batch-size", "16", "--rows-per-file", "16",
-           "--address", ray.get_runtime_context().gcs_address]
+           "--address", ray.get_runtime_context().gcs_address, *args.job_args.split()]
     log_path = os.path.join(work, "job.log")
     started = time.perf_counter()
     with open(log_path, "w") as log:

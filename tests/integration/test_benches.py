@@ -46,3 +46,33 @@ def test_vs_anomalib_smoke(tmp_path):
         assert _positive(row["images_per_s"]) and _positive(row["fit_s"])
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
     assert _positive(rows["ours"]["speedup"])
+
+
+def test_nightly_year_smoke(tmp_path):
+    from bench import nightly_year
+
+    out = tmp_path / "nightly.json"
+    result = nightly_year.main(["--smoke", "--out", str(out)])
+    nights = result["nights"]  # the bench itself checks both plans against its bookkeeping
+    assert [n["night"] for n in nights] == [1, 2, 3, 4, 5, 6]
+    assert [n["night"] for n in nights if "old_s" in n] == [2, 4, 6]
+    assert all(_positive(n["new_s"]) and n["new_mb"] >= 0 and _positive(n["add_s"])
+               for n in nights)
+    assert all(_positive(n["old_s"]) and n["old_mb"] >= 0 for n in nights if "old_s" in n)
+    last = nights[-1]
+    assert last["history_rows"] > 10000 and 1 <= last["index_files"] <= 3
+    assert 0 < last["rg_read"] <= last["rg"]
+    assert json.loads(out.read_text())["nights"][-1]["todo"] == last["todo"]
+
+
+def test_listing_smoke(tmp_path):
+    from bench import listing
+
+    result = listing.main(["--smoke", "--out", str(tmp_path / "listing.json")])
+    rows = {(r["input"], r["impl"]): r for r in result["rows"]}
+    assert set(rows) == {("s3_listing", "new"), ("s3_listing", "old"),
+                         ("manifest_parquet", "new"), ("manifest_parquet", "old"),
+                         ("manifest_csv", "new"), ("manifest_csv", "old"),
+                         ("inventory_csv", "new"), ("inventory_parquet", "new")}
+    for row in rows.values():
+        assert "error" not in row and row["rows"] == 500 and _positive(row["wall_s"]), row

@@ -78,3 +78,13 @@ def test_save_best_artifact_retrains_with_every_training_flag_the_sweep_was_give
         assert getattr(retrain, flag) == getattr(args, flag), flag
     assert retrain.output == "s3://b/o/best_model" and retrain.overrides == ["lr=0.1"]
     assert retrain.storage_path is None  # its checkpoints go beside best_model, not in the sweep's
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--input", "/in", "--since", "2026-11-29"], "--since and --date-prefix go together"),
+    (["--manifest", "/m.csv", "--inventory", "/inv/manifest.json"], "pass --input s3://"),
+])
+def test_score_rejects_date_and_inventory_flags_without_what_they_need(flags, says, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        score.parse_args(["--model", "/m", "--output", "/o", *flags])
+    assert exit_.value.code == 2 and says in capsys.readouterr().err

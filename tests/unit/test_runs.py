@@ -99,3 +99,20 @@ def test_only_the_attempts_own_staged_files_are_published(source, tmp_path):
     with pytest.raises(ValueError, match="not a part file staged by attempt"):
         runs.publish_part(b, staged)
     assert isinstance(runs.pending(b), pa.Table)
+
+
+def test_incremental_state_is_filled_once_from_results_written_before_the_index(source, tmp_path):
+    output = str(tmp_path / "out")
+    a = _open(source, output)
+    todo = runs.pending(a)["uri"].to_pylist()
+    runs.commit_part(a, _rows(todo, "etag-a"))
+    runs.finish(a, {"total": 1.0})
+    assert runs.ScoredIndex(output, "padim", "v1").exists()
+    storage.delete(f"{output}/_index")  # as results written by a version without the index
+    night = runs.open_run(source=source, output=output, model="padim", model_version="v1",
+                          extensions=[".png"], run_id="night2", incremental=True)
+    assert night.inputs["prev_etag"].to_pylist() == ["etag-a"] * N  # from the part files
+    assert runs.ScoredIndex(output, "padim", "v1").exists()  # filled, next nights read it only
+    other = runs.open_run(source=source, output=output, model="padim", model_version="v2",
+                          extensions=[".png"], run_id="night3", incremental=True)
+    assert other.inputs["prev_etag"].null_count == N  # a new version scores everything
