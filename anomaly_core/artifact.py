@@ -29,6 +29,7 @@ from anomaly_core import storage
 from anomaly_core.detectors import build_detector
 from anomaly_core.detectors.base import AnomalyOutput, Detector, load_weights
 from anomaly_core.evaluate import Calibration
+from anomaly_core.tiling import input_size, tiled, tiling_of
 
 FORMAT = "ray-anomaly-model"
 SCHEMA_VERSION = 1
@@ -309,8 +310,8 @@ class ModelArtifact:
 
     @property
     def input_size(self) -> tuple[int, int]:
-        size = self.detector.config.image_size
-        return (size, size)
+        """(height, width) of the images the detector takes (the working size when tiled)."""
+        return input_size(self.detector)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> AnomalyOutput:
@@ -326,6 +327,7 @@ class ModelArtifact:
             "family": self.detector.family,
             "config": self.detector.config_dict(),
             "input_size": list(self.input_size),
+            "tiling": tiling.to_dict() if (tiling := tiling_of(self.detector)) else None,
             "input_normalization": "RGB float in [0,1]; backbone normalization inside the model",
             "weights": {
                 "backbone": getattr(self.detector.config, "backbone", ""),
@@ -411,6 +413,7 @@ class ModelArtifact:
             state = load_file(path)  # mmap: pages come from the page cache, shared, as touched
             # The weights file holds the backbone too, so no hub access is needed here.
             detector = build_detector(info.name, **dict(info.config, weights="random"))
+            detector = tiled(detector, info.metadata.get("tiling"))
             load_weights(detector, state)
             del state
             detector.config.weights = info.config.get("weights", "imagenet")

@@ -172,7 +172,8 @@ class Scorer:
         batch = self.to_device(batch)
         stream = self._stream()
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            batch = to_unit_float(batch)
+            if not getattr(self.model, "takes_uint8", False):  # tiled: floats a tile batch at a time
+                batch = to_unit_float(batch)
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with compute_precision(self.precision):

@@ -1,0 +1,205 @@
+"""Tiled detection for high-resolution images: any detector, fitted on and applied to tiles.
+
+An image is resized to the tiling's working size (height, width), cut into square tiles of
+`tile` pixels every `stride` pixels (stride < tile: overlapping tiles), and each tile, resized to
+the detector's `image_size`, goes through the detector like a whole image would. The tiles'
+maps are put back where their tiles came from, averaged where tiles overlap, into one map of
+the working size times `image_size / tile`; the image's score is the highest tile score.
+Training observes (memory detectors) or trains on (gradient detectors) the tiles of the
+training images; one model serves every tile position.
+
+Memory: tiles are cut from the image as it is (uint8 when it comes from the scoring job) and
+become floats a model batch (`batch` tiles) at a time, so an image never holds all its tiles
+as float tensors; the stitched map is one float map at the map's resolution.
+
+The artifact records the tiling (model.json "tiling"); scoring applies the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from anomaly_core.data.datasets import to_unit_float
+from anomaly_core.detectors.base import AnomalyOutput, Detector
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """How images are tiled: working size (height, width), tile side and stride in its pixels,
+    and how many tiles go through the model at once."""
+
+    size: tuple[int, int]
+    tile: int
+    stride: int | None = None  # None: the tile (no overlap)
+    batch: int = 64
+
+    def __post_init__(self) -> None:
+        height, width = (int(v) for v in self.size)
+        object.__setattr__(self, "size", (height, width))
+        stride = self.tile if self.stride is None else int(self.stride)
+        object.__setattr__(self, "stride", stride)
+        if not 0 < self.tile <= min(height, width):
+            raise ValueError(f"tile {self.tile} must be between 1 and the working size's shorter "
+                             f"side ({min(height, width)}); pass a smaller --tile")
+        if not 0 < stride <= self.tile:
+            raise ValueError(f"tile stride {stride} must be between 1 and the tile ({self.tile})")
+        for side, name in ((height, "height"), (width, "width")):
+            if (side - self.tile) % stride:
+                raise ValueError(
+                    f"working {name} {side} minus the tile {self.tile} is not a multiple of the "
+                    f"stride {stride}, so the tiles would not end at the edge; e.g. use a "
+                    f"{name} of {self.tile + stride * round((side - self.tile) / stride)}")
+        if self.batch < 1:
+            raise ValueError("tile batch must be at least 1")
+
+    @property
+    def origins(self) -> list[tuple[int, int]]:
+        """(top, left) of every tile, row by row."""
+        height, width = self.size
+        return [(y, x) for y in range(0, height - self.tile + 1, self.stride)
+                for x in range(0, width - self.tile + 1, self.stride)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": list(self.size), "tile": self.tile, "stride": self.stride,
+                "batch": self.batch}
+
+    @classmethod
+    def from_dict(cls, fields: dict[str, Any]) -> Tiling:
+        return cls(size=tuple(fields["size"]), tile=int(fields["tile"]),
+                   stride=fields.get("stride"), batch=int(fields.get("batch", 64)))
+
+
+def cut(images: torch.Tensor, tiling: Tiling, which: list[tuple[int, int]]) -> torch.Tensor:
+    """Tiles [len(which),3,tile,tile] for (image index, tile index) pairs, same dtype."""
+    origins, t = tiling.origins, tiling.tile
+    return torch.stack([images[b, :, y:y + t, x:x + t]
+                        for b, (y, x) in ((b, origins[i]) for b, i in which)])
+
+
+def stitch(maps: torch.Tensor, tiling: Tiling) -> torch.Tensor:
+    """One image's tile maps [T,m,m] (tile order of `origins`) into its map [H*m/tile, W*m/tile],
+    averaged where tiles overlap."""
+    m = maps.shape[-1]
+    scale = m / tiling.tile
+    height, width = (round(s * scale) for s in tiling.size)
+    total = maps.new_zeros(height, width)
+    count = maps.new_zeros(height, width)
+    for tile_map, (y, x) in zip(maps, tiling.origins):
+        top, left = round(y * scale), round(x * scale)
+        total[top:top + m, left:left + m] += tile_map
+        count[top:top + m, left:left + m] += 1
+    return total / count
+
+
+class TiledDetector(Detector):
+    """A detector applied tile by tile to images at the tiling's working size. Its `forward`
+    takes float images in [0,1] or uint8 images [B,3,H,W] (`takes_uint8`: the Scorer passes
+    uint8 as decoded, and tiles become floats a model batch at a time)."""
+
+    takes_uint8 = True
+
+    def __init__(self, detector: Detector, tiling: Tiling) -> None:
+        super().__init__(detector.config)
+        m = detector.config.image_size
+        if (tiling.stride * m) % tiling.tile:
+            raise ValueError(f"tile stride {tiling.stride} times the model size {m} must be a "
+                             f"multiple of the tile {tiling.tile}, so tile maps land on whole "
+                             "pixels of the stitched map")
+        self.detector = detector
+        self.tiling = tiling
+        self.name = detector.name
+        self.family = detector.family
+        self.frozen = detector.frozen
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.tiling.size
+
+    @property
+    def weight_source(self) -> str:
+        return self.detector.weight_source
+
+    @weight_source.setter
+    def weight_source(self, value: str) -> None:
+        self.detector.weight_source = value
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.detector.config_dict()
+
+    def check_fit_memory(self, device: torch.device) -> None:
+        self.detector.check_fit_memory(device)
+
+    def _tiles(self, images: torch.Tensor):
+        """Float tile batches [n,3,m,m] of `images`, at most `batch` tiles each."""
+        if tuple(images.shape[-2:]) != self.tiling.size:
+            raise ValueError(f"tiled {self.name} takes images of {self.tiling.size} (height, "
+                             f"width), got {tuple(images.shape[-2:])}")
+        pairs = [(b, i) for b in range(images.shape[0]) for i in range(len(self.tiling.origins))]
+        m = self.config.image_size
+        for start in range(0, len(pairs), self.tiling.batch):
+            tiles = cut(images, self.tiling, pairs[start:start + self.tiling.batch])
+            tiles = to_unit_float(tiles) if tiles.dtype == torch.uint8 else tiles
+            if tiles.shape[-1] != m:
+                tiles = F.interpolate(tiles, size=(m, m), mode="bilinear", align_corners=False,
+                                      antialias=True)
+            yield tiles
+
+    # memory family: every tile is a training image
+    def observe(self, images: torch.Tensor) -> None:
+        for tiles in self._tiles(images):
+            self.detector.observe(tiles)
+
+    def finalize(self) -> None:
+        self.detector.finalize()
+
+    # gradient family: one step over the tiles of the batch (a model batch of tiles at a time
+    # would change the optimizer's step count with the tiling; the batch's tiles in one step
+    # keep "a step per batch of images")
+    def training_step(self, images: torch.Tensor) -> torch.Tensor:
+        return self.detector.training_step(torch.cat(list(self._tiles(images))))
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return self.detector.optimizers()
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        n = len(self.tiling.origins)
+        scores, maps = [], []
+        for tiles in self._tiles(images):
+            out = self.detector(tiles)
+            scores.append(out.score)
+            maps.append(out.map)
+        scores = torch.cat(scores).view(images.shape[0], n)
+        maps = torch.cat(maps).view(images.shape[0], n, *maps[0].shape[-2:])
+        return AnomalyOutput(score=scores.amax(dim=1),
+                             map=torch.stack([stitch(m, self.tiling) for m in maps]))
+
+    # fit() and the jobs read these on any detector
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["detector"], name)
+
+
+def tiling_of(detector: Detector) -> Tiling | None:
+    return detector.tiling if isinstance(detector, TiledDetector) else None
+
+
+def input_size(detector: Detector) -> tuple[int, int]:
+    """(height, width) of the images a detector takes: the working size when tiled."""
+    if isinstance(detector, TiledDetector):
+        return detector.tiling.size
+    return (detector.config.image_size,) * 2
+
+
+def tiled(detector: Detector, tiling: dict[str, Any] | Tiling | None) -> Detector:
+    """`detector` tiled as `tiling` says (a Tiling or its dict), or as it is for None."""
+    if tiling is None:
+        return detector
+    return TiledDetector(detector, tiling if isinstance(tiling, Tiling) else Tiling.from_dict(tiling))
+
+

@@ -1,0 +1,85 @@
+"""Tiling (anomaly_core/tiling.py): exact stitching, any detector through its tiles, the
+artifact's round trip."""
+
+import numpy as np
+import pytest
+import torch
+
+from anomaly_core.artifact import ModelArtifact
+from anomaly_core.detectors import build_detector
+from anomaly_core.evaluate import Calibration
+from anomaly_core.fit import fit
+from anomaly_core.scoring import Scorer
+from anomaly_core.tiling import TiledDetector, Tiling, cut, input_size, stitch
+from tests.helpers import TensorImages
+
+
+def test_tiles_cut_from_a_map_stitch_back_to_it_exactly_with_overlap():
+    tiling = Tiling(size=(96, 160), tile=32, stride=16)
+    full = torch.rand(96, 160)
+    tiles = cut(full[None, None].expand(1, 3, 96, 160), tiling,
+                [(0, i) for i in range(len(tiling.origins))])[:, 0]
+    assert len(tiling.origins) == 5 * 9 and tiles.shape == (45, 32, 32)
+    assert torch.equal(stitch(tiles, tiling), full)
+
+
+def test_overlapping_tiles_are_averaged_and_maps_at_another_scale_land_on_their_pixels():
+    tiling = Tiling(size=(64, 64), tile=32, stride=16)  # 3 x 3 tiles, maps of 8 x 8 (scale 1/4)
+    values = torch.arange(9, dtype=torch.float32)
+    stitched = stitch(values.view(9, 1, 1).expand(9, 8, 8), tiling)
+    expected = torch.zeros(16, 16)
+    count = torch.zeros(16, 16)
+    for v, (y, x) in zip(values, tiling.origins):  # brute force, pixel by pixel
+        for i in range(y // 4, y // 4 + 8):
+            for j in range(x // 4, x // 4 + 8):
+                expected[i, j] += v
+                count[i, j] += 1
+    assert stitched.shape == (16, 16) and torch.allclose(stitched, expected / count)
+    assert stitched[0, 0] == 0 and stitched[15, 15] == 8  # corners: one tile each
+    assert stitched[6, 6] == (0 + 1 + 3 + 4) / 4  # four tiles overlap there
+
+
+@pytest.mark.parametrize("fields, says", [
+    (dict(size=(100, 64), tile=32, stride=16), "not a multiple of the stride"),
+    (dict(size=(64, 64), tile=128), "shorter side"),
+    (dict(size=(64, 64), tile=32, stride=48), "between 1 and the tile"),
+])
+def test_a_tiling_that_does_not_cover_the_image_is_refused_with_a_fix(fields, says):
+    with pytest.raises(ValueError, match=says):
+        Tiling(**fields)
+
+
+@pytest.fixture(scope="module")
+def tiled_padim():
+    torch.manual_seed(0)
+    inner = build_detector("padim", backbone="resnet18", weights="random", image_size=32)
+    detector = TiledDetector(inner, Tiling(size=(64, 96), tile=32, stride=32, batch=5))
+    fit(detector, TensorImages(torch.rand(4, 3, 64, 96)), batch_size=2)
+    return detector
+
+
+def test_a_tiled_detector_scores_each_tile_and_takes_the_highest(tiled_padim):
+    images = (torch.rand(2, 3, 64, 96) * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        out = tiled_padim(images)
+        floats = tiled_padim(images.float() / 255)
+        tiles = cut(images.float() / 255, tiled_padim.tiling, [(1, i) for i in range(6)])
+        alone = tiled_padim.detector(tiles)
+    assert out.map.shape == (2, 64, 96) and torch.allclose(out.score, floats.score)
+    assert torch.isclose(out.score[1], alone.score.max())
+    assert torch.allclose(out.map[1, 32:64, 64:96], alone.map[5])  # the last tile, in place
+
+
+def test_the_artifact_records_the_tiling_and_scores_the_same_after_loading(tiled_padim, tmp_path):
+    import json
+
+    artifact = ModelArtifact(tiled_padim, Calibration(1.0, 1.0, 0.0, 2.0, "test"))
+    artifact.save(str(tmp_path / "m"))
+    meta = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert meta["tiling"] == {"size": [64, 96], "tile": 32, "stride": 32, "batch": 5}
+    assert meta["input_size"] == [64, 96]
+    loaded = ModelArtifact.load(str(tmp_path / "m"))
+    assert isinstance(loaded.detector, TiledDetector) and input_size(loaded.detector) == (64, 96)
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 96), dtype=np.uint8)
+    a, b = Scorer(artifact)(images), Scorer(loaded)(images)
+    assert torch.equal(a.score, b.score) and torch.equal(a.map, b.map)
