@@ -73,6 +73,15 @@ class Tiling:
                    stride=fields.get("stride"), batch=int(fields.get("batch", 64)))
 
 
+def check_model_size(tiling: Tiling, model_size: int) -> None:
+    """Tile maps (at the detector's image_size) must land on whole pixels of the stitched map."""
+    if (tiling.stride * model_size) % tiling.tile:
+        raise ValueError(f"tile stride {tiling.stride} times the detector's image_size {model_size} "
+                         f"must be a multiple of the tile {tiling.tile}, so tile maps land on "
+                         "whole pixels of the stitched map; e.g. a stride of half the tile, or "
+                         "image_size equal to the tile")
+
+
 def cut(images: torch.Tensor, tiling: Tiling, which: list[tuple[int, int]]) -> torch.Tensor:
     """Tiles [len(which),3,tile,tile] for (image index, tile index) pairs, same dtype."""
     origins, t = tiling.origins, tiling.tile
@@ -104,11 +113,7 @@ class TiledDetector(Detector):
 
     def __init__(self, detector: Detector, tiling: Tiling) -> None:
         super().__init__(detector.config)
-        m = detector.config.image_size
-        if (tiling.stride * m) % tiling.tile:
-            raise ValueError(f"tile stride {tiling.stride} times the model size {m} must be a "
-                             f"multiple of the tile {tiling.tile}, so tile maps land on whole "
-                             "pixels of the stitched map")
+        check_model_size(tiling, detector.config.image_size)
         self.detector = detector
         self.tiling = tiling
         self.name = detector.name
@@ -194,6 +199,14 @@ def input_size(detector: Detector) -> tuple[int, int]:
     if isinstance(detector, TiledDetector):
         return detector.tiling.size
     return (detector.config.image_size,) * 2
+
+
+def map_size(detector: Detector) -> tuple[int, int]:
+    """(height, width) of the maps a detector outputs: its input size, or the stitched map's."""
+    if isinstance(detector, TiledDetector):
+        scale = detector.config.image_size / detector.tiling.tile
+        return tuple(round(s * scale) for s in detector.tiling.size)
+    return input_size(detector)
 
 
 def tiled(detector: Detector, tiling: dict[str, Any] | Tiling | None) -> Detector:

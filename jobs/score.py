@@ -134,11 +134,13 @@ class ScoringActor:
 
         from anomaly_core.artifact import ModelArtifact
         from anomaly_core.scoring import Scorer
+        from anomaly_core.tiling import map_size
 
         self.node = ray.get_runtime_context().get_node_id()
         device = "cuda" if use_gpu else "cpu"
         artifact = ModelArtifact.load(model_uri, s3_endpoint=s3_endpoint, device=device)
         self.calibration, self.input_size = artifact.calibration, artifact.input_size
+        self.map_size = map_size(artifact.detector)  # the stitched map's when tiled
         self.scorer = Scorer(artifact, device=device, precision=precision, compile=compile)
         self.render_on_device, self.mask_size = render_on_device, mask_size
 
@@ -153,7 +155,7 @@ class ScoringActor:
         if self.render_on_device:  # mask and heatmap at output size, uint8, made on the device
             masks, heats = [b""] * n, [b""] * n
         else:
-            maps = np.zeros((n, *self.input_size), dtype=np.float32)
+            maps = np.zeros((n, *self.map_size), dtype=np.float32)
         if ok:
             result = self.scorer(images[ok])
             scores[ok] = result.score.cpu().numpy()

@@ -60,6 +60,15 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--storage-path", default=None,
                    help="Ray Train checkpoints (local or s3://; on several nodes a path all of them "
                    "see); default <output>/checkpoints")
+    p.add_argument("--tile", type=int,
+                   help="high-resolution images: fit (and later score) the detector on square "
+                        "tiles of this many pixels of the --tiled-size image")
+    p.add_argument("--tiled-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                   help="working size images are resized to before tiling (with --tile)")
+    p.add_argument("--tile-stride", type=int,
+                   help="pixels between tiles (default: the tile, no overlap; smaller overlaps "
+                        "them, and overlapping maps are averaged)")
+    p.add_argument("--tile-batch", type=int, default=64, help="tiles per model call")
     p.add_argument("--seed", type=int, default=0)
     add_cluster_flags(p)
 
@@ -127,7 +136,8 @@ def training_stream(args, cfg: dict):
 
     from anomaly_core.detectors import make_config
 
-    size = (make_config(cfg["detector"], **cfg["options"]).image_size,) * 2
+    size = (tuple(cfg["tiling"]["size"]) if cfg.get("tiling")
+            else (make_config(cfg["detector"], **cfg["options"]).image_size,) * 2)
     return ray.data.from_items([{"uri": r["uri"]} for r in cfg["train"]]).map_batches(
         decode_for_training, batch_size=cfg["batch_size"], num_cpus=args.decode_cpus,
         fn_kwargs={"size": size, "s3_endpoint": args.s3_endpoint})
@@ -277,6 +287,7 @@ def train_worker(cfg: dict) -> None:
     from anomaly_core.detectors import build_detector
     from anomaly_core.evaluate import calibrate, predict
     from anomaly_core.fit import bind_device, fit, select_device
+    from anomaly_core.tiling import input_size, tiled
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -290,9 +301,9 @@ def train_worker(cfg: dict) -> None:
         # The same seed on every rank: randomly initialised parts (a student, a random backbone
         # in tests) agree; fit() reseeds per rank, so noise and augmentation differ.
         torch.manual_seed(cfg["seed"])
-        detector = build_detector(cfg["detector"], **cfg["options"])
+        detector = tiled(build_detector(cfg["detector"], **cfg["options"]), cfg.get("tiling"))
         detector.check_fit_memory(device)  # PaDiM: its statistics must fit on the device
-        size = (detector.config.image_size,) * 2
+        size = input_size(detector)
         train = [ImageRecord(**r) for r in cfg["train"]]
         val, objective_set = validation_sets(cfg, size)
         resume = _resume_state()
@@ -342,13 +353,25 @@ def worker_config(args, name: str, options: dict, train: list, val: list, output
     """train_worker's config; output None trains and validates without writing an artifact."""
     from dataclasses import asdict
 
+    from anomaly_core.detectors import make_config
+    from anomaly_core.tiling import Tiling, check_model_size
+
+    tiling = None
+    if bool(args.tile) != bool(args.tiled_size):
+        raise ValueError("--tile and --tiled-size go together: the tile side and the working size "
+                         "(height width) images are resized to, e.g. --tiled-size 2048 2048 --tile 256")
+    if args.tile:
+        tiling = Tiling(size=tuple(args.tiled_size), tile=args.tile, stride=args.tile_stride,
+                        batch=args.tile_batch)
+        check_model_size(tiling, make_config(name, **options).image_size)
+        tiling = tiling.to_dict()
     return {
         "detector": name, "options": options, "output": output, "s3_endpoint": args.s3_endpoint,
         "train": [asdict(r) for r in train], "val": [asdict(r) for r in val],
         "batch_size": args.batch_size, "epochs": args.epochs, "loader_workers": args.loader_workers,
         "seed": args.seed, "precision": args.precision, "channels_last": args.channels_last,
         "objective": parse_objective(args.objective), "use_gpu": args.use_gpu,
-        "input_pipeline": args.input_pipeline,
+        "input_pipeline": args.input_pipeline, "tiling": tiling,
     }
 
 

@@ -1,5 +1,6 @@
 """train.py then score.py on the shared local Ray cluster, Parquet read back with pyarrow."""
 
+import io
 import shutil
 
 import numpy as np
@@ -108,3 +109,27 @@ def check_report(out: str, data: str, summary: dict, tmp_path) -> None:
     assert loaded["console"] == []
     assert [u for u in loaded["requests"] if u != "data:"] == [f"file://{page}"]  # no network
     assert os.path.getsize(screenshot) > 50_000
+
+
+def test_a_tiled_fit_records_its_tiling_and_the_score_job_stitches_full_size_maps(data, tmp_path):
+    # 96 px images as a 96 x 144 working size in 48 px tiles overlapping by half: 3 x 5 tiles,
+    # each resized to the detector's 32 px; the maps come back stitched at the image's size.
+    model = str(tmp_path / "model")
+    train.main(["--data", data, "--category", "capsule", "--output", model,
+                "--set", "backbone=resnet18", "--set", "weights=random", "--set", "image_size=32",
+                "--tiled-size", "96", "144", "--tile", "48", "--tile-stride", "24",
+                "--tile-batch", "7", "--batch-size", "8"])
+    artifact = ModelArtifact.load(model)
+    assert artifact.input_size == (96, 144) and artifact.detector.tiling.tile == 48
+    out = str(tmp_path / "scores")
+    summary = score.main(["--model", model, "--input", f"{data}/capsule/test", "--output", out,
+                          "--batch-size", "4"])
+    table = pads.dataset(out, format="parquet", partitioning="hive").to_table()
+    assert table.num_rows == summary["scored"] == len(storage.list_files(f"{data}/capsule/test"))
+    from PIL import Image
+
+    row = table.slice(0, 1).to_pylist()[0]
+    assert Image.open(io.BytesIO(row["mask_png"])).size == (SIZE, SIZE)  # the image's own size
+    with pytest.raises(ValueError, match="not a multiple of the stride"):
+        train.main(["--data", data, "--category", "capsule", "--output", str(tmp_path / "bad"),
+                    "--tiled-size", "100", "144", "--tile", "48", "--tile-stride", "24"])
