@@ -22,6 +22,7 @@ from anomaly_core.data.decode import (
     MAX_PIXELS,
     ImageDecodeError,
     decode_image,
+    displayed_size,
     plain_jpeg_size,
 )
 from anomaly_core.detectors.base import AnomalyOutput
@@ -60,8 +61,9 @@ def read_image(
             row["height"], row["width"] = size_hw
             row["jpeg"] = data
             return row
-        pixels = decode_image(data, uri, max_pixels=max_pixels)
-        row["height"], row["width"] = pixels.shape[:2]
+        # A JPEG much larger than `size` decodes at a reduced scale (never below `size`).
+        pixels = decode_image(data, uri, max_pixels=max_pixels, target=size)
+        row["height"], row["width"] = displayed_size(data, uri, max_pixels=max_pixels)
         row["image"] = resize_image(pixels, size).numpy()
     except (storage.StorageError, ImageDecodeError) as exc:
         row["error"] = str(exc)

@@ -54,7 +54,13 @@ class ImageDecodeError(ValueError):
         return f"{self.uri}: {self.reason}{hint}"
 
 
-def decode_image(data: bytes, uri: str = "<bytes>", *, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode_image(
+    data: bytes,
+    uri: str = "<bytes>",
+    *,
+    max_pixels: int = MAX_PIXELS,
+    target: tuple[int, int] | None = None,
+) -> np.ndarray:
     """Decode PNG/JPEG/BMP/TIFF bytes to a C-contiguous HxWx3 uint8 RGB array.
 
     Grayscale is repeated to three channels; alpha (RGBA, LA, palette transparency) is
@@ -63,8 +69,17 @@ def decode_image(data: bytes, uri: str = "<bytes>", *, max_pixels: int = MAX_PIX
     16-bit RGB PNG and TIFF; float images must lie in [0, 1] and are scaled by 255; the EXIF
     orientation is applied; a multi-frame TIFF gives its first frame. Any failure raises
     ImageDecodeError naming ``uri``.
+
+    ``target`` (height, width) is the size the caller will resize the result to. A JPEG then
+    decodes at the smallest of 1/8, 1/4, 1/2 or full scale that is still at least ``target``
+    on both sides (libjpeg's DCT scaling: an 8000 px JPEG for a 2048 px model never exists
+    at full size in memory), so the result may be smaller than the file but never smaller than
+    ``target``, unless the file itself is; the caller resizes the rest. Other formats decode
+    at full size. ``max_pixels`` is checked on the file's full size, from the header.
     """
     image = _open(data, uri, max_pixels)
+    if target is not None:
+        _draft(image, target, uri)
     try:
         # Image.open only reads the header; load() decodes now so a cut-off file fails here.
         image.load()
@@ -76,6 +91,41 @@ def decode_image(data: bytes, uri: str = "<bytes>", *, max_pixels: int = MAX_PIX
             uri, f"cannot decode {image.format} pixel data ({err})", _CORRUPT_HINT
         ) from err
     return _to_rgb(image, uri)
+
+
+def _draft(image: Image.Image, target: tuple[int, int], uri: str) -> None:
+    """Ask a JPEG's decoder for a reduced scale no smaller than `target` (height, width),
+    which is in the displayed orientation: for an EXIF rotation by 90 degrees the stored
+    image's width is the displayed height."""
+    try:
+        height, width = (int(v) for v in target)
+    except (TypeError, ValueError):
+        raise ValueError(f"target={target!r} must be (height, width)") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"target={target!r} must be positive")
+    if image.format not in ("JPEG", "MPO"):
+        return
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1  # an unreadable EXIF block: exif_transpose will ignore it too
+    if orientation in (5, 6, 7, 8):
+        height, width = width, height
+    # Mode None: no colour conversion in the decoder; _to_rgb converts as for a full decode.
+    image.draft(None, (width, height))
+
+
+def displayed_size(data: bytes, uri: str = "<bytes>", *, max_pixels: int = MAX_PIXELS
+                   ) -> tuple[int, int]:
+    """(height, width) of the image as shown (EXIF rotation applied), from its header: the
+    size of its mask and heatmap when decode_image(target=...) decoded it smaller."""
+    image = _open(data, uri, max_pixels)
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:
+        orientation = 1
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
 def plain_jpeg_size(data: bytes, uri: str = "<bytes>", *,
@@ -112,9 +162,11 @@ def decode_mask(data: bytes, uri: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=bool)
 
 
-def load_image(uri: str, *, s3_endpoint: str | None = None) -> np.ndarray:
-    """Read an image from a local path or s3:// URI and decode it to HxWx3 uint8 RGB."""
-    return decode_image(storage.read_bytes(uri, s3_endpoint=s3_endpoint), uri)
+def load_image(uri: str, *, s3_endpoint: str | None = None,
+               target: tuple[int, int] | None = None) -> np.ndarray:
+    """Read an image from a local path or s3:// URI and decode it to HxWx3 uint8 RGB
+    (``target`` as for decode_image)."""
+    return decode_image(storage.read_bytes(uri, s3_endpoint=s3_endpoint), uri, target=target)
 
 
 def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:

@@ -76,3 +76,13 @@ def test_listing_smoke(tmp_path):
                          ("inventory_csv", "new"), ("inventory_parquet", "new")}
     for row in rows.values():
         assert "error" not in row and row["rows"] == 500 and _positive(row["wall_s"]), row
+
+
+def test_tiled_throughput_smoke(tmp_path):
+    from bench import tiled_throughput
+
+    result = tiled_throughput.main(["--smoke", "--out", str(tmp_path / "tiled.json")])
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert row["tiles_per_image"] == 9 and row["map"] == "128x128"
+        assert _positive(row["tiles_per_s"]) and _positive(row["fit_s"])

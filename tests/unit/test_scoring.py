@@ -228,3 +228,20 @@ def test_device_jpeg_decoding_matches_the_cpu_decoder_and_names_a_corrupt_file(p
     assert decoded[0].dtype == torch.uint8 and decoded[0].shape == (3, 64, 64)
     # libjpeg against torchvision's decoder, PIL's antialiased bilinear against torch's
     assert (decoded[0].int() - cpu).abs().float().mean() <= 1.0
+
+
+def test_a_large_jpeg_decodes_reduced_but_its_row_keeps_the_images_own_size(tmp_path):
+    import io
+
+    from PIL import Image
+
+    from anomaly_core.scoring import read_image
+
+    path = tmp_path / "big.jpg"
+    pixels = np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    path.write_bytes(buffer.getvalue())
+    row = read_image(str(path), (128, 128))
+    assert row["error"] is None and row["image"].shape == (3, 128, 128)
+    assert (row["height"], row["width"]) == (1200, 1600)  # the mask and heatmap's size

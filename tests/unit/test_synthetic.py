@@ -174,3 +174,111 @@ def test_cli_names_a_bad_category(tmp_path: Path) -> None:
         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2],
     )
     assert result.returncode != 0 and "zebra" in result.stderr
+
+
+# ---------------------------------------------------------------- high resolution, small defects
+
+SMALL = (10, 40)
+
+
+def _shrink(image: np.ndarray) -> np.ndarray:
+    """The whole image resized to 256 px, as a non-tiled detector would see it."""
+    small = Image.fromarray(image).resize((256, 256), Image.Resampling.BILINEAR)
+    return np.asarray(small).astype(float)
+
+
+def _changed_only_in(good: np.ndarray, bad: np.ndarray, mask: np.ndarray) -> bool:
+    return not ((good != bad).any(-1) & ~mask).any()
+
+
+def _contrast_kept(good_small: np.ndarray, good: np.ndarray, bad: np.ndarray,
+                   mask: np.ndarray) -> float:
+    """Full-resolution contrast inside the mask over the 256 px contrast where the mask lands."""
+    full = np.abs(bad[mask].astype(float) - good[mask]).mean()
+    footprint = np.asarray(
+        Image.fromarray(mask.astype(np.uint8) * 255).resize((256, 256), Image.Resampling.BOX)
+    ) > 0
+    small = np.abs(_shrink(bad) - good_small)[footprint].mean()
+    return full / small
+
+
+@pytest.fixture(scope="module")
+def wood_2048() -> tuple[np.ndarray, np.ndarray]:
+    return synthetic._render("wood", np.random.default_rng(0), 2048)
+
+
+def test_size_and_defect_px_limits() -> None:
+    with pytest.raises(ValueError, match="16384"):
+        synthetic.make_image("wood", np.random.default_rng(0), 16384)
+    with pytest.raises(ValueError, match="defect_px"):
+        synthetic.generate("unused", size=256, defect_px=(10, 200))
+
+
+@pytest.mark.parametrize("size, category", [(2048, "carpet"), (4096, "metal_nut")])
+def test_large_images_render_with_their_defect_region(size: int, category: str) -> None:
+    image, region = synthetic._render(category, np.random.default_rng(1), size)
+    assert image.shape == (size, size, 3) and image.dtype == np.uint8
+    assert region.shape == (size, size) and region.dtype == bool
+    assert 0.05 < region.mean() <= 1.0
+    # A photograph, not a flat or clipped field.
+    assert 20 < image[::4, ::4].mean() < 235 and image[::4, ::4].std() > 5
+
+
+def test_small_defects_are_one_piece_10_to_40_px_across_and_only_there(wood_2048) -> None:
+    from scipy import ndimage
+
+    good, region = wood_2048
+    for i, defect in enumerate(synthetic.DEFECTS * 2):
+        bad, mask = synthetic.add_defect(good, defect, np.random.default_rng(i), region=region,
+                                         defect_px=SMALL)
+        assert _changed_only_in(good, bad, mask)
+        labels, n = ndimage.label(mask)
+        assert n == 1, (defect, n)
+        (rows, cols), = ndimage.find_objects(labels)
+        across = max(rows.stop - rows.start, cols.stop - cols.start)
+        assert SMALL[0] <= across <= SMALL[1], (defect, across)
+        change = np.abs(bad[mask].astype(float) - good[mask]).mean()
+        assert change > 8, (defect, change)
+
+
+def test_small_defects_stay_on_the_object() -> None:
+    good, region = synthetic._render("capsule", np.random.default_rng(2), 2048)
+    for i, defect in enumerate(synthetic.DEFECTS):
+        _, mask = synthetic.add_defect(good, defect, np.random.default_rng(i), region=region,
+                                       defect_px=SMALL)
+        assert region[mask].all()
+
+
+def test_small_defects_fade_when_the_image_is_shrunk_to_256_px(wood_2048) -> None:
+    """The reason for tiling: at 256 px a 10-40 px defect keeps a fraction of its contrast."""
+    good, region = wood_2048
+    good_small = _shrink(good)
+    for i in range(3):
+        for defect in ("scratch", "crack"):
+            bad, mask = synthetic.add_defect(good, defect, np.random.default_rng(i),
+                                             region=region, defect_px=SMALL)
+            # Thin defects at 2048 px: measured 3.2-5.9x less contrast.
+            assert _contrast_kept(good_small, good, bad, mask) > 2.5, defect
+    big, big_region = synthetic._render("carpet", np.random.default_rng(0), 4096)
+    big_small = _shrink(big)
+    for defect in synthetic.DEFECTS:
+        bad, mask = synthetic.add_defect(big, defect, np.random.default_rng(0),
+                                         region=big_region, defect_px=SMALL)
+        # At 4096 px even compact spots and stains: measured >= 2.8x (thin ones >= 5x).
+        assert _contrast_kept(big_small, big, bad, mask) > 2.2, defect
+
+
+def test_generate_writes_large_images_with_small_defects(tmp_path: Path) -> None:
+    size = synthetic.DIRECT_MAX_SIZE + 64
+    synthetic.generate(str(tmp_path), categories=["wood"], size=size, n_train=0, n_test_good=0,
+                       n_test_defect=1, seed=0, defect_px=(12, 30))
+    for kind, defect in enumerate(synthetic.DEFECTS, start=1):
+        image = _read(tmp_path / "wood" / "test" / defect / "000.png")
+        mask = _read(tmp_path / "wood" / "ground_truth" / defect / "000_mask.png") > 0
+        assert image.shape == (size, size, 3) and mask.shape == (size, size)
+        ys, xs = np.nonzero(mask)
+        assert 12 <= max(np.ptp(ys), np.ptp(xs)) + 1 <= 30
+        if kind == 1:
+            # The same scene without the defect, from the same seed: only the mask differs.
+            before, _ = synthetic._render("wood", synthetic._rng(0, "wood", 2, kind, 0), size)
+            assert _changed_only_in(before, image, mask)

@@ -1,0 +1,96 @@
+"""Tiled scoring speed: tiles/s and images/s of tiled detectors at their defaults on images of a
+high-resolution working size, through the Scorer as the score job's actor runs them (uint8
+images in, tiles to float a tile batch at a time, maps stitched). Prints a table, writes JSON.
+
+    python bench/tiled_throughput.py [--detectors padim,patchcore] [--size 2048] [--tile 256]
+        [--stride 256] [--images 2] [--device cpu]
+    python bench/tiled_throughput.py --smoke     # small sizes (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.common import cuda_available, machine, parse_sets, print_table, write_json  # noqa: E402
+
+
+def measure(name: str, args, sets: dict) -> dict:
+    import torch
+
+    from anomaly_core.artifact import ModelArtifact
+    from anomaly_core.detectors import build_detector
+    from anomaly_core.evaluate import Calibration
+    from anomaly_core.fit import fit
+    from anomaly_core.scoring import Scorer
+    from anomaly_core.tiling import TiledDetector, Tiling
+    from bench.ceilings import CALIBRATION
+    from tests.helpers import TensorImages
+
+    torch.manual_seed(0)
+    inner = build_detector(name, **{"weights": "random", "image_size": args.tile, **sets})
+    tiling = Tiling(size=(args.size, args.size), tile=args.tile, stride=args.stride,
+                    batch=args.tile_batch)
+    detector = TiledDetector(inner, tiling)
+    g = torch.Generator().manual_seed(0)
+    train = torch.rand(args.fit_images, 3, args.size, args.size, generator=g)
+    start = time.perf_counter()
+    fit(detector, TensorImages(train), batch_size=1, device=args.device)
+    fit_s = time.perf_counter() - start
+    scorer = Scorer(ModelArtifact(detector, Calibration(**CALIBRATION)), device=args.device)
+    images = torch.randint(0, 256, (args.images, 3, args.size, args.size), dtype=torch.uint8,
+                           generator=g)
+    scorer(images[:1])  # warm-up
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for i in range(args.images):
+        out = scorer(images[i:i + 1])
+    sync()
+    seconds = time.perf_counter() - start
+    tiles = len(tiling.origins) * args.images
+    return {"detector": name, "size": args.size, "tile": args.tile, "stride": args.stride,
+            "tiles_per_image": len(tiling.origins), "map": "x".join(map(str, out.map.shape[-2:])),
+            "fit_s": fit_s, "tiles_per_s": tiles / seconds, "images_per_s": args.images / seconds}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--detectors", default="padim,patchcore")
+    p.add_argument("--size", type=int, default=2048, help="working size (square)")
+    p.add_argument("--tile", type=int, default=256, help="tile side = the detector's image_size")
+    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--tile-batch", type=int, default=32)
+    p.add_argument("--images", type=int, default=2, help="images scored (one per call)")
+    p.add_argument("--fit-images", type=int, default=2)
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
+    p.add_argument("--set", action="append", default=[], help="detector option key=value")
+    p.add_argument("--smoke", action="store_true")
+    p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "tiled_throughput.json"))
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.size, args.tile, args.stride, args.images, args.fit_images = 128, 64, 32, 1, 1
+        args.set = ["backbone=resnet18", *args.set]
+    rows = []
+    for name in args.detectors.split(","):
+        try:
+            rows.append(measure(name, args, parse_sets(args.set)))
+        except Exception as exc:  # one detector failing keeps the others' numbers
+            rows.append({"detector": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
+    print(f"\ntiled scoring on {args.device}, defaults{' + ' + ','.join(args.set) if args.set else ''}"
+          ", random weights, uint8 images through the Scorer, one image per call")
+    print_table(rows, [("detector", "detector"), ("size", "working px"), ("tile", "tile"),
+                       ("stride", "stride"), ("tiles_per_image", "tiles/image"), ("map", "map"),
+                       ("fit_s", f"fit s ({args.fit_images} images)"), ("tiles_per_s", "tiles/s"),
+                       ("images_per_s", "images/s"), ("error", "error")])
+    result = {"machine": machine(), "args": vars(args), "rows": rows}
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
