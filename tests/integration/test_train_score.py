@@ -132,4 +132,5 @@ def test_a_tiled_fit_records_its_tiling_and_the_score_job_stitches_full_size_map
     assert Image.open(io.BytesIO(row["mask_png"])).size == (SIZE, SIZE)  # the image's own size
     with pytest.raises(ValueError, match="not a multiple of the stride"):
         train.main(["--data", data, "--category", "capsule", "--output", str(tmp_path / "bad"),
+                    "--set", "backbone=resnet18", "--set", "weights=random",
                     "--tiled-size", "100", "144", "--tile", "48", "--tile-stride", "24"])

@@ -1,5 +1,5 @@
 """Tiled PatchCore and PaDiM against the same detectors on the resized image, on synthetic
-1,024 px carpet with defects of 10-20 px (which a resize to 256 px shrinks to 2-5 px), ImageNet
+768 px carpet with defects of 10-20 px (which a resize to 256 px shrinks to 3-7 px), ImageNet
 mobilenet_v2 (the one real backbone here), in one run: the margins are measured, not assumed."""
 
 import numpy as np
@@ -14,16 +14,18 @@ from anomaly_core.fit import fit
 from anomaly_core.metrics import image_auroc, pixel_auroc
 from anomaly_core.tiling import TiledDetector, Tiling
 
-SIZE, TILE, RESIZED = 1024, 128, 256
-# Measured (seed 0, 8 training images, 6 good + 8 defective test images): PaDiM image AUROC
-# 0.771 tiled / 0.458 resized, pixel 0.999 / 0.517; PatchCore 0.792 / 0.562, pixel 0.982 / 0.729.
+SIZE, TILE, RESIZED = 768, 128, 256
+# Measured (seed 0, 6 training images, 6 good + 8 defective test images): PaDiM image AUROC
+# 0.938 tiled / 0.625 resized, pixel 0.994 / 0.656; PatchCore (coreset 0.01) 0.625 / 0.292,
+# pixel 0.988 / 0.717. At 1,024 px with 8 training images: PaDiM 0.771 / 0.458, pixel 0.999 /
+# 0.517; PatchCore 0.896 / 0.333, pixel 0.976 / 0.727 (twice the test's time).
 MIN_IMAGE_GAIN, MIN_PIXEL_GAIN = 0.15, 0.2
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("highres"))
-    generate(root, categories=["carpet"], size=SIZE, n_train=8, n_test_good=6, n_test_defect=2,
+    generate(root, categories=["carpet"], size=SIZE, n_train=6, n_test_good=6, n_test_defect=2,
              defect_px=(10, 20))
     return root
 
@@ -53,7 +55,7 @@ def _evaluate(detector, data: str, size: int) -> tuple[float, float]:
 
 @pytest.mark.parametrize("name, options", [
     ("padim", {}),
-    # the paper's low-memory coreset: 8 images x 64 tiles are 131,000 patches to select from
+    # the paper's low-memory coreset: 6 images x 36 tiles are 55,000 patches to select from
     ("patchcore", {"coreset_ratio": 0.01}),
 ])
 def test_tiles_find_small_defects_that_the_resized_image_loses(name, options, data):
