@@ -6,7 +6,12 @@ the detector's `image_size`, goes through the detector like a whole image would.
 maps are put back where their tiles came from, averaged where tiles overlap, into one map of
 the working size times `image_size / tile`; the image's score is the highest tile score.
 Training observes (memory detectors) or trains on (gradient detectors) the tiles of the
-training images; one model serves every tile position.
+training images. By default one model serves every tile position (`positions="shared"`: a
+texture, a PatchCore bank of every tile). With `positions="own"` a memory detector keeps its
+statistics (`Detector.statistics`: PaDiM's Gaussians, PatchCore's bank, ViT-kNN's banks) per
+tile position, sharing the frozen backbone: for aligned parts, where what is normal depends on
+where in the image it is (a component in the wrong place is made of normal-looking pixels).
+Gradient detectors learn one network for all positions.
 
 Memory: tiles are cut from the image as it is (uint8 when it comes from the scoring job) and
 become floats a model batch (`batch` tiles) at a time, so an image never holds all its tiles
@@ -17,25 +22,31 @@ The artifact records the tiling (model.json "tiling"); scoring applies the same.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from anomaly_core.data.datasets import to_unit_float
 from anomaly_core.detectors.base import AnomalyOutput, Detector
+
+POSITIONS = ("shared", "own")
 
 
 @dataclass(frozen=True)
 class Tiling:
     """How images are tiled: working size (height, width), tile side and stride in its pixels,
-    and how many tiles go through the model at once."""
+    how many tiles go through the model at once, and whether every tile position shares one
+    model ("shared") or has its own statistics ("own")."""
 
     size: tuple[int, int]
     tile: int
     stride: int | None = None  # None: the tile (no overlap)
     batch: int = 64
+    positions: str = "shared"
 
     def __post_init__(self) -> None:
         height, width = (int(v) for v in self.size)
@@ -55,6 +66,9 @@ class Tiling:
                     f"{name} of {self.tile + stride * round((side - self.tile) / stride)}")
         if self.batch < 1:
             raise ValueError("tile batch must be at least 1")
+        if self.positions not in POSITIONS:
+            raise ValueError(f"tile positions {self.positions!r}: choose one of "
+                             f"{', '.join(POSITIONS)}")
 
     @property
     def origins(self) -> list[tuple[int, int]]:
@@ -65,12 +79,13 @@ class Tiling:
 
     def to_dict(self) -> dict[str, Any]:
         return {"size": list(self.size), "tile": self.tile, "stride": self.stride,
-                "batch": self.batch}
+                "batch": self.batch, "positions": self.positions}
 
     @classmethod
     def from_dict(cls, fields: dict[str, Any]) -> Tiling:
         return cls(size=tuple(fields["size"]), tile=int(fields["tile"]),
-                   stride=fields.get("stride"), batch=int(fields.get("batch", 64)))
+                   stride=fields.get("stride"), batch=int(fields.get("batch", 64)),
+                   positions=fields.get("positions", "shared"))
 
 
 def check_model_size(tiling: Tiling, model_size: int) -> None:
@@ -80,6 +95,18 @@ def check_model_size(tiling: Tiling, model_size: int) -> None:
                          f"must be a multiple of the tile {tiling.tile}, so tile maps land on "
                          "whole pixels of the stitched map; e.g. a stride of half the tile, or "
                          "image_size equal to the tile")
+
+
+def check_positions(tiling: Tiling, detector: type[Detector]) -> None:
+    """Per-position statistics need a detector that has statistics (the memory family)."""
+    if tiling.positions == "own" and not detector.statistics:
+        from anomaly_core.detectors import detector_class, list_detectors
+
+        with_stats = [n for n in list_detectors() if detector_class(n).statistics]
+        raise ValueError(
+            f"{detector.name} learns one network for every tile position, so its tiles share it: "
+            f"use tile positions 'shared'; per-position statistics ('own') are for "
+            f"{', '.join(with_stats)}")
 
 
 def cut(images: torch.Tensor, tiling: Tiling, which: list[tuple[int, int]]) -> torch.Tensor:
@@ -104,6 +131,39 @@ def stitch(maps: torch.Tensor, tiling: Tiling) -> torch.Tensor:
     return total / count
 
 
+def _with_buffers(detector: Detector, buffers: dict[str, torch.Tensor]) -> Detector:
+    """A shallow copy of `detector` holding `buffers` in place of its own: it shares every
+    submodule (the frozen backbone) and parameter; its plain attributes (fit accumulators)
+    become its own as it assigns them. Thread-safe for forward: nothing shared is changed."""
+    clone = copy.copy(detector)
+    clone._parameters = dict(detector._parameters)
+    clone._buffers = {**detector._buffers, **buffers}
+    clone._modules = dict(detector._modules)
+    return clone
+
+
+class _Statistics(nn.Module):
+    """One tile position's statistics: the detector's `statistics` buffers, empty until fitted
+    or loaded (load_weights sizes them from the artifact)."""
+
+    def __init__(self, detector: Detector) -> None:
+        super().__init__()
+        for name in detector.statistics:
+            self.register_buffer(name, detector._buffers[name].new_zeros(detector._buffers[name].shape))
+
+
+def _total(stats: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-position fit_stats summed (flags: any), with the number of positions."""
+    out: dict[str, Any] = {"positions": len(stats)}
+    for key in stats[0] if stats else ():
+        values = [s.get(key) for s in stats]
+        if all(isinstance(v, bool) for v in values):
+            out[key] = any(values)
+        elif all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+            out[key] = sum(values)
+    return out
+
+
 class TiledDetector(Detector):
     """A detector applied tile by tile to images at the tiling's working size. Its `forward`
     takes float images in [0,1] or uint8 images [B,3,H,W] (`takes_uint8`: the Scorer passes
@@ -114,11 +174,20 @@ class TiledDetector(Detector):
     def __init__(self, detector: Detector, tiling: Tiling) -> None:
         super().__init__(detector.config)
         check_model_size(tiling, detector.config.image_size)
+        check_positions(tiling, type(detector))
         self.detector = detector
         self.tiling = tiling
         self.name = detector.name
         self.family = detector.family
         self.frozen = detector.frozen
+        if tiling.positions == "own":
+            # One set of statistics per tile position; the backbone stays the detector's, once.
+            self.position_stats = nn.ModuleList(_Statistics(detector) for _ in tiling.origins)
+        self._fitting: list[Detector] | None = None  # per-position copies while observing
+
+    @property
+    def own_positions(self) -> bool:
+        return self.tiling.positions == "own"
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -136,49 +205,90 @@ class TiledDetector(Detector):
         return self.detector.config_dict()
 
     def check_fit_memory(self, device: torch.device) -> None:
-        self.detector.check_fit_memory(device)
+        per = type(self.detector).fit_state_bytes(self.detector.config)
+        if not self.own_positions or per is None:
+            self.detector.check_fit_memory(device)
+            return
+        n = len(self.tiling.origins)
+        try:
+            self.detector.check_fit_memory(device, needed=per * n)
+        except ValueError as exc:
+            raise type(exc)(f"{exc}; or fewer tile positions (now {n}, each with its own "
+                            "statistics: a larger tile or stride), or tile positions 'shared'"
+                            ) from exc
 
     def _tiles(self, images: torch.Tensor):
-        """Float tile batches [n,3,m,m] of `images`, at most `batch` tiles each."""
+        """(position or None, [(image, tile)], float tiles [n,3,m,m]) in model batches of at most
+        `batch` tiles: any mix of positions when they share the model, one position per batch
+        when each has its own statistics."""
         if tuple(images.shape[-2:]) != self.tiling.size:
             raise ValueError(f"tiled {self.name} takes images of {self.tiling.size} (height, "
                              f"width), got {tuple(images.shape[-2:])}")
-        pairs = [(b, i) for b in range(images.shape[0]) for i in range(len(self.tiling.origins))]
+        n_images, n_tiles, batch = images.shape[0], len(self.tiling.origins), self.tiling.batch
+        if self.own_positions:
+            groups = ((i, [(b, i) for b in range(start, min(start + batch, n_images))])
+                      for i in range(n_tiles) for start in range(0, n_images, batch))
+        else:
+            every = [(b, i) for b in range(n_images) for i in range(n_tiles)]
+            groups = ((None, every[start:start + batch]) for start in range(0, len(every), batch))
         m = self.config.image_size
-        for start in range(0, len(pairs), self.tiling.batch):
-            tiles = cut(images, self.tiling, pairs[start:start + self.tiling.batch])
+        for position, pairs in groups:
+            tiles = cut(images, self.tiling, pairs)
             tiles = to_unit_float(tiles) if tiles.dtype == torch.uint8 else tiles
             if tiles.shape[-1] != m:
                 tiles = F.interpolate(tiles, size=(m, m), mode="bilinear", align_corners=False,
                                       antialias=True)
-            yield tiles
+            yield position, pairs, tiles
 
-    # memory family: every tile is a training image
+    def _at(self, position: int | None) -> Detector:
+        """The detector as it scores tiles at `position` (None: the shared one)."""
+        if position is None:
+            return self.detector
+        return _with_buffers(self.detector, dict(self.position_stats[position]._buffers))
+
+    # memory family: every tile is a training image (of its position's statistics when own)
     def observe(self, images: torch.Tensor) -> None:
-        for tiles in self._tiles(images):
-            self.detector.observe(tiles)
+        if self.own_positions and self._fitting is None:
+            self._fitting = [_with_buffers(self.detector, {}) for _ in self.tiling.origins]
+        for position, _, tiles in self._tiles(images):
+            (self.detector if position is None else self._fitting[position]).observe(tiles)
 
     def finalize(self) -> None:
-        self.detector.finalize()
+        if not self.own_positions:
+            self.detector.finalize()
+            return
+        # No images observed: each position's finalize says so as the detector does.
+        fitting = self._fitting or [_with_buffers(self.detector, {}) for _ in self.tiling.origins]
+        self._fitting = None
+        stats = []
+        for position, model in enumerate(fitting):  # same order on every rank (collectives)
+            model.finalize()
+            for name in self.detector.statistics:
+                setattr(self.position_stats[position], name, model._buffers[name])
+            stats.append(getattr(model, "fit_stats", {}))
+            fitting[position] = None  # its accumulators go as soon as it is done
+        self.fit_stats = _total(stats)
 
     # gradient family: one step over the tiles of the batch (a model batch of tiles at a time
     # would change the optimizer's step count with the tiling; the batch's tiles in one step
     # keep "a step per batch of images")
     def training_step(self, images: torch.Tensor) -> torch.Tensor:
-        return self.detector.training_step(torch.cat(list(self._tiles(images))))
+        return self.detector.training_step(torch.cat([t for _, _, t in self._tiles(images)]))
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return self.detector.optimizers()
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        n = len(self.tiling.origins)
-        scores, maps = [], []
-        for tiles in self._tiles(images):
-            out = self.detector(tiles)
-            scores.append(out.score)
-            maps.append(out.map)
-        scores = torch.cat(scores).view(images.shape[0], n)
-        maps = torch.cat(maps).view(images.shape[0], n, *maps[0].shape[-2:])
+        scores = maps = None
+        for position, pairs, tiles in self._tiles(images):
+            out = self._at(position)(tiles)
+            if scores is None:
+                n = (images.shape[0], len(self.tiling.origins))
+                scores = out.score.new_empty(n)
+                maps = out.map.new_empty(*n, *out.map.shape[-2:])
+            which = torch.tensor(pairs, device=out.score.device).T
+            scores[which[0], which[1]] = out.score
+            maps[which[0], which[1]] = out.map
         return AnomalyOutput(score=scores.amax(dim=1),
                              map=torch.stack([stitch(m, self.tiling) for m in maps]))
 

@@ -69,6 +69,11 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="pixels between tiles (default: the tile, no overlap; smaller overlaps "
                         "them, and overlapping maps are averaged)")
     p.add_argument("--tile-batch", type=int, default=64, help="tiles per model call")
+    p.add_argument("--tile-positions", choices=("shared", "own"), default="shared",
+                   help="shared: one model for every tile position (textures; PatchCore's bank "
+                        "of all tiles); own: each tile position keeps its own statistics, for "
+                        "aligned parts where what is normal depends on where it is (padim, "
+                        "patchcore, vit_knn)")
     p.add_argument("--seed", type=int, default=0)
     add_cluster_flags(p)
 
@@ -353,17 +358,20 @@ def worker_config(args, name: str, options: dict, train: list, val: list, output
     """train_worker's config; output None trains and validates without writing an artifact."""
     from dataclasses import asdict
 
-    from anomaly_core.detectors import make_config
-    from anomaly_core.tiling import Tiling, check_model_size
+    from anomaly_core.detectors import detector_class, make_config
+    from anomaly_core.tiling import Tiling, check_model_size, check_positions
 
     tiling = None
     if bool(args.tile) != bool(args.tiled_size):
         raise ValueError("--tile and --tiled-size go together: the tile side and the working size "
                          "(height width) images are resized to, e.g. --tiled-size 2048 2048 --tile 256")
+    if args.tile_positions != "shared" and not args.tile:
+        raise ValueError(f"--tile-positions {args.tile_positions} needs --tile and --tiled-size")
     if args.tile:
         tiling = Tiling(size=tuple(args.tiled_size), tile=args.tile, stride=args.tile_stride,
-                        batch=args.tile_batch)
+                        batch=args.tile_batch, positions=args.tile_positions)
         check_model_size(tiling, make_config(name, **options).image_size)
+        check_positions(tiling, detector_class(name))
         tiling = tiling.to_dict()
     return {
         "detector": name, "options": options, "output": output, "s3_endpoint": args.s3_endpoint,

@@ -37,6 +37,8 @@ class Detector(nn.Module):
     name: ClassVar[str] = ""
     family: ClassVar[str] = ""  # "memory" | "gradient"
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
+    # Memory detectors: the buffers fit() fills (what tiling keeps per tile position).
+    statistics: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: DetectorConfig) -> None:
         super().__init__()

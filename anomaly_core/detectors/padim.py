@@ -221,6 +221,7 @@ class Padim(Detector):
 
     name = "padim"
     family = "memory"
+    statistics = ("mean", "inv_covariance")
     Config = PadimConfig
 
     def __init__(self, config: PadimConfig) -> None:

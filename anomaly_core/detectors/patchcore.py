@@ -50,6 +50,7 @@ class Patchcore(Detector):
 
     name = "patchcore"
     family = "memory"
+    statistics = ("memory_bank",)
     Config = PatchcoreConfig
 
     def __init__(self, config: PatchcoreConfig) -> None:

@@ -47,6 +47,7 @@ class VitKnn(Detector):
 
     name = "vit_knn"
     family = "memory"
+    statistics = ("cls_bank", "patch_bank")
     Config = VitKnnConfig
 
     def __init__(self, config: VitKnnConfig) -> None:

@@ -113,14 +113,16 @@ def check_report(out: str, data: str, summary: dict, tmp_path) -> None:
 
 def test_a_tiled_fit_records_its_tiling_and_the_score_job_stitches_full_size_maps(data, tmp_path):
     # 96 px images as a 96 x 144 working size in 48 px tiles overlapping by half: 3 x 5 tiles,
-    # each resized to the detector's 32 px; the maps come back stitched at the image's size.
+    # each resized to the detector's 32 px and with its own statistics; the maps come back
+    # stitched at the image's size.
     model = str(tmp_path / "model")
     train.main(["--data", data, "--category", "capsule", "--output", model,
                 "--set", "backbone=resnet18", "--set", "weights=random", "--set", "image_size=32",
                 "--tiled-size", "96", "144", "--tile", "48", "--tile-stride", "24",
-                "--tile-batch", "7", "--batch-size", "8"])
+                "--tile-batch", "7", "--tile-positions", "own", "--batch-size", "8"])
     artifact = ModelArtifact.load(model)
     assert artifact.input_size == (96, 144) and artifact.detector.tiling.tile == 48
+    assert len(artifact.detector.position_stats) == 15
     out = str(tmp_path / "scores")
     summary = score.main(["--model", model, "--input", f"{data}/capsule/test", "--output", out,
                           "--batch-size", "4"])
@@ -134,3 +136,7 @@ def test_a_tiled_fit_records_its_tiling_and_the_score_job_stitches_full_size_map
         train.main(["--data", data, "--category", "capsule", "--output", str(tmp_path / "bad"),
                     "--set", "backbone=resnet18", "--set", "weights=random",
                     "--tiled-size", "100", "144", "--tile", "48", "--tile-stride", "24"])
+    with pytest.raises(ValueError, match="use tile positions 'shared'"):
+        train.main(["--data", data, "--category", "capsule", "--output", str(tmp_path / "bad"),
+                    "--detector", "stpm", "--set", "weights=random", "--tiled-size", "96", "96",
+                    "--tile", "48", "--tile-positions", "own"])

@@ -76,10 +76,57 @@ def test_the_artifact_records_the_tiling_and_scores_the_same_after_loading(tiled
     artifact = ModelArtifact(tiled_padim, Calibration(1.0, 1.0, 0.0, 2.0, "test"))
     artifact.save(str(tmp_path / "m"))
     meta = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert meta["tiling"] == {"size": [64, 96], "tile": 32, "stride": 32, "batch": 5}
+    assert meta["tiling"] == {"size": [64, 96], "tile": 32, "stride": 32, "batch": 5,
+                              "positions": "shared"}
     assert meta["input_size"] == [64, 96]
     loaded = ModelArtifact.load(str(tmp_path / "m"))
     assert isinstance(loaded.detector, TiledDetector) and input_size(loaded.detector) == (64, 96)
     images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 96), dtype=np.uint8)
     a, b = Scorer(artifact)(images), Scorer(loaded)(images)
     assert torch.equal(a.score, b.score) and torch.equal(a.map, b.map)
+
+
+@pytest.mark.parametrize("name", ["padim", "patchcore"])
+def test_own_positions_fit_each_tile_position_alone_and_share_the_backbone(name, tmp_path):
+    torch.manual_seed(0)
+    options = dict(backbone="resnet18", weights="random", image_size=32)
+    tiling = Tiling(size=(64, 96), tile=32, batch=4, positions="own")
+    detector = TiledDetector(build_detector(name, **options), tiling)
+    images = torch.rand(5, 3, 64, 96)
+    fit(detector, TensorImages(images), batch_size=2)
+    # Position 4 (second row, middle) against the same detector fitted on that position's tiles
+    torch.manual_seed(0)
+    alone = build_detector(name, **options)
+    fit(alone, TensorImages(cut(images, tiling, [(b, 4) for b in range(5)])), batch_size=2)
+    test = torch.rand(2, 3, 64, 96)
+    with torch.no_grad():
+        out = detector(test)
+        expected = alone(cut(test, tiling, [(b, 4) for b in range(2)]))
+    assert torch.allclose(out.map[:, 32:64, 32:64], expected.map, atol=1e-5)
+    names = detector.detector.statistics
+    first, last = (getattr(detector.position_stats[i], names[0]) for i in (0, 5))
+    assert first.numel() and not torch.equal(first, last)  # each position its own statistics
+    assert detector.fit_stats["positions"] == 6
+
+    artifact = ModelArtifact(detector, Calibration(1.0, 1.0, 0.0, 2.0, "test"))
+    artifact.save(str(tmp_path / "m"))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "m" / "weights.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    backbone = [k for k in keys if "backbone" in k]
+    assert backbone and all(k.startswith("detector.backbone.") for k in backbone)  # once
+    assert sum(k.startswith("position_stats.") for k in keys) == 6 * len(names)
+    loaded = ModelArtifact.load(str(tmp_path / "m"))
+    assert loaded.detector.tiling.positions == "own"
+    images = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 96), dtype=np.uint8)
+    a, b = Scorer(artifact)(images), Scorer(loaded)(images)
+    assert torch.equal(a.score, b.score) and torch.equal(a.map, b.map)
+
+
+def test_own_positions_are_refused_for_a_detector_that_learns_one_network():
+    tiling = Tiling(size=(64, 64), tile=32, positions="own")
+    with pytest.raises(ValueError, match="use tile positions 'shared'.*padim, patchcore, vit_knn"):
+        TiledDetector(build_detector("autoencoder", image_size=32), tiling)
+    with pytest.raises(ValueError, match="choose one of shared, own"):
+        Tiling(size=(64, 64), tile=32, positions="each")
