@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import math
 import threading
 from typing import Any
 
@@ -187,6 +188,37 @@ class Scorer:
         return result
 
 
+# Masks and heatmaps above this many pixels are rendered a strip of rows at a time, so an
+# 8,000 x 8,000 image never holds its map as floats at its own size (256 MB, and as many again
+# for each temporary): only a strip's worth (STRIP_ROWS rows) is float at a time.
+STRIP_PIXELS = 1 << 22
+STRIP_ROWS = 256
+
+
+def _resized_strips(amap: torch.Tensor, size: tuple[int, int], rows: int):
+    """(first row, last row, rows of `amap` resized to `size`) a strip at a time. A strip is
+    resized from the source rows under it plus a margin wider than the bilinear (and, when
+    shrinking, antialiasing) kernel, in whole units of q source rows to p output rows (p/q the
+    reduced ratio of the heights), so each strip uses the full map's scale and kernel and agrees
+    with resizing the whole map (to float rounding). Heights with no common factor are one
+    strip."""
+    (h, w), (height, width) = amap.shape, size
+    if (h, w) == (height, width):
+        for start in range(0, height, rows):
+            yield start, min(height, start + rows), amap[start:start + rows]
+        return
+    units = math.gcd(h, height)
+    q, p = h // units, height // units
+    margin = math.ceil((math.ceil(h / height) + 2) / q)  # kernel reach in source rows, in units
+    step = max(1, rows // p)
+    for u0 in range(0, units, step):
+        u1 = min(units, u0 + step)
+        a0, a1 = max(0, u0 - margin), min(units, u1 + margin)
+        part = F.interpolate(amap[a0 * q:a1 * q][None, None], size=((a1 - a0) * p, width),
+                             mode="bilinear", align_corners=False, antialias=True)[0, 0]
+        yield u0 * p, u1 * p, part[(u0 - a0) * p:(u1 - a0) * p]
+
+
 def render_maps(
     maps: torch.Tensor,
     sizes: list[tuple[int, int]],
@@ -194,17 +226,21 @@ def render_maps(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Masks (0/255) and 8-bit heatmaps, uint8 at each image's (height, width), from raw maps
     [B,h,w] on whatever device they are: resized bilinear there (antialiased when shrinking),
-    thresholded at the pixel threshold and windowed by the pixel calibration."""
+    thresholded at the pixel threshold and windowed by the pixel calibration. Large outputs are
+    made a strip of rows at a time (STRIP_PIXELS)."""
     t, span = calibration.window(pixel=True)
     masks, heats = [], []
-    for amap, size in zip(maps.float(), sizes):
+    for amap, size in zip(maps, sizes):
         size = (int(size[0]), int(size[1]))
-        if tuple(amap.shape) != size:
-            amap = F.interpolate(amap[None, None], size=size, mode="bilinear",
-                                 align_corners=False, antialias=True)[0, 0]
-        masks.append(((amap >= t).to(torch.uint8) * 255).cpu().numpy())
-        heat = ((amap - t) / span + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_()
-        heats.append(heat.to(torch.uint8).cpu().numpy())
+        rows = STRIP_ROWS if size[0] * size[1] > STRIP_PIXELS else size[0]
+        mask = np.empty(size, dtype=np.uint8)
+        heat = np.empty(size, dtype=np.uint8)
+        for start, stop, part in _resized_strips(amap.float(), size, rows):
+            mask[start:stop] = ((part >= t).to(torch.uint8) * 255).cpu().numpy()
+            part = ((part - t) / span + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_()
+            heat[start:stop] = part.to(torch.uint8).cpu().numpy()
+        masks.append(mask)
+        heats.append(heat)
     return masks, heats
 
 

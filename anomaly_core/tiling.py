@@ -15,7 +15,8 @@ Gradient detectors learn one network for all positions.
 
 Memory: tiles are cut from the image as it is (uint8 when it comes from the scoring job) and
 become floats a model batch (`batch` tiles) at a time, so an image never holds all its tiles
-as float tensors; the stitched map is one float map at the map's resolution.
+as float tensors, and each batch's maps are added into the stitched map as they come: the
+stitched map (at the working size times image_size / tile) is the one float map per image.
 
 The artifact records the tiling (model.json "tiling"); scoring applies the same.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -70,7 +72,7 @@ class Tiling:
             raise ValueError(f"tile positions {self.positions!r}: choose one of "
                              f"{', '.join(POSITIONS)}")
 
-    @property
+    @cached_property
     def origins(self) -> list[tuple[int, int]]:
         """(top, left) of every tile, row by row."""
         height, width = self.size
@@ -116,19 +118,39 @@ def cut(images: torch.Tensor, tiling: Tiling, which: list[tuple[int, int]]) -> t
                         for b, (y, x) in ((b, origins[i]) for b, i in which)])
 
 
+def add_tiles(total: torch.Tensor, maps: torch.Tensor, tiling: Tiling,
+              which: list[tuple[int, int]]) -> None:
+    """Add tile maps [n,m,m] for (image index, tile index) pairs into their images' places in
+    `total` [B, H*m/tile, W*m/tile]: stitching a batch as it comes, no tensor of all tiles."""
+    m = maps.shape[-1]
+    scale = m / tiling.tile
+    origins = tiling.origins
+    for tile_map, (b, i) in zip(maps, which):
+        top, left = (round(v * scale) for v in origins[i])
+        total[b, top:top + m, left:left + m] += tile_map
+
+
+def coverage(tiling: Tiling, m: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many tiles (maps of m pixels) cover each row [H',1] and each column [1,W'] of the
+    stitched map: the tiles are a grid, so a pixel's count is its row's times its column's
+    (never a full-size count map)."""
+    scale = m / tiling.tile
+    counts = []
+    for side in tiling.size:
+        count = like.new_zeros(round(side * scale))
+        for start in range(0, side - tiling.tile + 1, tiling.stride):
+            count[round(start * scale):round(start * scale) + m] += 1
+        counts.append(count)
+    return counts[0][:, None], counts[1][None, :]
+
+
 def stitch(maps: torch.Tensor, tiling: Tiling) -> torch.Tensor:
     """One image's tile maps [T,m,m] (tile order of `origins`) into its map [H*m/tile, W*m/tile],
     averaged where tiles overlap."""
-    m = maps.shape[-1]
-    scale = m / tiling.tile
-    height, width = (round(s * scale) for s in tiling.size)
-    total = maps.new_zeros(height, width)
-    count = maps.new_zeros(height, width)
-    for tile_map, (y, x) in zip(maps, tiling.origins):
-        top, left = round(y * scale), round(x * scale)
-        total[top:top + m, left:left + m] += tile_map
-        count[top:top + m, left:left + m] += 1
-    return total / count
+    rows, cols = coverage(tiling, maps.shape[-1], maps)
+    total = maps.new_zeros(1, len(rows), cols.shape[1])
+    add_tiles(total, maps, tiling, [(0, i) for i in range(len(maps))])
+    return total[0].div_(rows).div_(cols)
 
 
 def _with_buffers(detector: Detector, buffers: dict[str, torch.Tensor]) -> Detector:
@@ -279,18 +301,21 @@ class TiledDetector(Detector):
         return self.detector.optimizers()
 
     def forward(self, images: torch.Tensor) -> AnomalyOutput:
-        scores = maps = None
+        # Each model batch's maps are added into place as they come: with overlapping tiles
+        # all tile maps at once would be (tile / stride)^2 times the stitched map.
+        scores = total = None
         for position, pairs, tiles in self._tiles(images):
             out = self._at(position)(tiles)
-            if scores is None:
-                n = (images.shape[0], len(self.tiling.origins))
-                scores = out.score.new_empty(n)
-                maps = out.map.new_empty(*n, *out.map.shape[-2:])
+            if total is None:
+                m = out.map.shape[-1]
+                scores = out.score.new_empty(images.shape[0], len(self.tiling.origins))
+                total = out.map.new_zeros(images.shape[0],
+                                          *(round(s * m / self.tiling.tile) for s in self.tiling.size))
             which = torch.tensor(pairs, device=out.score.device).T
             scores[which[0], which[1]] = out.score
-            maps[which[0], which[1]] = out.map
-        return AnomalyOutput(score=scores.amax(dim=1),
-                             map=torch.stack([stitch(m, self.tiling) for m in maps]))
+            add_tiles(total, out.map, self.tiling, pairs)
+        rows, cols = coverage(self.tiling, m, total)
+        return AnomalyOutput(score=scores.amax(dim=1), map=total.div_(rows).div_(cols))
 
     # fit() and the jobs read these on any detector
     def __getattr__(self, name: str) -> Any:

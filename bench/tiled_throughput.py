@@ -3,7 +3,10 @@ high-resolution working size, through the Scorer as the score job's actor runs t
 images in, tiles to float a tile batch at a time, maps stitched). Prints a table, writes JSON.
 
     python bench/tiled_throughput.py [--detectors padim,patchcore] [--size 2048] [--tile 256]
-        [--stride 256] [--images 2] [--device cpu]
+        [--stride 256] [--model-size 256] [--positions shared|own] [--images 2] [--device cpu]
+
+Besides speed: the row stage of one image at its own size (mask and heatmap rendered from the
+stitched map, PNG-encoded) and the process's peak resident memory after each detector.
     python bench/tiled_throughput.py --smoke     # small sizes (CI)
 """
 
@@ -26,15 +29,16 @@ def measure(name: str, args, sets: dict) -> dict:
     from anomaly_core.detectors import build_detector
     from anomaly_core.evaluate import Calibration
     from anomaly_core.fit import fit
-    from anomaly_core.scoring import Scorer
+    from anomaly_core.scoring import Scorer, encode_png, render_maps
     from anomaly_core.tiling import TiledDetector, Tiling
     from bench.ceilings import CALIBRATION
     from tests.helpers import TensorImages
 
     torch.manual_seed(0)
-    inner = build_detector(name, **{"weights": "random", "image_size": args.tile, **sets})
+    inner = build_detector(name, **{"weights": "random", "image_size": args.model_size or args.tile,
+                                    **sets})
     tiling = Tiling(size=(args.size, args.size), tile=args.tile, stride=args.stride,
-                    batch=args.tile_batch)
+                    batch=args.tile_batch, positions=args.positions)
     detector = TiledDetector(inner, tiling)
     g = torch.Generator().manual_seed(0)
     train = torch.rand(args.fit_images, 3, args.size, args.size, generator=g)
@@ -53,9 +57,21 @@ def measure(name: str, args, sets: dict) -> dict:
     sync()
     seconds = time.perf_counter() - start
     tiles = len(tiling.origins) * args.images
+    start = time.perf_counter()
+    masks, heats = render_maps(out.map, [(args.size, args.size)], Calibration(**CALIBRATION))
+    png_mib = (len(encode_png(masks[0])) + len(encode_png(heats[0]))) / 2**20
+    render_s = time.perf_counter() - start
     return {"detector": name, "size": args.size, "tile": args.tile, "stride": args.stride,
-            "tiles_per_image": len(tiling.origins), "map": "x".join(map(str, out.map.shape[-2:])),
-            "fit_s": fit_s, "tiles_per_s": tiles / seconds, "images_per_s": args.images / seconds}
+            "positions": args.positions, "tiles_per_image": len(tiling.origins),
+            "map": "x".join(map(str, out.map.shape[-2:])), "fit_s": fit_s,
+            "tiles_per_s": tiles / seconds, "images_per_s": args.images / seconds,
+            "render_s": render_s, "png_mib": png_mib, "peak_rss_mib": peak_rss_mib()}
+
+
+def peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -65,6 +81,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tile", type=int, default=256, help="tile side = the detector's image_size")
     p.add_argument("--stride", type=int, default=256)
     p.add_argument("--tile-batch", type=int, default=32)
+    p.add_argument("--model-size", type=int, default=None,
+                   help="the detector's image_size, tiles are resized to (default: the tile)")
+    p.add_argument("--positions", choices=("shared", "own"), default="shared")
     p.add_argument("--images", type=int, default=2, help="images scored (one per call)")
     p.add_argument("--fit-images", type=int, default=2)
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
@@ -86,7 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(rows, [("detector", "detector"), ("size", "working px"), ("tile", "tile"),
                        ("stride", "stride"), ("tiles_per_image", "tiles/image"), ("map", "map"),
                        ("fit_s", f"fit s ({args.fit_images} images)"), ("tiles_per_s", "tiles/s"),
-                       ("images_per_s", "images/s"), ("error", "error")])
+                       ("images_per_s", "images/s"), ("render_s", "mask+heatmap s"),
+                       ("png_mib", "PNGs MiB"), ("peak_rss_mib", "peak RSS MiB"),
+                       ("error", "error")])
     result = {"machine": machine(), "args": vars(args), "rows": rows}
     write_json(args.out, result)
     return result
