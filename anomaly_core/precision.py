@@ -7,10 +7,14 @@ float32 re-rank of the few nearest candidates. What turns network outputs into s
 errors) stays float32: it subtracts nearly equal numbers. The setting is a context variable, so
 each thread (each batch in flight in a model actor) has its own.
 
-"auto" is fp16 on a GPU, not bf16: measured on CPU (README, "Reduced precision"), bf16's 8-bit
-mantissa moves scores beyond the tolerance (rank correlation with float32 0.996 for PaDiM and
-PatchCore, 0.98 for STPM), fp16's 10 bits keep it (>= 0.999) at the same tensor-core speed. A
-batch whose scores come out non-finite in 16 bits is scored again in float32 (Scorer).
+"auto" on a GPU is each detector's `gpu_precision`: fp16 where 16 bits were measured faster
+on an H200 (PaDiM 1.19x, ViT-kNN 1.96x, SimpleNet 1.16x; docs/benchmarks.md, model ceilings),
+fp32 where they were not (PatchCore 0.91x, STPM 0.93x, FastFlow 1.01x, autoencoder 0.99x: small
+CNNs whose fp32 convolutions already run on TF32 tensor cores). fp16 rather than bf16: measured
+on CPU (README, "Reduced precision"), bf16's 8-bit mantissa moves scores beyond the tolerance
+(rank correlation with float32 0.996 for PaDiM and PatchCore, 0.98 for STPM), fp16's 10 bits
+keep it (>= 0.999) at the same tensor-core speed. A batch whose scores come out non-finite in
+16 bits is scored again in float32 (Scorer). "auto" is fp32 off GPUs.
 """
 
 from __future__ import annotations
@@ -26,12 +30,12 @@ LOW_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _LOW: ContextVar[torch.dtype | None] = ContextVar("anomaly_low_precision", default=None)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" is fp16 on a GPU (within the tolerance in the README) and fp32 elsewhere."""
+def resolve_precision(precision: str, device: torch.device, gpu_precision: str = "fp16") -> str:
+    """"auto" is the detector's `gpu_precision` on a GPU and fp32 elsewhere."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: choose one of {PRECISIONS}")
     if precision == "auto":
-        return "fp16" if device.type == "cuda" else "fp32"
+        return gpu_precision if device.type == "cuda" else "fp32"
     return precision
 
 

@@ -92,7 +92,8 @@ class Scorer:
         compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.precision = resolve_precision(precision, self.device,
+                                           artifact.detector.gpu_precision)
         cuda = self.device.type == "cuda"
         self.channels_last = cuda if channels_last is None else channels_last
         detector = artifact.detector.to(self.device).eval()

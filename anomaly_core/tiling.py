@@ -202,6 +202,7 @@ class TiledDetector(Detector):
         self.name = detector.name
         self.family = detector.family
         self.frozen = detector.frozen
+        self.gpu_precision = detector.gpu_precision
         if tiling.positions == "own":
             # One set of statistics per tile position; the backbone stays the detector's, once.
             self.position_stats = nn.ModuleList(_Statistics(detector) for _ in tiling.origins)

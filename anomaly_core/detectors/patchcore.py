@@ -51,6 +51,7 @@ class Patchcore(Detector):
     name = "patchcore"
     family = "memory"
     statistics = ("memory_bank",)
+    gpu_precision = "fp32"  # 16 bits measured no faster on an H200
     Config = PatchcoreConfig
 
     def __init__(self, config: PatchcoreConfig) -> None:

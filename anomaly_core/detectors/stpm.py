@@ -48,6 +48,7 @@ class Stpm(Detector):
 
     name = "stpm"
     family = "gradient"
+    gpu_precision = "fp32"  # 16 bits measured no faster on an H200
     Config = StpmConfig
 
     def __init__(self, config: StpmConfig) -> None:

@@ -55,10 +55,17 @@ def test_scorer_refuses_float_images_and_a_bad_precision(padim):
         Scorer(padim, precision="fp8")
 
 
-def test_auto_precision_is_fp16_on_a_gpu_only():
-    assert resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+def test_auto_precision_is_16_bits_on_a_gpu_only_for_detectors_measured_faster_there():
+    from anomaly_core.detectors import detector_class
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    for name, expected in [("padim", "fp16"), ("vit_knn", "fp16"), ("simplenet", "fp16"),
+                           ("patchcore", "fp32"), ("stpm", "fp32"), ("fastflow", "fp32"),
+                           ("autoencoder", "fp32")]:
+        assert resolve_precision("auto", gpu, detector_class(name).gpu_precision) == expected
+        assert resolve_precision("auto", cpu, detector_class(name).gpu_precision) == "fp32"
+    assert resolve_precision("fp16", gpu, "fp32") == "fp16"  # asked for: as asked
+    assert resolve_precision("bf16", cpu) == "bf16"
 
 
 # Reduced precision against float32 on the same uint8 test images (capsule 96 px, mobilenet_v2
