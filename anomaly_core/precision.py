@@ -8,8 +8,9 @@ errors) stays float32: it subtracts nearly equal numbers. The setting is a conte
 each thread (each batch in flight in a model actor) has its own.
 
 "auto" on a GPU is each detector's `gpu_precision`: fp16 where 16 bits were measured faster
-on an H200 (PaDiM 1.19x, ViT-kNN 1.96x, SimpleNet 1.16x; docs/benchmarks.md, model ceilings),
-fp32 where they were not (PatchCore 0.91x, STPM 0.93x, FastFlow 1.01x, autoencoder 0.99x: small
+on an H200 (docs/benchmarks.md: model ceilings at batch 32 and the forward against anomalib
+at batch 16): PaDiM 1.19x, ViT-kNN 1.96x, SimpleNet 1.16x, FastFlow 1.01x and 1.40x; fp32 where
+they were slower (PatchCore 0.91x and 0.96x, STPM 0.93x and 0.45x, autoencoder 0.99x: small
 CNNs whose fp32 convolutions already run on TF32 tensor cores). fp16 rather than bf16: measured
 on CPU (README, "Reduced precision"), bf16's 8-bit mantissa moves scores beyond the tolerance
 (rank correlation with float32 0.996 for PaDiM and PatchCore, 0.98 for STPM), fp16's 10 bits

@@ -139,7 +139,6 @@ class Fastflow(Detector):
 
     name = "fastflow"
     family = "gradient"
-    gpu_precision = "fp32"  # 16 bits measured no faster on an H200
     Config = FastflowConfig
 
     def __init__(self, config: FastflowConfig) -> None:

@@ -60,7 +60,7 @@ def test_auto_precision_is_16_bits_on_a_gpu_only_for_detectors_measured_faster_t
 
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     for name, expected in [("padim", "fp16"), ("vit_knn", "fp16"), ("simplenet", "fp16"),
-                           ("patchcore", "fp32"), ("stpm", "fp32"), ("fastflow", "fp32"),
+                           ("fastflow", "fp16"), ("patchcore", "fp32"), ("stpm", "fp32"),
                            ("autoencoder", "fp32")]:
         assert resolve_precision("auto", gpu, detector_class(name).gpu_precision) == expected
         assert resolve_precision("auto", cpu, detector_class(name).gpu_precision) == "fp32"
