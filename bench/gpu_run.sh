@@ -20,6 +20,7 @@ py=${PYTHON:-python3}
 if [ -n "${SMOKE:-}" ]; then
     ceil=(--smoke); score=(--smoke); vs=(--smoke --precisions fp32,fp16)
     train=(--input-pipelines --images 16 --source-size 96 --image-size 64 --batch-size 4 --epochs 1)
+    tiled=(--smoke)
 else
     ceil=(--images 1000 --source-size 512 --seconds 2)
     score=(--images 8000 --source-size 512 --detector patchcore --set image_size=224 --num-actors 1
@@ -27,9 +28,10 @@ else
     vs=(--train 64 --test 64 --seconds 2 --timeout 60)
     train=(--input-pipelines --detector stpm --images 2048 --source-size 512 --image-size 256
            --batch-size 32 --epochs 2 --use-gpu)
+    tiled=(--size 4096 --tile 256 --images 4 --fit-images 2)  # 256 tiles an image, defaults
 fi
-steps=" ${STEPS:-ceilings score_throughput vs_anomalib train_input} "  # STEPS=... runs fewer
-step() {  # name timeout command...  (4 steps: a log and a JSON each, 8 files back in all)
+steps=" ${STEPS:-ceilings score_throughput vs_anomalib train_input tiled} "  # STEPS=...: fewer
+step() {  # name timeout command...  (5 steps: a log and a JSON each, 10 files back in all)
     local name=$1 limit=$2
     shift 2
     [[ $steps == *" $name "* ]] || return 0
@@ -47,3 +49,4 @@ step ceilings 120 "$py" bench/ceilings.py "${ceil[@]}" --out "$OUT/ceilings.json
 step score_throughput 130 "$py" bench/score_throughput.py "${score[@]}" --out "$OUT/score_throughput.json"
 step vs_anomalib 190 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomalib.json" ${VS_ARGS:-}
 step train_input 100 "$py" bench/train_throughput.py "${train[@]}"
+step tiled 120 "$py" bench/tiled_throughput.py "${tiled[@]}" --out "$OUT/tiled_throughput.json"

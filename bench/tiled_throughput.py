@@ -6,7 +6,8 @@ images in, tiles to float a tile batch at a time, maps stitched). Prints a table
         [--stride 256] [--model-size 256] [--positions shared|own] [--images 2] [--device cpu]
 
 Besides speed: the row stage of one image at its own size (mask and heatmap rendered from the
-stitched map, PNG-encoded) and the process's peak resident memory after each detector.
+stitched map, PNG-encoded), and how far resident memory rises (sampled) while scoring and
+while rendering, above what the model and the images already hold.
     python bench/tiled_throughput.py --smoke     # small sizes (CI)
 """
 
@@ -48,30 +49,57 @@ def measure(name: str, args, sets: dict) -> dict:
     scorer = Scorer(ModelArtifact(detector, Calibration(**CALIBRATION)), device=args.device)
     images = torch.randint(0, 256, (args.images, 3, args.size, args.size), dtype=torch.uint8,
                            generator=g)
+    del train
     scorer(images[:1])  # warm-up
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     sync()
-    start = time.perf_counter()
-    for i in range(args.images):
-        out = scorer(images[i:i + 1])
-    sync()
-    seconds = time.perf_counter() - start
+    with RssPeak() as scoring:
+        start = time.perf_counter()
+        for i in range(args.images):
+            out = scorer(images[i:i + 1])
+        sync()
+        seconds = time.perf_counter() - start
     tiles = len(tiling.origins) * args.images
-    start = time.perf_counter()
-    masks, heats = render_maps(out.map, [(args.size, args.size)], Calibration(**CALIBRATION))
-    png_mib = (len(encode_png(masks[0])) + len(encode_png(heats[0]))) / 2**20
-    render_s = time.perf_counter() - start
+    with RssPeak() as rendering:
+        start = time.perf_counter()
+        masks, heats = render_maps(out.map.cpu(), [(args.size, args.size)],
+                                   Calibration(**CALIBRATION))
+        png_mib = (len(encode_png(masks[0])) + len(encode_png(heats[0]))) / 2**20
+        render_s = time.perf_counter() - start
     return {"detector": name, "size": args.size, "tile": args.tile, "stride": args.stride,
             "positions": args.positions, "tiles_per_image": len(tiling.origins),
             "map": "x".join(map(str, out.map.shape[-2:])), "fit_s": fit_s,
             "tiles_per_s": tiles / seconds, "images_per_s": args.images / seconds,
-            "render_s": render_s, "png_mib": png_mib, "peak_rss_mib": peak_rss_mib()}
+            "render_s": render_s, "png_mib": png_mib, "score_rss_mib": scoring.grown_mib,
+            "render_rss_mib": rendering.grown_mib}
 
 
-def peak_rss_mib() -> float:
-    import resource
+class RssPeak:
+    """How far resident memory rose above where it stood at entry, sampled every 10 ms."""
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    def __enter__(self) -> RssPeak:
+        import threading
+
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+        self.grown_mib = (self.peak - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -106,7 +134,8 @@ def main(argv: list[str] | None = None) -> dict:
                        ("stride", "stride"), ("tiles_per_image", "tiles/image"), ("map", "map"),
                        ("fit_s", f"fit s ({args.fit_images} images)"), ("tiles_per_s", "tiles/s"),
                        ("images_per_s", "images/s"), ("render_s", "mask+heatmap s"),
-                       ("png_mib", "PNGs MiB"), ("peak_rss_mib", "peak RSS MiB"),
+                       ("png_mib", "PNGs MiB"), ("score_rss_mib", "scoring +RSS MiB"),
+                       ("render_rss_mib", "render +RSS MiB"),
                        ("error", "error")])
     result = {"machine": machine(), "args": vars(args), "rows": rows}
     write_json(args.out, result)
