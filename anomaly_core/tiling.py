@@ -36,6 +36,7 @@ from anomaly_core.data.datasets import to_unit_float
 from anomaly_core.detectors.base import AnomalyOutput, Detector
 
 POSITIONS = ("shared", "own")
+FLOAT_TILE_PIXELS = 1 << 22  # tile pixels made float at once, before resizing to the model's
 
 
 @dataclass(frozen=True)
@@ -255,13 +256,19 @@ class TiledDetector(Detector):
             every = [(b, i) for b in range(n_images) for i in range(n_tiles)]
             groups = ((None, every[start:start + batch]) for start in range(0, len(every), batch))
         m = self.config.image_size
+        # Tiles larger than the model's input become floats a few at a time before they shrink:
+        # 32 float tiles of 1,024 px would be 384 MB, FLOAT_TILE_PIXELS bounds it to 48 MB.
+        chunk = max(1, FLOAT_TILE_PIXELS // self.tiling.tile ** 2)
         for position, pairs in groups:
-            tiles = cut(images, self.tiling, pairs)
-            tiles = to_unit_float(tiles) if tiles.dtype == torch.uint8 else tiles
-            if tiles.shape[-1] != m:
-                tiles = F.interpolate(tiles, size=(m, m), mode="bilinear", align_corners=False,
-                                      antialias=True)
-            yield position, pairs, tiles
+            parts = []
+            for start in range(0, len(pairs), chunk):
+                tiles = cut(images, self.tiling, pairs[start:start + chunk])
+                tiles = to_unit_float(tiles) if tiles.dtype == torch.uint8 else tiles
+                if tiles.shape[-1] != m:
+                    tiles = F.interpolate(tiles, size=(m, m), mode="bilinear",
+                                          align_corners=False, antialias=True)
+                parts.append(tiles)
+            yield position, pairs, parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _at(self, position: int | None) -> Detector:
         """The detector as it scores tiles at `position` (None: the shared one)."""

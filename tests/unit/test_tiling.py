@@ -70,6 +70,17 @@ def test_a_tiled_detector_scores_each_tile_and_takes_the_highest(tiled_padim):
     assert torch.allclose(out.map[1, 32:64, 64:96], alone.map[5])  # the last tile, in place
 
 
+def test_tiles_made_float_a_few_at_a_time_score_as_all_at_once(tiled_padim, monkeypatch):
+    import anomaly_core.tiling as tiling_module
+
+    images = (torch.rand(2, 3, 64, 96) * 255).round().to(torch.uint8)
+    with torch.no_grad():
+        at_once = tiled_padim(images)
+        monkeypatch.setattr(tiling_module, "FLOAT_TILE_PIXELS", 2 * 32 * 32)  # 2 tiles a chunk
+        chunked = tiled_padim(images)
+    assert torch.equal(at_once.score, chunked.score) and torch.equal(at_once.map, chunked.map)
+
+
 def test_the_artifact_records_the_tiling_and_scores_the_same_after_loading(tiled_padim, tmp_path):
     import json
 
