@@ -1,11 +1,11 @@
-"""Scoring stages, independent of Ray: read+decode+resize one image (uint8), run the model on a
-batch (floats made on the model's device), turn raw output into score rows (normalized score,
-binary mask PNG, 8-bit heatmap PNG)."""
+"""Scoring stages, independent of Ray: read+decode+resize one image (uint8; `read_image`, from
+the torch-free anomaly_core.data.decode), run the model on a batch (floats made on the model's
+device), turn raw output into score rows (normalized score, binary mask PNG, 8-bit heatmap
+PNG)."""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import math
 import threading
@@ -16,61 +16,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from anomaly_core import storage
 from anomaly_core.artifact import ModelArtifact
-from anomaly_core.data.datasets import resize_image, to_unit_float
-from anomaly_core.data.decode import (
-    MAX_PIXELS,
-    ImageDecodeError,
-    decode_image,
-    displayed_size,
-    plain_jpeg_size,
-)
+from anomaly_core.data.datasets import to_unit_float
+from anomaly_core.data.decode import read_image
 from anomaly_core.detectors.base import AnomalyOutput
+
+__all__ = ["Scorer", "decode_png", "encode_png", "outputs", "read_image", "render_maps"]
 from anomaly_core.evaluate import Calibration
 from anomaly_core.precision import compute_precision, resolve_precision
-
-
-def read_image(
-    uri: str,
-    size: tuple[int, int],
-    *,
-    etag: str | None = None,
-    prev_etag: str | None = None,
-    max_pixels: int = MAX_PIXELS,
-    s3_endpoint: str | None = None,
-    keep_jpeg: bool = False,
-) -> dict[str, Any]:
-    """One input row: file facts plus the resized uint8 image [3,H,W], or `error` and no image.
-
-    `etag` is the listing's (S3); without one the content hash is the etag. A row whose etag
-    equals `prev_etag` (already scored by this model version) comes back `skipped`, undecoded.
-    With `keep_jpeg`, a plain JPEG (plain_jpeg_size) comes back undecoded with its bytes in
-    `jpeg`, for the model's device to decode (Scorer.decode_jpegs).
-    """
-    row: dict[str, Any] = {"uri": uri, "etag": etag, "size_bytes": None, "width": None,
-                           "height": None, "error": None, "image": None, "skipped": False,
-                           "jpeg": None}
-    try:
-        data = storage.read_bytes(uri, s3_endpoint=s3_endpoint)
-        row["size_bytes"] = len(data)
-        row["etag"] = etag or "sha256:" + hashlib.sha256(data).hexdigest()
-        if prev_etag is not None and row["etag"] == prev_etag:
-            row["skipped"] = True
-            return row
-        if keep_jpeg and (size_hw := plain_jpeg_size(data, uri, max_pixels=max_pixels)):
-            row["height"], row["width"] = size_hw
-            row["jpeg"] = data
-            return row
-        # A JPEG much larger than `size` decodes at a reduced scale (never below `size`).
-        pixels = decode_image(data, uri, max_pixels=max_pixels, target=size)
-        row["height"], row["width"] = displayed_size(data, uri, max_pixels=max_pixels)
-        row["image"] = resize_image(pixels, size).numpy()
-    except (storage.StorageError, ImageDecodeError) as exc:
-        row["error"] = str(exc)
-    except Exception as exc:  # never lose a row to a surprise in a decoder
-        row["error"] = f"{uri}: unexpected {type(exc).__name__}: {exc}"
-    return row
 
 
 class Scorer:

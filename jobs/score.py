@@ -105,7 +105,7 @@ def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint
                 keep_jpeg: bool = False) -> dict:
     """CPU task: bytes -> decoded, resized image per row; failures keep the row with `error`.
     With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their bytes in `jpeg`."""
-    from anomaly_core.scoring import read_image
+    from anomaly_core.data.decode import read_image  # torch-free: the task starts in a moment
 
     rows = [
         read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,

@@ -17,7 +17,13 @@ import torch
 from PIL import Image
 
 from anomaly_core import storage
-from anomaly_core.data.decode import IMAGE_EXTENSIONS, ImageDecodeError, decode_mask, load_image
+from anomaly_core.data.decode import (
+    IMAGE_EXTENSIONS,
+    ImageDecodeError,
+    decode_mask,
+    load_image,
+    resize_pixels,
+)
 
 MVTEC_SPLITS = ("train", "test")
 GOOD = "good"
@@ -132,23 +138,9 @@ def split_records(
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """HxWx3 uint8 RGB to uint8 [3, height, width], resized bilinear (antialiased).
-
-    The one resize used by training and scoring, so both see the same pixels. Scoring ships
-    this uint8 tensor (a quarter of float32's bytes) and makes floats on the model's device.
-    """
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(
-            f"image must be an HxWx3 uint8 array (decode_image gives one), got "
-            f"{image.dtype} of shape {image.shape}"
-        )
-    height, width = _check_size(size)
-    if image.shape[:2] != (height, width):
-        # PIL's bilinear widens its filter when downscaling, unlike torch's interpolate,
-        # so fine texture is averaged rather than aliased.
-        resized = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
-        image = np.asarray(resized)
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    """HxWx3 uint8 RGB to a uint8 tensor [3, height, width]: decode.resize_pixels, the one
+    resize used by training and scoring."""
+    return torch.from_numpy(resize_pixels(image, _check_size(size)))
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,15 @@
-"""The one image decoder: PNG, JPEG, BMP or TIFF bytes to an HxWx3 uint8 RGB array.
+"""The one image decoder: PNG, JPEG, BMP or TIFF bytes to an HxWx3 uint8 RGB array, the one
+resize, and the score job's read stage (`read_image`). No torch: decode workers start quickly.
 
 Training and scoring both decode through here, so a given file gives the same pixels in both.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import numbers
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -283,3 +287,70 @@ def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
     rgb = rgba[:, :, :3].astype(np.uint16)
     alpha = rgba[:, :, 3:].astype(np.uint16)
     return np.ascontiguousarray(((rgb * alpha + 127) // 255).astype(np.uint8))
+
+
+def resize_pixels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """HxWx3 uint8 RGB to uint8 [3, height, width], resized bilinear (antialiased).
+
+    The one resize used by training and scoring (datasets.resize_image wraps it in a tensor),
+    so both see the same pixels. Scoring ships this uint8 array (a quarter of float32's bytes)
+    and makes floats on the model's device.
+    """
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(
+            f"image must be an HxWx3 uint8 array (decode_image gives one), got "
+            f"{image.dtype} of shape {image.shape}"
+        )
+    if len(size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in size):
+        raise ValueError(f"size {size!r} must be (height, width), two positive ints")
+    height, width = int(size[0]), int(size[1])
+    if image.shape[:2] != (height, width):
+        # PIL's bilinear widens its filter when downscaling, unlike torch's interpolate,
+        # so fine texture is averaged rather than aliased.
+        resized = Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR)
+        image = np.asarray(resized)
+    return np.ascontiguousarray(image.transpose(2, 0, 1))
+
+
+# The score job's decode stage: CPU tasks that import this module and not torch (importing
+# torch took 5 s a worker on 2 cores, before the first image of a run could be decoded).
+def read_image(
+    uri: str,
+    size: tuple[int, int],
+    *,
+    etag: str | None = None,
+    prev_etag: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    s3_endpoint: str | None = None,
+    keep_jpeg: bool = False,
+) -> dict[str, Any]:
+    """One input row: file facts plus the resized uint8 image [3,H,W], or `error` and no image.
+
+    `etag` is the listing's (S3); without one the content hash is the etag. A row whose etag
+    equals `prev_etag` (already scored by this model version) comes back `skipped`, undecoded.
+    With `keep_jpeg`, a plain JPEG (plain_jpeg_size) comes back undecoded with its bytes in
+    `jpeg`, for the model's device to decode (Scorer.decode_jpegs).
+    """
+    row: dict[str, Any] = {"uri": uri, "etag": etag, "size_bytes": None, "width": None,
+                           "height": None, "error": None, "image": None, "skipped": False,
+                           "jpeg": None}
+    try:
+        data = storage.read_bytes(uri, s3_endpoint=s3_endpoint)
+        row["size_bytes"] = len(data)
+        row["etag"] = etag or "sha256:" + hashlib.sha256(data).hexdigest()
+        if prev_etag is not None and row["etag"] == prev_etag:
+            row["skipped"] = True
+            return row
+        if keep_jpeg and (size_hw := plain_jpeg_size(data, uri, max_pixels=max_pixels)):
+            row["height"], row["width"] = size_hw
+            row["jpeg"] = data
+            return row
+        # A JPEG much larger than `size` decodes at a reduced scale (never below `size`).
+        pixels = decode_image(data, uri, max_pixels=max_pixels, target=size)
+        row["height"], row["width"] = displayed_size(data, uri, max_pixels=max_pixels)
+        row["image"] = resize_pixels(pixels, size)
+    except (storage.StorageError, ImageDecodeError) as exc:
+        row["error"] = str(exc)
+    except Exception as exc:  # never lose a row to a surprise in a decoder
+        row["error"] = f"{uri}: unexpected {type(exc).__name__}: {exc}"
+    return row

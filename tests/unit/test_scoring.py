@@ -2,6 +2,7 @@
 each image's size; 16-bit networks within their documented tolerance of float32."""
 
 import copy
+import os
 import threading
 
 import numpy as np
@@ -208,7 +209,7 @@ def _photo(h: int = 90, w: int = 120) -> np.ndarray:
 
 
 def test_plain_jpegs_are_left_for_the_device_and_others_decoded_on_cpu(tmp_path):
-    from anomaly_core.scoring import read_image
+    from anomaly_core.data.decode import read_image
 
     files = {"plain.jpg": _jpeg(_photo()), "progressive.jpg": _jpeg(_photo(), progressive=True),
              "gray.jpg": _jpeg(_photo()[..., 0])}
@@ -242,7 +243,7 @@ def test_a_large_jpeg_decodes_reduced_but_its_row_keeps_the_images_own_size(tmp_
 
     from PIL import Image
 
-    from anomaly_core.scoring import read_image
+    from anomaly_core.data.decode import read_image
 
     path = tmp_path / "big.jpg"
     pixels = np.random.default_rng(0).integers(0, 256, (1200, 1600, 3), dtype=np.uint8)
@@ -252,3 +253,26 @@ def test_a_large_jpeg_decodes_reduced_but_its_row_keeps_the_images_own_size(tmp_
     row = read_image(str(path), (128, 128))
     assert row["error"] is None and row["image"].shape == (3, 128, 128)
     assert (row["height"], row["width"]) == (1200, 1600)  # the mask and heatmap's size
+
+
+def test_the_decode_stage_reads_decodes_and_resizes_without_importing_torch(tmp_path):
+    # The score job's decode tasks run jobs.score.read_images; importing torch there cost 5 s
+    # a worker on 2 cores before the first image of a run was decoded.
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.fromarray(_photo()).save(tmp_path / "a.png")
+    code = f"""
+import sys
+from jobs.score import read_images
+out = read_images({{"uri": [{str(tmp_path / "a.png")!r}], "etag": [None], "prev_etag": [None]}},
+                  (32, 48), 10**8, None)
+assert out["image"].shape == (1, 3, 32, 48) and out["error"] == [""], out["error"]
+print("torch" in sys.modules)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "False"
