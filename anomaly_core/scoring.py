@@ -20,10 +20,10 @@ from anomaly_core.artifact import ModelArtifact
 from anomaly_core.data.datasets import to_unit_float
 from anomaly_core.data.decode import read_image
 from anomaly_core.detectors.base import AnomalyOutput
-
-__all__ = ["Scorer", "decode_png", "encode_png", "outputs", "read_image", "render_maps"]
 from anomaly_core.evaluate import Calibration
 from anomaly_core.precision import compute_precision, resolve_precision
+
+__all__ = ["Scorer", "decode_png", "encode_png", "outputs", "read_image", "render_maps"]
 
 
 class Scorer:

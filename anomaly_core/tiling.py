@@ -315,14 +315,12 @@ class TiledDetector(Detector):
         for position, pairs, tiles in self._tiles(images):
             out = self._at(position)(tiles)
             if total is None:
-                m = out.map.shape[-1]
+                rows, cols = coverage(self.tiling, out.map.shape[-1], out.map)
                 scores = out.score.new_empty(images.shape[0], len(self.tiling.origins))
-                total = out.map.new_zeros(images.shape[0],
-                                          *(round(s * m / self.tiling.tile) for s in self.tiling.size))
+                total = out.map.new_zeros(images.shape[0], len(rows), cols.shape[1])
             which = torch.tensor(pairs, device=out.score.device).T
             scores[which[0], which[1]] = out.score
             add_tiles(total, out.map, self.tiling, pairs)
-        rows, cols = coverage(self.tiling, m, total)
         return AnomalyOutput(score=scores.amax(dim=1), map=total.div_(rows).div_(cols))
 
     # fit() and the jobs read these on any detector

@@ -6,7 +6,6 @@ Local paths and s3:// URIs alike, through anomaly_core.storage.
 from __future__ import annotations
 
 import hashlib
-import numbers
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from anomaly_core import storage
 from anomaly_core.data.decode import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
+    check_size,
     decode_mask,
     load_image,
     resize_pixels,
@@ -140,7 +140,7 @@ def split_records(
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """HxWx3 uint8 RGB to a uint8 tensor [3, height, width]: decode.resize_pixels, the one
     resize used by training and scoring."""
-    return torch.from_numpy(resize_pixels(image, _check_size(size)))
+    return torch.from_numpy(resize_pixels(image, size))
 
 
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -159,7 +159,7 @@ def prepare_mask(mask: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
         raise ValueError(
             f"mask must be an HxW array (decode_mask gives one), got shape {mask.shape}"
         )
-    height, width = _check_size(size)
+    height, width = check_size(size)
     mask = mask.astype(bool)
     if mask.shape != (height, width):
         scaled = Image.fromarray(mask.astype(np.uint8) * 255)
@@ -181,7 +181,7 @@ class ImageDataset(torch.utils.data.Dataset):
         s3_endpoint: str | None = None,
     ) -> None:
         self.records = list(records)
-        self.size = _check_size(size)
+        self.size = check_size(size)
         self.s3_endpoint = s3_endpoint
 
     def __len__(self) -> int:
@@ -210,13 +210,6 @@ class ImageDataset(torch.utils.data.Dataset):
             "mask": mask,
             "index": index,
         }
-
-
-def _check_size(size: tuple[int, int]) -> tuple[int, int]:
-    """Validate a (height, width) pair."""
-    if len(size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in size):
-        raise ValueError(f"size {size!r} must be (height, width), two positive ints")
-    return int(size[0]), int(size[1])
 
 
 def _mvtec_masks(gt_dir: str, s3_endpoint: str | None) -> dict[tuple[str, ...], str]:

@@ -289,6 +289,13 @@ def _composite_on_black(rgba: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(((rgb * alpha + 127) // 255).astype(np.uint8))
 
 
+def check_size(size: tuple[int, int]) -> tuple[int, int]:
+    """Validate a (height, width) pair."""
+    if len(size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in size):
+        raise ValueError(f"size {size!r} must be (height, width), two positive ints")
+    return int(size[0]), int(size[1])
+
+
 def resize_pixels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """HxWx3 uint8 RGB to uint8 [3, height, width], resized bilinear (antialiased).
 
@@ -301,9 +308,7 @@ def resize_pixels(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
             f"image must be an HxWx3 uint8 array (decode_image gives one), got "
             f"{image.dtype} of shape {image.shape}"
         )
-    if len(size) != 2 or not all(isinstance(s, numbers.Integral) and s > 0 for s in size):
-        raise ValueError(f"size {size!r} must be (height, width), two positive ints")
-    height, width = int(size[0]), int(size[1])
+    height, width = check_size(size)
     if image.shape[:2] != (height, width):
         # PIL's bilinear widens its filter when downscaling, unlike torch's interpolate,
         # so fine texture is averaged rather than aliased.
