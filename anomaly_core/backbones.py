@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import io
@@ -241,6 +242,21 @@ class FeatureExtractor(nn.Module):
         )
         return model, weights
 
+    def batchnorm_folded(self) -> FeatureExtractor:
+        """For inference: a copy whose BatchNorms are folded into the convolutions before them
+        (torch.fx's conv-BN fusion): one convolution where there were a convolution and a pass
+        over its output. The copy shares the normalization buffers; this extractor is unchanged.
+        Itself when in train mode (BatchNorm then normalizes by the batch) or when its body is
+        not an FX graph (timm's feature wrappers)."""
+        if self.training or not isinstance(self.body, torch.fx.GraphModule):
+            return self
+        from torch.fx.experimental.optimization import fuse
+
+        body = copy.deepcopy(self.body).eval()  # torchvision's graph module copies in train mode
+        clone = copy.copy(self)
+        clone._modules = {**self._modules, "body": fuse(body, inplace=True).eval()}
+        return clone
+
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = (images - self.mean) / self.std
         with network_autocast(x):
@@ -293,6 +309,22 @@ class ViTExtractor(nn.Module):
         grid = self.image_size // self.patch_size
         patches = tokens[:, 1:].transpose(1, 2).reshape(len(x), self.dim, grid, grid)
         return tokens[:, 0], patches
+
+
+def batchnorm_folded(module: nn.Module) -> nn.Module:
+    """`module` for inference: a copy of its module tree in which every FeatureExtractor in eval
+    mode has its BatchNorms folded (FeatureExtractor.batchnorm_folded), or `module` itself when
+    there is none. The copy shares every other submodule, parameter and buffer with `module`,
+    so moving it to a device moves them; `module` keeps its own layers and saves as before."""
+    if isinstance(module, FeatureExtractor):
+        return module.batchnorm_folded()
+    children = {name: None if child is None else batchnorm_folded(child)
+                for name, child in module._modules.items()}
+    if all(children[name] is child for name, child in module._modules.items()):
+        return module
+    clone = copy.copy(module)
+    clone._modules = children
+    return clone
 
 
 def freeze(module: nn.Module) -> nn.Module:

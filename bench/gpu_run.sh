@@ -25,7 +25,7 @@ else
     ceil=(--images 1000 --source-size 512 --seconds 2)
     score=(--images 8000 --source-size 512 --detector patchcore --set image_size=224 --num-actors 1
            --batch-size 64 --use-gpu)
-    vs=(--train 64 --test 64 --seconds 2 --timeout 60)
+    vs=(--train 64 --test 64 --seconds 2 --rounds 5 --timeout 60)
     train=(--input-pipelines --detector stpm --images 2048 --source-size 512 --image-size 256
            --batch-size 32 --epochs 2 --use-gpu)
     tiled=(--size 4096 --tile 256 --images 4 --fit-images 2)  # 256 tiles an image, defaults
@@ -47,6 +47,6 @@ if [[ $steps == *" gpu_tests "* || -z "${STEPS:-}" ]]; then  # the GPU-only test
 fi
 step ceilings 120 "$py" bench/ceilings.py "${ceil[@]}" --out "$OUT/ceilings.json"
 step score_throughput 130 "$py" bench/score_throughput.py "${score[@]}" --out "$OUT/score_throughput.json"
-step vs_anomalib 190 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomalib.json" ${VS_ARGS:-}
+step vs_anomalib 230 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomalib.json" ${VS_ARGS:-}
 step train_input 100 "$py" bench/train_throughput.py "${train[@]}"
 step tiled 120 "$py" bench/tiled_throughput.py "${tiled[@]}" --out "$OUT/tiled_throughput.json"

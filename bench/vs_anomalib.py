@@ -11,7 +11,7 @@ used, only the torch models with the training steps of their lightning modules (
 fit, PatchCore k-center-greedy coreset at 0.1, FastFlow Adam 1e-3 on its loss, STFPM SGD 0.4).
 
     python bench/vs_anomalib.py [--detectors padim,patchcore,fastflow,stpm] [--train 64]
-        [--test 64] [--size 256] [--batch-size 16] [--epochs 1] [--device cuda]
+        [--test 64] [--size 256] [--batch-size 16] [--epochs 1] [--rounds 10] [--device cuda]
     python bench/vs_anomalib.py --smoke     # CI: tiny, resnet18, does it run
 """
 
@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +40,7 @@ from bench.common import (  # noqa: E402
 )
 
 DETECTORS = ("padim", "patchcore", "fastflow", "stpm")
+IMPLS = ("ours", "anomalib")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -191,15 +193,12 @@ def child(impl: str, name: str, args: argparse.Namespace) -> list[dict]:
         model = anomalib_model(name, mine, args.size).to(device)
         del mine
         fit_anomalib(name, model, train, args.batch_size, args.epochs, device)
-        mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-
-        def forward(x):
-            out = model((x - mean) / std)
-            return out.pred_score.flatten(), out.anomaly_map[:, 0]
+        forward = anomalib_forward(model, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     fit_s = time.perf_counter() - start
+    if args.save:  # for the alternating timing (race) of the two fitted models
+        torch.save(model, args.save)
     rows = []
     for precision in args.precisions.split(","):
         rows.append({"detector": name, "impl": impl, "precision": precision, "fit_s": fit_s,
@@ -211,37 +210,59 @@ def child(impl: str, name: str, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def timed(model, forward, impl: str, precision: str, test, labels, masks, args) -> dict:
-    """Forward images/s and AUROCs of one fitted model at one precision. Ours through the job's
-    Scorer (uint8 in, channels_last on a GPU, 16-bit networks with a float32 rerun of a batch
-    that overflows); anomalib's model under torch.autocast, what Lightning's "16-mixed" does.
-    AUROCs are left out (None) when scores are not finite."""
-    import numpy as np
+def anomalib_forward(model, device: str):
+    """anomalib's torch model on images in [0, 1]: (scores, maps)."""
+    import torch
+
+    mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+    def forward(x):
+        out = model((x - mean) / std)
+        return out.pred_score.flatten(), out.anomaly_map[:, 0]
+    return forward
+
+
+def runner(model, forward, impl: str, precision: str, test, device: str):
+    """(run, test images as run takes them) for one fitted model at one precision. Ours through
+    the job's Scorer (uint8 in, channels_last, BatchNorms folded, 16-bit networks with a float32
+    rerun of a batch that overflows); anomalib's model under torch.autocast, what Lightning's
+    "16-mixed" does."""
     import torch
 
     from anomaly_core.artifact import ModelArtifact
     from anomaly_core.evaluate import Calibration
-    from anomaly_core.metrics import image_auroc, pixel_auroc
     from anomaly_core.precision import LOW_DTYPES
     from anomaly_core.scoring import Scorer
     from bench.ceilings import CALIBRATION
 
-    device = args.device
     if impl == "ours":  # the test files are PNGs: x * 255 is exact
         scorer = Scorer(ModelArtifact(model, Calibration(**CALIBRATION)), device=device,
                         precision=precision)
-        test = (test * 255).round().to(torch.uint8)
 
         def run(x):
             out = scorer(x)
             return out.score, out.map
-    else:
-        def run(x):
-            with (torch.autocast(device_type=x.device.type, dtype=LOW_DTYPES[precision])
-                  if precision != "fp32" else contextlib.nullcontext()):
-                s, m = forward(x)
-            return s.float(), m.float()
+        return run, (test * 255).round().to(torch.uint8)
 
+    def run(x):
+        with (torch.autocast(device_type=x.device.type, dtype=LOW_DTYPES[precision])
+              if precision != "fp32" else contextlib.nullcontext()):
+            s, m = forward(x)
+        return s.float(), m.float()
+    return run, test
+
+
+def timed(model, forward, impl: str, precision: str, test, labels, masks, args) -> dict:
+    """Forward images/s (this model alone) and AUROCs of one fitted model at one precision.
+    AUROCs are left out (None) when scores are not finite."""
+    import numpy as np
+    import torch
+
+    from anomaly_core.metrics import image_auroc, pixel_auroc
+
+    device = args.device
+    run, test = runner(model, forward, impl, precision, test, device)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     scores, maps = [], []
     with torch.no_grad():
@@ -265,6 +286,48 @@ def timed(model, forward, impl: str, precision: str, test, labels, masks, args) 
             "pixel_auroc": pixel_auroc(masks.numpy(), maps) if finite else None}
 
 
+def race(name: str, paths: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
+    """Forward images/s of both fitted models of `name`, per precision, timed in alternation
+    in one process: `args.rounds` rounds of each for about seconds / rounds. On a machine whose
+    speed drifts (shared cores, clocks), both sides see the same drift, so their ratio holds
+    where the one-model-per-process times do not. Keys "<impl> <precision>"."""
+    import torch
+
+    device = args.device
+    _, test, _, _ = load_split(args.data, args.size)
+    models = {impl: torch.load(path, map_location=device, weights_only=False).eval()
+              for impl, path in paths.items()}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    out = {}
+    for precision in args.precisions.split(","):
+        runs = {}
+        for impl, model in models.items():
+            forward = anomalib_forward(model, device) if impl == "anomalib" else None
+            run, images = runner(model, forward, impl, precision, test, device)
+            batch = images[: args.batch_size].to(device)
+            with torch.no_grad():
+                run(batch)  # warm-up
+                sync()
+                start = time.perf_counter()
+                run(batch)
+                sync()
+            calls = max(1, round(args.seconds / args.rounds / (time.perf_counter() - start)))
+            runs[impl] = (run, batch, calls)
+        spent = dict.fromkeys(runs, 0.0)
+        done = dict.fromkeys(runs, 0)
+        with torch.no_grad():
+            for _ in range(args.rounds):
+                for impl, (run, batch, calls) in runs.items():
+                    start = time.perf_counter()
+                    for _ in range(calls):
+                        run(batch)
+                    sync()
+                    spent[impl] += time.perf_counter() - start
+                    done[impl] += calls * len(batch)
+        out.update({f"{impl} {precision}": done[impl] / spent[impl] for impl in runs})
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--detectors", default=",".join(DETECTORS))
@@ -276,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--weights", default="random", help="random, or imagenet where it resolves")
     p.add_argument("--backbone", help="one backbone for all (default: each of ours' defaults)")
     p.add_argument("--seconds", type=float, default=10.0, help="forward timing per model")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="alternations of the two fitted models' forward timing (0: none)")
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--precisions", help="forward precisions, comma list (default: fp32, plus "
                    "fp16 on a GPU: ours' job path against anomalib under autocast)")
@@ -286,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child", nargs=2, metavar=("IMPL", "DETECTOR"), help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--config", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--save", help=argparse.SUPPRESS)
+    p.add_argument("--race", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.train, args.test, args.size, args.batch_size = 4, 4, 64, 2
@@ -296,6 +363,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.child:
         print("RESULT " + json.dumps(child(*args.child, args)), flush=True)
         return {}
+    if args.race:
+        paths = {impl: os.path.join(args.save, f"{impl}.pt") for impl in IMPLS}
+        print("RESULT " + json.dumps(race(args.race, paths, args)), flush=True)
+        return {}
     set_env()
     from anomaly_core.data.synthetic import generate
 
@@ -304,28 +375,52 @@ def main(argv: list[str] | None = None) -> dict:
     generate(data, categories=["capsule"], size=args.size, n_train=args.train,
              n_test_good=args.test // 2, n_test_defect=max(1, args.test // 8))
     rows = []
+    base = [sys.executable, os.path.abspath(__file__), "--data", data, "--size", str(args.size),
+            "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--weights",
+            args.weights, "--seconds", str(args.seconds), "--rounds", str(args.rounds),
+            "--device", args.device, "--precisions", args.precisions]
+
+    def in_child(extra: list[str], what: dict):
+        """A child process's RESULT, or `what` with the reason it gave none."""
+        try:
+            done = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True,
+                                  timeout=args.timeout)
+            lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
+            return (json.loads(lines[-1][7:]) if lines else
+                    {**what, "error": done.stderr.strip()[-300:]})
+        except subprocess.TimeoutExpired:
+            return {**what, "error": f"timeout {args.timeout} s"}
+
     for name in args.detectors.split(","):
-        config = {"backbone": args.backbone} if args.backbone else {}
-        for impl in ("ours", "anomalib"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, name, "--data", data,
-                   "--config", json.dumps(config), "--size", str(args.size), "--batch-size",
-                   str(args.batch_size), "--epochs", str(args.epochs), "--weights", args.weights,
-                   "--seconds", str(args.seconds), "--device", args.device,
-                   "--precisions", args.precisions]
+        config = json.dumps({"backbone": args.backbone} if args.backbone else {})
+        saved = os.path.join(work, name)
+        os.makedirs(saved, exist_ok=True)
+        for impl in IMPLS:
+            save = os.path.join(saved, f"{impl}.pt") if args.rounds else None
             if args.smoke:  # in this process: does it run (peak memory is then shared)
-                rows += child(impl, name, argparse.Namespace(**{
-                    **vars(args), "data": data, "config": json.dumps(config)}))
-                continue
-            try:
-                done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                                      timeout=args.timeout)
-                lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-                got = (json.loads(lines[-1][7:]) if lines else
-                       [{"detector": name, "impl": impl, "error": done.stderr.strip()[-300:]}])
-            except subprocess.TimeoutExpired:
-                got = [{"detector": name, "impl": impl, "error": f"timeout {args.timeout} s"}]
+                got = child(impl, name, argparse.Namespace(**{
+                    **vars(args), "data": data, "config": config, "save": save}))
+            else:
+                got = in_child(["--child", impl, name, "--config", config]
+                               + (["--save", save] if save else []),
+                               {"detector": name, "impl": impl})
+                got = got if isinstance(got, list) else [got]
             rows += got
             print(json.dumps(got), flush=True)
+        if args.rounds and all(os.path.exists(os.path.join(saved, f"{i}.pt")) for i in IMPLS):
+            if args.smoke:
+                paths = {impl: os.path.join(saved, f"{impl}.pt") for impl in IMPLS}
+                rates = race(name, paths, argparse.Namespace(**{**vars(args), "data": data}))
+            else:
+                rates = in_child(["--race", name, "--save", saved], {})
+            print(json.dumps({"race": name, **rates}), flush=True)
+            for row in rows:
+                key = f"{row['impl']} {row.get('precision')}"
+                if row["detector"] == name and key in rates:
+                    row["solo_images_per_s"] = row.get("images_per_s")
+                    row["images_per_s"] = rates[key]
+                    row["alternated"] = True
+        shutil.rmtree(saved, ignore_errors=True)  # PaDiM's fitted models are GBs
     by = {(r["detector"], r["impl"], r.get("precision")): r for r in rows}
     for (name, impl, precision), a in by.items():
         b = by.get((name, "anomalib", precision), {})
@@ -334,10 +429,13 @@ def main(argv: list[str] | None = None) -> dict:
             a["fit_speedup"] = b["fit_s"] / a["fit_s"]
     print(f"\n{args.train} train / {args.test} test images at {args.size} px, batch "
           f"{args.batch_size}, {args.weights} weights, on {args.device}; fit in fp32, forward "
-          f"at each precision (x anomalib: against anomalib at the same precision)")
+          f"at each precision (x anomalib: against anomalib at the same precision); images/s "
+          f"timed in {args.rounds} alternating rounds of the two fitted models in one process "
+          f"where both fitted, 'alone' in each model's own process")
     print_table(rows, [("detector", "detector"), ("impl", "impl"), ("precision", "precision"),
                        ("fit_s", "fit s"),
-                       ("images_per_s", "images/s"), ("speedup", "x anomalib"),
+                       ("images_per_s", "images/s"), ("solo_images_per_s", "alone"),
+                       ("speedup", "x anomalib"),
                        ("fit_speedup", "fit x"), ("peak_mb", "peak MB"),
                        ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
                        ("error", "error")])

@@ -57,6 +57,43 @@ def test_building_an_extractor_leaves_batchnorm_statistics_alone():
     assert torch.equal(running, state["features.1.conv.0.1.running_mean"])
 
 
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_batchnorm_folding_keeps_the_features_and_leaves_the_extractor_alone(name):
+    torch.manual_seed(0)
+    extractor = FeatureExtractor(name, ["layer1", "layer2", "layer3"], "random")
+    for bn in (m for m in extractor.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        # statistics and affine terms far from the identity, so folding has work to do
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.5, 0.5)
+    extractor.eval()
+    keys = list(extractor.state_dict())
+    folded = extractor.batchnorm_folded()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in extractor.modules())
+    assert list(extractor.state_dict()) == keys and not folded.training
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(extractor(images), folded(images)):
+            assert a.shape == b.shape
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+    assert extractor.train().batchnorm_folded() is extractor  # batch statistics: nothing to fold
+
+
+def test_batchnorm_folding_of_a_detector_copies_only_its_extractors():
+    from anomaly_core.detectors import build_detector
+
+    detector = build_detector("stpm", backbone="resnet18", weights="random", image_size=64).eval()
+    view = backbones.batchnorm_folded(detector)
+    assert view is not detector and view.teacher is not detector.teacher
+    assert view.student.body is not detector.student.body
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in detector.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in view.modules())
+    # everything else is shared: moving the view moves the detector's own buffers with it
+    assert view.teacher._buffers is detector.teacher._buffers
+    plain = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1), torch.nn.BatchNorm2d(3)).eval()
+    assert backbones.batchnorm_folded(plain) is plain  # only FeatureExtractors are folded
+
+
 def test_imagenet_mobilenet_loads_from_the_offline_package_with_real_weights(empty_hub):
     extractor = FeatureExtractor("mobilenet_v2", ["layer2"], "imagenet")
     assert backbones.OFFLINE_FILE in extractor.weight_source

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 from anomaly_core.artifact import ModelArtifact
+from anomaly_core.backbones import batchnorm_folded
 from anomaly_core.data.datasets import prepare_image
 from anomaly_core.detectors import build_detector
 from anomaly_core.evaluate import Calibration
@@ -42,11 +43,27 @@ def _uint8_images(n: int, size: int = 64, seed: int = 3) -> np.ndarray:
 
 def test_uint8_images_score_exactly_as_the_float_images_of_training(padim):
     images = _uint8_images(4)
-    out = Scorer(padim, precision="fp32")(images)
+    out = Scorer(padim, precision="fp32", channels_last=False)(images)
+    floats = torch.stack([prepare_image(im.transpose(1, 2, 0), (64, 64)) for im in images])
+    with torch.no_grad():  # the Scorer runs the detector with its BatchNorms folded
+        ref = batchnorm_folded(padim.detector.eval())(floats)
+    assert torch.equal(out.score, ref.score) and torch.equal(out.map, ref.map)
+
+
+def test_scorer_layout_and_folding_keep_scores_and_leave_the_artifact_alone(padim, tmp_path):
+    """channels_last and folded BatchNorms (faster on CPU too) change only float rounding; the
+    artifact's detector keeps its own layers, so it still saves and loads as it was."""
+    keys = list(padim.detector.state_dict())
+    images = _uint8_images(4)
     floats = torch.stack([prepare_image(im.transpose(1, 2, 0), (64, 64)) for im in images])
     with torch.no_grad():
         ref = padim.detector(floats)
-    assert torch.equal(out.score, ref.score) and torch.equal(out.map, ref.map)
+    out = Scorer(padim, precision="fp32")(images)
+    torch.testing.assert_close(out.score, ref.score, rtol=1e-4, atol=0)
+    torch.testing.assert_close(out.map, ref.map, rtol=1e-4, atol=1e-4 * ref.map.max().item())
+    assert list(padim.detector.state_dict()) == keys
+    padim.save(str(tmp_path / "model"))
+    assert torch.equal(Scorer(ModelArtifact.load(str(tmp_path / "model")))(images).score, out.score)
 
 
 def test_scorer_refuses_float_images_and_a_bad_precision(padim):
@@ -70,13 +87,15 @@ def test_auto_precision_is_16_bits_on_a_gpu_only_for_detectors_measured_faster_t
 
 
 # Reduced precision against float32 on the same uint8 test images (capsule 96 px, mobilenet_v2
-# ImageNet weights, 16 good + 16 defective): Spearman rank correlation of the image scores and
-# the image AUROC difference. Measured on CPU (seed 0; fastflow 3 epochs):
+# ImageNet weights, 24 good + 24 defective, so that one swapped pair moves AUROC by 0.0017):
+# Spearman rank correlation of the image scores and the image AUROC difference. Measured on CPU
+# through the Scorer (channels_last, BatchNorms folded; seed 0; fastflow 3 epochs):
 #              fp16 rho / AUROC diff      bf16 rho / AUROC diff
-#   padim      1.0     / 0                0.9963 / 0.008
-#   patchcore  0.99927 / 0                0.9956 / 0.004
-#   fastflow   0.99927 / 0                0.9879 / 0.012
-# (stpm 15 epochs: fp16 0.99927, bf16 0.979.) The tolerance the README documents for "auto":
+#   padim      1.0     / 0                0.99881 / 0.0035
+#   patchcore  0.99957 / 0                0.99533 / 0.0087
+#   fastflow   0.99967 / 0                0.99457 / 0.0069
+# (stpm 15 epochs: fp16 0.99913 / 0.0052, bf16 0.99208.) With 16 + 16 images one swapped pair
+# was 0.0039, and folding swapped one near-tie of fastflow's. The tolerance the README documents:
 MIN_RANK_CORRELATION, MAX_AUROC_CHANGE = 0.999, 0.002
 
 
@@ -87,7 +106,7 @@ def test_fp16_networks_keep_scores_within_the_tolerance_of_float32(name, synthet
     from anomaly_core.metrics import image_auroc
     from tests.helpers import synthetic_split
 
-    train, test = synthetic_split(synthetic("capsule", 96, 40, 16, 4), "capsule", 96)
+    train, test = synthetic_split(synthetic("capsule", 96, 40, 24, 6), "capsule", 96)
     torch.manual_seed(0)
     detector = build_detector(name, image_size=96, backbone="mobilenet_v2")
     fit(detector, Subset(train, range(32)), batch_size=8, epochs=3, seed=0)
