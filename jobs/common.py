@@ -90,8 +90,7 @@ def run_job(main) -> None:
     Exit codes: 2 bad input or configuration (before any work), 3 the job's own check failed
     (e.g. --max-error-rate), 1 anything unexpected.
     """
-    from anomaly_core.artifact import ArtifactError
-    from anomaly_core.backbones import WeightsUnavailableError
+    from anomaly_core.errors import ArtifactError, WeightsUnavailableError  # no torch here
     from anomaly_core.storage import StorageError
 
     try:

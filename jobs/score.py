@@ -279,7 +279,7 @@ def input_blocks(todo, cpus: float, batch_size: int, per_cpu: int = 4, max_rows:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
-    from anomaly_core.artifact import ArtifactInfo
+    from anomaly_core.artifact_info import ArtifactInfo  # model.json only, without torch
     from anomaly_core.runs import finish, open_run, pending, publish_part
 
     t0 = time.perf_counter()

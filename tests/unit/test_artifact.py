@@ -308,3 +308,33 @@ def test_loading_holds_one_copy_of_the_weights(tmp_path):
         peak[mode] = int(out.split()[-1])
     # Measured: load = build + 1.04 x file; the former read-bytes path was build + 3.0 x file.
     assert peak["load"] - peak["build"] <= 1.3 * size, (peak, size)
+
+
+def test_a_jobs_driver_reads_the_artifact_without_importing_torch(artifact, tmp_path):
+    # The score job's driver reads model.json and catches the package's errors; importing torch
+    # for that cost 3-4 s of every run's start-up on 2 cores.
+    artifact.save(str(tmp_path / "model"))
+    code = f"""
+import sys
+import jobs.common, jobs.score
+from anomaly_core.artifact_info import ArtifactInfo
+from anomaly_core.errors import ArtifactError, WeightsUnavailableError
+info = ArtifactInfo.read({str(tmp_path / "model")!r})
+assert info.name == "padim" and info.input_size == (64, 64), info
+assert info.calibration.normalize(info.calibration.threshold) == 0.5
+try:
+    ArtifactInfo.read({str(tmp_path)!r})
+except ArtifactError as exc:
+    assert "model.json" in str(exc)
+else:
+    raise SystemExit("a folder without model.json was read")
+print("torch" in sys.modules)
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "False"
+    # the same types wherever they are imported from
+    from anomaly_core import artifact_info, backbones, errors
+    assert artifact_info.ArtifactInfo is ArtifactInfo and backbones.WeightsUnavailableError \
+        is errors.WeightsUnavailableError and errors.ArtifactError is ArtifactError
