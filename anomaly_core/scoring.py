@@ -44,15 +44,15 @@ class Scorer:
         *,
         device: str = "cpu",
         precision: str = "auto",
-        channels_last: bool | None = None,
+        channels_last: bool = True,
         compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device,
                                            artifact.detector.gpu_precision)
-        # channels_last everywhere: measured faster for every detector on CPU too (1.02x ViT-kNN
-        # to 1.53x SimpleNet, docs/benchmarks.md "Inference layout").
-        self.channels_last = True if channels_last is None else channels_last
+        # channels_last by default on every device: measured faster for every detector on CPU
+        # too (1.02x ViT-kNN to 1.53x SimpleNet, docs/benchmarks.md "Inference layout").
+        self.channels_last = channels_last
         # The artifact's detector moves to the device whole (as before folding: nothing of it
         # is left behind on the host), then the folded copy of its backbones is made there.
         detector = batchnorm_folded(artifact.detector.to(self.device).eval())
