@@ -45,6 +45,7 @@ class Scorer:
         device: str = "cpu",
         precision: str = "auto",
         channels_last: bool = True,
+        fold_batchnorm: bool = True,
         compile: bool = False,
     ) -> None:
         self.device = torch.device(device)
@@ -55,7 +56,9 @@ class Scorer:
         self.channels_last = channels_last
         # The artifact's detector moves to the device whole (as before folding: nothing of it
         # is left behind on the host), then the folded copy of its backbones is made there.
-        detector = batchnorm_folded(artifact.detector.to(self.device).eval())
+        detector = artifact.detector.to(self.device).eval()
+        if fold_batchnorm:
+            detector = batchnorm_folded(detector)
         if self.channels_last:
             detector.to(memory_format=torch.channels_last)
         self.model = torch.compile(detector) if compile else detector

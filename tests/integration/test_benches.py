@@ -48,6 +48,17 @@ def test_vs_anomalib_smoke(tmp_path):
     assert _positive(rows["ours"]["speedup"])
 
 
+def test_inference_layout_smoke(tmp_path):
+    from bench import inference_layout
+
+    result = inference_layout.main(["--smoke", "--out", str(tmp_path / "layout.json")])
+    assert [r["detector"] for r in result["rows"]] == ["padim", "stpm"]
+    for row in result["rows"]:
+        assert "error" not in row, row
+        assert all(_positive(row[v]) for v, _, _ in inference_layout.VARIANTS)
+        assert row["max_score_change"] < 1e-4  # layouts and folding change only rounding
+
+
 def test_nightly_year_smoke(tmp_path):
     from bench import nightly_year
 
