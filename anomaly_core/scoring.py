@@ -52,7 +52,7 @@ class Scorer:
         self.precision = resolve_precision(precision, self.device,
                                            artifact.detector.gpu_precision)
         # channels_last by default on every device: measured faster for every detector on CPU
-        # too (1.02x ViT-kNN to 1.53x SimpleNet, docs/benchmarks.md "Inference layout").
+        # too (1.01x ViT-kNN to 1.33x PatchCore; bench/inference_layout.py).
         self.channels_last = channels_last
         # The artifact's detector moves to the device whole (as before folding: nothing of it
         # is left behind on the host), then the folded copy of its backbones is made there.
