@@ -38,8 +38,11 @@ from anomaly_core.precision import low_precision_dtype
 
 log = logging.getLogger(__name__)
 
-# Elements of one distance block in knn(): 2**22 float32 values = 16 MiB of scratch.
+# Elements of one distance block in knn(): 2**22 float32 values = 16 MiB of scratch on CPU;
+# 2**26 (256 MiB) on a GPU, where each block's ~10 kernel launches, not the scratch, are the
+# cost: PatchCore's 16 x 1,024 patches against a 6,554-row bank are 2 blocks there, not 32.
 DEFAULT_BLOCK = 1 << 22
+GPU_BLOCK = 1 << 26
 # Query rows centred at once in knn(), in distance blocks: 8 blocks (128 MiB as float32).
 QUERY_CHUNK = 8
 LOW_PRECISION = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,7 +73,7 @@ def _knn(
     bank: torch.Tensor,
     k: int = 1,
     *,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # knn() without its autocast guard.
@@ -82,6 +85,8 @@ def _knn(
     if not 1 <= k <= m:
         raise ValueError(f"knn k={k} must be in 1..{m} (the bank's size)")
     q = query.shape[0]
+    if block is None:
+        block = DEFAULT_BLOCK if bank.device.type == "cpu" else GPU_BLOCK
     low = dtype is not None and dtype != torch.float32
     found = min(m, k + _RERANK_EXTRA) if low else k
     q_rows, b_rows = _blocks(q, m, block)
@@ -96,11 +101,11 @@ def _knn(
 
     if low:
         # Unit scale keeps float16 products far from overflow and where its precision is best.
-        scale = max(
+        # Reduced on the device (Python's max() of tensors would wait for a GPU per block).
+        scale = torch.stack([
             (bank[bs : bs + b_rows].float() - centre).norm(dim=1).max()
             for bs in range(0, m, b_rows)
-        )
-        scale = scale.clamp_min(1e-12)
+        ]).max().clamp_min(1e-12)
     key_sq = torch.cat([keys(bs).float().pow(2).sum(1) for bs in range(0, m, b_rows)])
     dists, idxs = [], []
     # A chunk of queries at a time with the bank's blocks outside its query blocks: each bank
@@ -144,13 +149,13 @@ def knn(
     bank: torch.Tensor,
     k: int = 1,
     *,
-    block: int = DEFAULT_BLOCK,
+    block: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean distances [q,k] and indices [q,k] of each query row's k nearest bank rows.
 
     Distances come from |a|^2 - 2 a.b + |b|^2 on matrix products over blocks of at most
-    `block` elements, never a full [q,m] matrix; rows are centred on the bank's mean first,
+    `block` elements (default DEFAULT_BLOCK on CPU, GPU_BLOCK elsewhere), never a full [q,m] matrix; rows are centred on the bank's mean first,
     which keeps that expansion precise for features with a large common offset. Returned
     distances are recomputed from differences, so a row's distance to itself is 0. dtype
     float16/bfloat16 (meant for GPUs) runs the products in that precision on scaled rows and

@@ -43,9 +43,17 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _link(src: str, dst: str) -> None:
+    """A hard link (no bytes copied: 24,000 files of 512 px are 10 GB as copies), else a copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def image_set(folder: str, n: int, size: int, fmt: str = "png", distinct: int = 40) -> list[str]:
     """n synthetic capsule images of size x size px in `folder` as PNG or JPEG files: `distinct`
-    generated ones, copied under new names up to n (decoding costs the same)."""
+    generated ones, linked (or copied) under new names up to n (decoding costs the same)."""
     from PIL import Image
 
     from anomaly_core.data.synthetic import generate
@@ -61,12 +69,10 @@ def image_set(folder: str, n: int, size: int, fmt: str = "png", distinct: int = 
     for i in range(n):
         src = made[i % len(made)]
         dst = os.path.join(out, f"{i:07d}.{fmt}")
-        if fmt == "png":
-            shutil.copyfile(src, dst)
-        elif i < len(made):
-            Image.open(src).convert("RGB").save(dst, quality=90)
+        if fmt == "png" or i >= len(made):
+            _link(src if fmt == "png" else paths[i % len(made)], dst)
         else:
-            shutil.copyfile(paths[i % len(made)], dst)
+            Image.open(src).convert("RGB").save(dst, quality=90)
         paths.append(dst)
     shutil.rmtree(source)
     return paths

@@ -12,6 +12,7 @@ fit, PatchCore k-center-greedy coreset at 0.1, FastFlow Adam 1e-3 on its loss, S
 
     python bench/vs_anomalib.py [--detectors padim,patchcore,fastflow,stpm] [--train 64]
         [--test 64] [--size 256] [--batch-size 16] [--epochs 1] [--rounds 10] [--device cuda]
+        [--profile]
     python bench/vs_anomalib.py --smoke     # CI: tiny, resnet18, does it run
 """
 
@@ -286,6 +287,46 @@ def timed(model, forward, impl: str, precision: str, test, labels, masks, args) 
             "pixel_auroc": pixel_auroc(masks.numpy(), maps) if finite else None}
 
 
+def profiled(run, batch, calls: int, device: str, top: int = 6) -> dict:
+    """Where one forward's time goes, from torch.profiler over `calls` calls: wall ms per call;
+    on a GPU, the kernels' summed time per call and its share of the wall time ("busy": well
+    under 1 means the host's launches and waits, not the GPU, set the pace) and kernel launches
+    per call; the `top` aten ops by their own time (device time on a GPU, CPU time on a CPU)."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.no_grad():
+        run(batch)
+        sync()
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            for _ in range(calls):
+                run(batch)
+            sync()
+            wall = (time.perf_counter() - start) / calls
+    out = {"wall_ms": wall * 1e3}
+
+    def own(e) -> float:  # an op's own time, µs, on the device that matters here
+        if not cuda:
+            return e.self_cpu_time_total
+        return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+
+    if cuda:
+        events = prof.events()
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
+        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / calls
+        out.update(kernel_ms=busy, busy=busy / out["wall_ms"],
+                   launches=sum(1 for e in events if "LaunchKernel" in e.name) / calls)
+    ops = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")), key=own,
+                 reverse=True)
+    out["top"] = [(e.key[6:], round(own(e) / 1e3 / calls, 3)) for e in ops[:top]]
+    return out
+
+
 def race(name: str, paths: dict[str, str], args: argparse.Namespace) -> dict[str, float]:
     """Forward images/s of both fitted models of `name`, per precision, timed in alternation
     in one process: `args.rounds` rounds of each for about seconds / rounds. On a machine whose
@@ -325,6 +366,12 @@ def race(name: str, paths: dict[str, str], args: argparse.Namespace) -> dict[str
                     spent[impl] += time.perf_counter() - start
                     done[impl] += calls * len(batch)
         out.update({f"{impl} {precision}": done[impl] / spent[impl] for impl in runs})
+        if args.profile:
+            for impl, (run, batch, calls) in runs.items():
+                try:
+                    out[f"profile {impl} {precision}"] = profiled(run, batch, calls, device)
+                except Exception as err:  # a profiler gap must not lose the timings above
+                    out[f"profile {impl} {precision}"] = {"error": repr(err)[:200]}
     return out
 
 
@@ -341,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seconds", type=float, default=10.0, help="forward timing per model")
     p.add_argument("--rounds", type=int, default=10,
                    help="alternations of the two fitted models' forward timing (0: none)")
+    p.add_argument("--profile", action="store_true",
+                   help="after the alternated timing, profile each forward (torch.profiler): "
+                   "kernel time and launches per batch on a GPU, the top ops")
     p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--precisions", help="forward precisions, comma list (default: fp32, plus "
                    "fp16 on a GPU: ours' job path against anomalib under autocast)")
@@ -379,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--weights",
             args.weights, "--seconds", str(args.seconds), "--rounds", str(args.rounds),
             "--device", args.device, "--precisions", args.precisions]
+    base += ["--profile"] if args.profile else []
 
     def in_child(extra: list[str], what: dict):
         """A child process's RESULT, or `what` with the reason it gave none."""
@@ -420,6 +471,8 @@ def main(argv: list[str] | None = None) -> dict:
                     row["solo_images_per_s"] = row.get("images_per_s")
                     row["images_per_s"] = rates[key]
                     row["alternated"] = True
+                    if f"profile {key}" in rates:
+                        row["profile"] = rates[f"profile {key}"]
         shutil.rmtree(saved, ignore_errors=True)  # PaDiM's fitted models are GBs
     by = {(r["detector"], r["impl"], r.get("precision")): r for r in rows}
     for (name, impl, precision), a in by.items():
@@ -439,6 +492,18 @@ def main(argv: list[str] | None = None) -> dict:
                        ("fit_speedup", "fit x"), ("peak_mb", "peak MB"),
                        ("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
                        ("error", "error")])
+    profiles = [{"detector": r["detector"], "impl": r["impl"], "precision": r.get("precision"),
+                 **{k: v for k, v in r["profile"].items() if k != "top"},
+                 "top": ", ".join(f"{op} {ms:.2f}" for op, ms in r["profile"].get("top", []))}
+                for r in rows if "profile" in r]
+    if profiles:
+        print("\nWhere a forward's time goes (torch.profiler, per batch; busy = kernel time / "
+              "wall time on a GPU; top: aten ops by their own ms)")
+        print_table(profiles, [("detector", "detector"), ("impl", "impl"),
+                               ("precision", "precision"), ("wall_ms", "wall ms"),
+                               ("kernel_ms", "kernel ms"), ("busy", "busy"),
+                               ("launches", "launches"), ("top", "top ops (ms)"),
+                               ("error", "error")])
     result = {"machine": machine(), "args": vars(args), "rows": rows}
     write_json(args.out, result)
     return result

@@ -38,7 +38,7 @@ def test_score_throughput_smoke(tmp_path):
 def test_vs_anomalib_smoke(tmp_path):
     from bench import vs_anomalib
 
-    result = vs_anomalib.main(["--smoke", "--out", str(tmp_path / "vs.json")])
+    result = vs_anomalib.main(["--smoke", "--profile", "--out", str(tmp_path / "vs.json")])
     rows = {r["impl"]: r for r in result["rows"]}
     assert set(rows) == {"ours", "anomalib"}, result["rows"]
     for row in rows.values():
@@ -46,6 +46,10 @@ def test_vs_anomalib_smoke(tmp_path):
         assert _positive(row["images_per_s"]) and _positive(row["fit_s"])
         assert 0.0 <= row["image_auroc"] <= 1.0 and 0.0 <= row["pixel_auroc"] <= 1.0
     assert _positive(rows["ours"]["speedup"])
+    for row in rows.values():  # the profile of each timed forward: its wall time and top ops
+        profile = row["profile"]
+        assert "error" not in profile and _positive(profile["wall_ms"]), profile
+        assert profile["top"] and all(ms >= 0 for _, ms in profile["top"]), profile
 
 
 def test_inference_layout_smoke(tmp_path):
