@@ -12,46 +12,107 @@ random weights: the cost does not depend on the weights' values.
 runs jobs.train on the same image files with each input pipeline (each worker's own DataLoader,
 or Ray Data decode tasks streaming uint8 shards) and prints rank 0's training images/s in the
 last epoch and the job's wall time.
+
+    python bench/train_throughput.py --layouts [--threads 2] [--rounds 5] [--steps 2]
+        [--device cuda] [--precision bf16] [--detector stpm] [--out layouts.json]
+
+times the gradient-family detectors' training steps in NCHW and in channels_last (jobs.train
+--channels-last) alternately, and prints both rates and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.common import machine, print_table, write_json  # noqa: E402
 
-def measure(name: str, options: dict, size: int, batch: int, steps: int) -> float:
-    """images/s over `steps` timed steps after one warm-up step."""
+
+def make_step(name: str, options: dict, size: int, batch: int, *, device: str = "cpu",
+              channels_last: bool = False, precision: str = "fp32"):
+    """One training step (observe() for the memory family) of a fresh detector at its defaults
+    plus `options`, on one fixed batch, laid out and autocast as anomaly_core.fit does."""
     import torch
 
     from anomaly_core.detectors import build_detector
+    from anomaly_core.fit import autocast
 
-    torch.manual_seed(0)
-    detector = build_detector(name, image_size=size, weights="random", **options)
-    images = torch.rand(batch, 3, size, size)
+    torch.manual_seed(0)  # the same weights and batch for every layout
+    detector = build_detector(name, image_size=size, weights="random", **options).to(device)
+    images = torch.rand(batch, 3, size, size, device=device)
+    if channels_last:
+        detector.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
     if detector.family == "memory":
         detector.eval()
-        step = lambda: detector.observe(images)  # noqa: E731
-    else:
-        detector.train()
-        optimizers = detector.optimizers()
+        return lambda: detector.observe(images)
+    detector.train()
+    optimizers = detector.optimizers()
+    where = torch.device(device)
 
-        def step() -> None:
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            detector.training_step(images).backward()
-            for opt in optimizers:
-                opt.step()
+    def step() -> None:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        with autocast(where, precision):
+            loss = detector.training_step(images)
+        loss.float().backward()
+        for opt in optimizers:
+            opt.step()
+    return step
 
+
+def measure(name: str, options: dict, size: int, batch: int, steps: int) -> float:
+    """images/s over `steps` timed steps after one warm-up step."""
+    step = make_step(name, options, size, batch)
     step()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     return steps * batch / (time.perf_counter() - start)
+
+
+def layouts(args: argparse.Namespace) -> list[dict]:
+    """Training steps of the gradient-family detectors in NCHW and channels_last (jobs.train
+    --channels-last), timed alternately in `args.rounds` rounds of `args.steps` steps each, so
+    both layouts see the same machine. One row per case with both rates and their ratio."""
+    import torch
+
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    rows = []
+    for name, options in CASES:
+        if name in ("padim", "patchcore") or (args.detector and name != args.detector):
+            continue  # the memory family runs no gradient steps
+        steps = {cl: make_step(name, options, args.image_size, args.batch_size,
+                               device=args.device, channels_last=cl, precision=args.precision)
+                 for cl in (False, True)}
+        spent = dict.fromkeys(steps, 0.0)
+        for step in steps.values():
+            step()  # warm-up (and the allocator's first growth)
+        for _ in range(args.rounds):
+            for cl, step in steps.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                sync()
+                spent[cl] += time.perf_counter() - start
+        done = args.rounds * args.steps * args.batch_size
+        row = {"detector": name, "options": ",".join(f"{k}={v}" for k, v in options.items())
+               or "defaults", "nchw": done / spent[False], "channels_last": done / spent[True]}
+        row["channels_last_x"] = row["channels_last"] / row["nchw"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\ntraining images/s at {args.image_size} px, batch {args.batch_size}, "
+          f"{args.precision}, on {args.device}, {args.rounds} alternating rounds of "
+          f"{args.steps} steps per layout")
+    print_table(rows, [("detector", "detector"), ("options", "options"), ("nchw", "NCHW"),
+                       ("channels_last", "channels_last"), ("channels_last_x", "x")])
+    return rows
 
 
 CASES = [
@@ -97,7 +158,7 @@ def input_pipelines(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=16)
@@ -105,16 +166,32 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--input-pipelines", action="store_true",
                    help="compare jobs.train's input pipelines instead (see above)")
-    p.add_argument("--detector", default="stpm")
+    p.add_argument("--layouts", action="store_true",
+                   help="NCHW against channels_last training steps, alternated (see above)")
+    p.add_argument("--rounds", type=int, default=5, help="alternations of --layouts")
+    p.add_argument("--device", default="cpu", help="device of --layouts")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="autocast of --layouts' steps (jobs.train --precision)")
+    p.add_argument("--out", help="JSON of --layouts")
+    p.add_argument("--detector", default=None,
+                   help="one detector (--input-pipelines: default stpm; --layouts: default all)")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--source-size", type=int, default=512)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--use-gpu", action="store_true")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.input_pipelines:
-        input_pipelines(args)
-        return
+        args.detector = args.detector or "stpm"
+        return {"rows": input_pipelines(args)}
+    if args.layouts:
+        import torch
+
+        torch.set_num_threads(args.threads if args.device == "cpu" else torch.get_num_threads())
+        result = {"machine": machine(), "args": vars(args), "rows": layouts(args)}
+        if args.out:
+            write_json(args.out, result)
+        return result
     import torch
 
     from anomaly_core.detectors import make_config
@@ -127,6 +204,7 @@ def main() -> None:
         backbone = "-" if name == "autoencoder" and not config.transfer_learning else config.backbone
         shown = ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
         print(f"{name:<14}{shown:<26}{backbone:<18}{rate:>10.1f}", flush=True)
+    return {}
 
 
 if __name__ == "__main__":

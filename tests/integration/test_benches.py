@@ -101,3 +101,14 @@ def test_tiled_throughput_smoke(tmp_path):
         assert "error" not in row, row
         assert row["tiles_per_image"] == 9 and row["map"] == "128x128"
         assert _positive(row["tiles_per_s"]) and _positive(row["fit_s"])
+
+
+def test_train_layouts_smoke(tmp_path):
+    from bench import train_throughput
+
+    result = train_throughput.main([
+        "--layouts", "--detector", "stpm", "--image-size", "32", "--batch-size", "2", "--steps",
+        "1", "--rounds", "1", "--out", str(tmp_path / "layouts.json")])
+    [row] = result["rows"]
+    assert row["detector"] == "stpm"
+    assert _positive(row["nchw"]) and _positive(row["channels_last"]) and _positive(row["channels_last_x"])
