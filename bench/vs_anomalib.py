@@ -317,8 +317,10 @@ def profiled(run, batch, calls: int, device: str, top: int = 6) -> dict:
 
     if cuda:
         events = prof.events()
-        kernels = [e for e in events if e.device_type == DeviceType.CUDA]
-        busy = sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / calls
+        kernel_us = (sum(e.time_range.elapsed_us() for e in events
+                         if e.device_type == DeviceType.CUDA)  # kernels as their own events
+                     or sum(k.duration for e in events for k in e.kernels))  # or their launchers'
+        busy = kernel_us / 1e3 / calls
         out.update(kernel_ms=busy, busy=busy / out["wall_ms"],
                    launches=sum(1 for e in events if "LaunchKernel" in e.name) / calls)
     ops = sorted((e for e in prof.key_averages() if e.key.startswith("aten::")), key=own,
