@@ -182,6 +182,13 @@ def _resized_strips(amap: torch.Tensor, size: tuple[int, int], rows: int):
         yield u0 * p, u1 * p, part[(u0 - a0) * p:(u1 - a0) * p]
 
 
+def _render(part: torch.Tensor, t: float, span: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask 0/255, 8-bit heatmap) as uint8 tensors from map values at their output size."""
+    mask = (part >= t).to(torch.uint8) * 255
+    heat = ((part - t) / span + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+    return mask, heat
+
+
 def render_maps(
     maps: torch.Tensor,
     sizes: list[tuple[int, int]],
@@ -189,22 +196,41 @@ def render_maps(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Masks (0/255) and 8-bit heatmaps, uint8 at each image's (height, width), from raw maps
     [B,h,w] on whatever device they are: resized bilinear there (antialiased when shrinking),
-    thresholded at the pixel threshold and windowed by the pixel calibration. Large outputs are
-    made a strip of rows at a time (STRIP_PIXELS)."""
+    thresholded at the pixel threshold and windowed by the pixel calibration. Maps of one
+    output size are rendered together (one resize, one copy to the host per size: on a GPU the
+    per-image calls, not the pixels, would be the cost); large outputs are made a strip of rows
+    at a time (STRIP_PIXELS)."""
     t, span = calibration.window(pixel=True)
-    masks, heats = [], []
-    for amap, size in zip(maps, sizes):
-        size = (int(size[0]), int(size[1]))
-        rows = STRIP_ROWS if size[0] * size[1] > STRIP_PIXELS else size[0]
-        mask = np.empty(size, dtype=np.uint8)
-        heat = np.empty(size, dtype=np.uint8)
-        for start, stop, part in _resized_strips(amap.float(), size, rows):
-            mask[start:stop] = ((part >= t).to(torch.uint8) * 255).cpu().numpy()
-            part = ((part - t) / span + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_()
-            heat[start:stop] = part.to(torch.uint8).cpu().numpy()
-        masks.append(mask)
-        heats.append(heat)
+    sizes = [(int(h), int(w)) for h, w in sizes]
+    masks: list[np.ndarray | None] = [None] * len(sizes)
+    heats: list[np.ndarray | None] = [None] * len(sizes)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, size in enumerate(sizes):
+        if size[0] * size[1] > STRIP_PIXELS:
+            masks[i], heats[i] = _render_in_strips(maps[i].float(), size, t, span)
+        else:
+            groups.setdefault(size, []).append(i)
+    for size, members in groups.items():
+        part = maps[members].float()
+        if tuple(part.shape[-2:]) != size:
+            part = F.interpolate(part[:, None], size=size, mode="bilinear", align_corners=False,
+                                 antialias=True)[:, 0]
+        mask, heat = (x.cpu().numpy() for x in _render(part, t, span))
+        for j, i in enumerate(members):
+            masks[i], heats[i] = mask[j], heat[j]
     return masks, heats
+
+
+def _render_in_strips(amap: torch.Tensor, size: tuple[int, int], t: float,
+                      span: float) -> tuple[np.ndarray, np.ndarray]:
+    """render_maps for one large output, STRIP_ROWS rows at a time: an 8,000 x 8,000 map is
+    never float at its full size."""
+    mask = np.empty(size, dtype=np.uint8)
+    heat = np.empty(size, dtype=np.uint8)
+    for start, stop, part in _resized_strips(amap, size, STRIP_ROWS):
+        m, h = _render(part, t, span)
+        mask[start:stop], heat[start:stop] = m.cpu().numpy(), h.cpu().numpy()
+    return mask, heat
 
 
 # zlib level of the mask and heatmap PNGs. Measured on 512 px maps (one core): a heatmap takes

@@ -4,6 +4,8 @@ CPU, the job's CPU stages on all cores (one process per core, one thread each):
   decode  read + decode + resize to the model's input (the decode tasks' `read_images`)
   rows    maps rendered at the image's size, mask and heatmap PNGs, Parquet bytes (`make_rows`)
   cpu     both stages on the same cores: 1 / (1/decode + 1/rows)
+  rows_rendered, cpu_rendered   the same with the maps rendered by the model actor
+          (jobs.score --render-on-device, the default on GPUs): PNGs and Parquet only
 Model, per detector at its defaults (random weights: speed does not depend on their values):
   uint8 batches already on the device through the Scorer (floats made there), fp32, and the
   16-bit precisions on a GPU.
@@ -41,10 +43,21 @@ RUN = {"run_id": "bench", "output": "/tmp/bench", "model": "bench", "model_versi
        "day": "2026-01-01", "source": "bench", "incremental": False, "created_at": "bench"}
 
 
-def _one_thread() -> None:
+# This worker's pre-rendered (mask, heatmap) pairs for the rows_rendered stage, made before the
+# timing: in the job the model actor renders them (--render-on-device).
+_RENDERED: list = []
+
+
+def _init_worker(model_size: int, height: int, width: int) -> None:
     import torch
 
+    from anomaly_core.evaluate import Calibration
+    from anomaly_core.scoring import render_maps
+
     torch.set_num_threads(1)
+    masks, heats = render_maps(torch.from_numpy(raw_maps(8, model_size)), [(height, width)] * 8,
+                               Calibration(**CALIBRATION))
+    _RENDERED[:] = [(m.tobytes(), h.tobytes()) for m, h in zip(masks, heats)]
 
 
 def _decode(paths: list[str], size: int) -> int:
@@ -69,7 +82,7 @@ def raw_maps(n: int, size: int, seed: int = 0):
     return (maps / top).numpy().astype("float32")
 
 
-def _rows(n: int, model_size: int, height: int, width: int) -> int:
+def _rows(n: int, model_size: int, height: int, width: int, rendered: bool = False) -> int:
     import numpy as np
 
     from anomaly_core.schema import parquet_bytes, score_table
@@ -77,8 +90,12 @@ def _rows(n: int, model_size: int, height: int, width: int) -> int:
 
     batch = {"uri": [f"/bench/{i}.png" for i in range(n)], "etag": ["e"] * n, "error": [""] * n,
              "size_bytes": [1] * n, "width": [width] * n, "height": [height] * n,
-             "skipped": np.zeros(n, bool), "raw_score": np.ones(n, np.float32),
-             "raw_map": raw_maps(n, model_size)}
+             "skipped": np.zeros(n, bool), "raw_score": np.ones(n, np.float32)}
+    if rendered:
+        pairs = [_RENDERED[i % len(_RENDERED)] for i in range(n)]
+        batch.update(mask_u8=[m for m, _ in pairs], heat_u8=[h for _, h in pairs])
+    else:
+        batch["raw_map"] = raw_maps(n, model_size)
     rows = make_rows(batch, RUN, CALIBRATION, None)
     return len(rows) if parquet_bytes(score_table(rows)) else 0
 
@@ -91,13 +108,15 @@ def _pool_rate(pool: ProcessPoolExecutor, fn, jobs: list[tuple]) -> float:
 
 def cpu_ceilings(paths: list[str], model_size: int, source_size: int, cores: int,
                  rows_per_file: int = 256) -> dict:
-    """decode, rows and both together (images/s) on `cores` processes."""
+    """decode, rows and both together (images/s) on `cores` processes; rows_rendered and
+    cpu_rendered with the maps rendered before the row stage (by the model actor)."""
     chunk = max(1, min(32, len(paths) // (4 * cores)))
     # Not fork: the caller may hold threads (Ray, torch) that a forked child would inherit. A
     # forkserver imports the stages once; each worker is a cheap fork of it.
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["jobs.score", "anomaly_core.scoring", "anomaly_core.schema"])
-    with ProcessPoolExecutor(cores, mp_context=context, initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(cores, mp_context=context, initializer=_init_worker,
+                             initargs=(model_size, source_size, source_size)) as pool:
         warm = [(paths[:1], model_size)] * cores  # imports and first-call costs out of the timing
         list(pool.map(_decode, *zip(*warm)))
         list(pool.map(_rows, [1] * cores, [model_size] * cores, [source_size] * cores,
@@ -105,19 +124,24 @@ def cpu_ceilings(paths: list[str], model_size: int, source_size: int, cores: int
         decode = _pool_rate(pool, _decode, [(paths[i:i + chunk], model_size)
                                             for i in range(0, len(paths), chunk)])
         per = min(rows_per_file, max(1, len(paths) // cores))
-        rows = _pool_rate(pool, _rows, [(min(per, len(paths) - i), model_size, source_size, source_size)
-                                        for i in range(0, len(paths), per)])
-    return {"decode": decode, "rows": rows, "cpu": 1 / (1 / decode + 1 / rows)}
+        jobs = [(min(per, len(paths) - i), model_size, source_size, source_size)
+                for i in range(0, len(paths), per)]
+        rows = _pool_rate(pool, _rows, jobs)
+        rendered = _pool_rate(pool, _rows, [(*job, True) for job in jobs])
+    return {"decode": decode, "rows": rows, "cpu": 1 / (1 / decode + 1 / rows),
+            "rows_rendered": rendered, "cpu_rendered": 1 / (1 / decode + 1 / rendered)}
 
 
 def model_ceiling(detector, device: str, precision: str, batch_size: int,
-                  seconds: float = 10.0) -> dict:
-    """images/s of a detector on uint8 batches already on the device; peak GPU memory."""
+                  seconds: float = 10.0, render_size: tuple[int, int] | None = None) -> dict:
+    """images/s of a detector on uint8 batches already on the device; peak GPU memory. With
+    `render_size` each batch's maps are also rendered there at that size and copied to the host
+    (the model actor's work under jobs.score --render-on-device)."""
     import torch
 
     from anomaly_core.artifact import ModelArtifact
     from anomaly_core.evaluate import Calibration
-    from anomaly_core.scoring import Scorer
+    from anomaly_core.scoring import Scorer, render_maps
 
     size = detector.config.image_size
     scorer = Scorer(ModelArtifact(detector, Calibration(**CALIBRATION)), device=device,
@@ -128,11 +152,18 @@ def model_ceiling(detector, device: str, precision: str, batch_size: int,
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    scorer(images)  # warm-up: kernels chosen, caches filled
+    calibration = Calibration(**CALIBRATION)
+
+    def call() -> None:
+        out = scorer(images)
+        if render_size is not None:
+            render_maps(out.map, [render_size] * batch_size, calibration)
+
+    call()  # warm-up: kernels chosen, caches filled
     sync()
     calls, start = 0, time.perf_counter()
     while calls < 2 or (time.perf_counter() - start < seconds and calls < 200):
-        scorer(images)
+        call()
         calls += 1
         sync()
     rate = calls * batch_size / (time.perf_counter() - start)
@@ -174,7 +205,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nCPU ceilings: {args.images} {args.source_size} px {args.format} files -> "
           f"{args.input_size} px, {args.cores} processes")
     print_table([{k: round(v, 1) for k, v in cpu.items()}],
-                [("decode", "decode images/s"), ("rows", "rows images/s"), ("cpu", "both images/s")])
+                [("decode", "decode images/s"), ("rows", "rows images/s"), ("cpu", "both images/s"),
+                 ("rows_rendered", "rows, maps rendered by the model"),
+                 ("cpu_rendered", "both, maps rendered by the model")])
     models = []
     for name in args.detectors.split(","):
         detector = None

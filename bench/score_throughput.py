@@ -2,7 +2,9 @@
 and model, in one run. Prints a table and writes JSON.
 
   ceilings  CPU (decode + rows on all cores, bench/ceilings.py) and model (uint8 batches on the
-            device, the job's precision)
+            device, the job's precision). Where the job renders the maps in the model actor
+            (--render-on-device, its default on a GPU) the rows ceiling leaves rendering out
+            and the model ceiling includes it.
   bound     on a GPU node the stages use different resources: min(cpu, model). On a CPU-only
             node the model shares the cores with decoding and rows: 1/(1/cpu + 1/model).
   job       images/s of the job from dataset creation to its last part file (Ray already up;
@@ -81,8 +83,14 @@ def main(argv: list[str] | None = None) -> dict:
     flags = args.extra.split()
     if "--precision" in flags:
         precision = flags[flags.index("--precision") + 1]
+    # The job's default: maps rendered by the model actor on a GPU (jobs.score
+    # --render-on-device), then the row tasks only encode, and the actor renders.
+    rendered = ("--render-on-device" in flags
+                or (args.use_gpu and "--no-render-on-device" not in flags))
+    cpu_rate = cpu["cpu_rendered" if rendered else "cpu"]
     model_rate = model_ceiling(detector, device, precision, args.batch_size,
-                               0.0 if args.smoke else 10.0)
+                               0.0 if args.smoke else 10.0,
+                               (args.source_size,) * 2 if rendered else None)
     del detector
     init_ray(None)
     summary = score.main(["--model", model, "--input", os.path.dirname(paths[0]),
@@ -96,9 +104,11 @@ def main(argv: list[str] | None = None) -> dict:
     # after the first part file: the pipeline's steady rate, without actor start-up and fill
     steady = ((args.images - min(args.rows_per_file, args.images - 1))
               / max(timings["score"] - timings["first_rows"], 1e-9))
-    ceiling_min = min(cpu["cpu"], model_rate["images_per_s"])
-    bound = ceiling_min if args.use_gpu else 1 / (1 / cpu["cpu"] + 1 / model_rate["images_per_s"])
-    row = {"images": args.images, "decode": cpu["decode"], "rows": cpu["rows"], "cpu": cpu["cpu"],
+    ceiling_min = min(cpu_rate, model_rate["images_per_s"])
+    bound = ceiling_min if args.use_gpu else 1 / (1 / cpu_rate + 1 / model_rate["images_per_s"])
+    row = {"images": args.images, "decode": cpu["decode"],
+           "rows": cpu["rows_rendered" if rendered else "rows"], "cpu": cpu_rate,
+           "rendered_by_model": rendered,
            "model": model_rate["images_per_s"], "bound": bound, "job": job,
            "of_bound": job / bound, "of_min": job / ceiling_min,
            "first_rows_s": timings["first_rows"], "steady": steady,
@@ -107,6 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{','.join(args.set)} ({model_rate['precision']}) on {device}, batch "
           f"{args.batch_size}, {args.num_actors} actor(s), {args.cores} cores; images/s")
     print_table([row], [("images", "images"), ("decode", "decode"), ("rows", "rows"),
+                        ("rendered_by_model", "maps rendered by the model"),
                         ("cpu", "cpu ceiling"), ("model", "model ceiling"), ("bound", "bound"),
                         ("job", "job"), ("of_bound", "job/bound"), ("of_min", "job/min"),
                         ("first_rows_s", "first rows s"), ("steady", "steady"),

@@ -73,9 +73,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-decode", action="store_true",
                    help="decode plain JPEGs in the model actor on its device (nvJPEG with "
                         "--use-gpu); other files still decode on CPU tasks")
-    p.add_argument("--render-on-device", action="store_true",
+    p.add_argument("--render-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="resize, threshold and quantize the maps in the model actor (on the GPU) "
-                        "instead of in the row tasks")
+                        "instead of in the row tasks, whose CPUs bound a GPU node (default: on "
+                        "with --use-gpu)")
     p.add_argument("--mask-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                    help="mask/heatmap size (default: each image's own size)")
     p.add_argument("--max-pixels", type=int, default=100_000_000,
@@ -89,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--batch-size, --rows-per-file and --num-actors must be at least 1")
     if args.batches_in_flight is None:
         args.batches_in_flight = 2 if args.use_gpu else 1
+    if args.render_on_device is None:
+        args.render_on_device = args.use_gpu
     if args.batches_in_flight < 1 or args.decode_memory_mb <= 0:
         p.error("--batches-in-flight must be at least 1 and --decode-memory-mb positive")
     if not 0.0 <= args.max_error_rate <= 1.0:

@@ -18,8 +18,10 @@ def test_ceilings_smoke(tmp_path):
 
     out = tmp_path / "ceilings.json"
     result = ceilings.main(["--smoke", "--out", str(out)])
-    assert all(_positive(result["cpu"][k]) for k in ("decode", "rows", "cpu"))
-    assert result["cpu"]["cpu"] < min(result["cpu"]["decode"], result["cpu"]["rows"])
+    cpu = result["cpu"]
+    assert all(_positive(cpu[k]) for k in ("decode", "rows", "cpu", "rows_rendered", "cpu_rendered"))
+    assert cpu["cpu"] < min(cpu["decode"], cpu["rows"])
+    assert cpu["cpu_rendered"] < min(cpu["decode"], cpu["rows_rendered"])
     assert [m["detector"] for m in result["models"]] == ["padim", "stpm"]
     assert all(_positive(m.get("images_per_s")) for m in result["models"]), result["models"]
     assert json.loads(out.read_text())["machine"]["cpus"] >= 1

@@ -88,3 +88,14 @@ def test_score_rejects_date_and_inventory_flags_without_what_they_need(flags, sa
     with pytest.raises(SystemExit) as exit_:
         score.parse_args(["--model", "/m", "--output", "/o", *flags])
     assert exit_.value.code == 2 and says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, on_device, in_flight", [
+    ([], False, 1),  # CPU: the row tasks render, one batch per actor at a time
+    (["--use-gpu"], True, 2),  # GPU: the actor renders (the row tasks' CPUs bound a GPU node)
+    (["--use-gpu", "--no-render-on-device"], False, 2),
+    (["--render-on-device"], True, 1),
+])
+def test_score_renders_maps_on_the_device_by_default_on_gpus(flags, on_device, in_flight):
+    args = score.parse_args(["--input", "/in", "--model", "/m", "--output", "/o", *flags])
+    assert args.render_on_device is on_device and args.batches_in_flight == in_flight

@@ -175,6 +175,18 @@ def test_render_maps_thresholds_and_windows_at_each_images_size():
     assert np.array_equal(mask_b, (resized >= 2.0).numpy().astype(np.uint8) * 255)
 
 
+def test_render_maps_of_a_mixed_batch_equal_each_map_rendered_alone():
+    # Same-size maps are rendered as one batch; strip-sized outputs alone, a strip at a time.
+    cal = _calibration()
+    raw = torch.rand(5, 16, 16, generator=torch.Generator().manual_seed(1)) * 4
+    sizes = [(30, 40), (16, 16), (30, 40), (2100, 2000), (8, 8)]
+    masks, heats = render_maps(raw, sizes, cal)
+    for i, size in enumerate(sizes):
+        (mask,), (heat,) = render_maps(raw[i:i + 1], [size], cal)
+        assert masks[i].shape == heats[i].shape == size
+        assert np.array_equal(masks[i], mask) and np.array_equal(heats[i], heat), size
+
+
 def test_render_maps_averages_when_shrinking_so_a_lone_hot_pixel_is_not_the_whole_mask():
     amap = torch.zeros(1, 64, 64)
     amap[0, 10, 10] = 100.0
