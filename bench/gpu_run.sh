@@ -6,6 +6,9 @@
 # There:       bash bench/gpu_run.sh                             (with .whl carried)
 # Dry run on CPU at tiny sizes:  SMOKE=1 OUT=/tmp/gpu-dry bash bench/gpu_run.sh
 # Some steps only:  STEPS="score_throughput vs_anomalib" VS_ARGS="--detectors patchcore" bash ...
+# The step limits add up to more than one device call (600 s) and a session's 15 minutes with
+# the machine's start: first STEPS="gpu_tests score_throughput vs_anomalib" (at most 520 s),
+# then, if time is left, STEPS="ceilings train_input" or "tiled".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
