@@ -18,7 +18,7 @@ from anomaly_core.detectors import build_detector
 from anomaly_core.evaluate import Calibration
 from anomaly_core.fit import fit
 from anomaly_core.precision import resolve_precision
-from anomaly_core.scoring import Scorer, render_maps
+from anomaly_core.scoring import Scorer, decode_png, encode_png, render_maps
 from tests.helpers import TensorImages, random_images
 
 
@@ -173,6 +173,14 @@ def test_render_maps_thresholds_and_windows_at_each_images_size():
     assert mask_b.shape == heat_b.shape == (6, 4)
     resized = F.interpolate(maps[:1, None], size=(6, 4), mode="bilinear", align_corners=False)[0, 0]
     assert np.array_equal(mask_b, (resized >= 2.0).numpy().astype(np.uint8) * 255)
+
+
+def test_mask_and_heatmap_pngs_are_lossless():
+    g = np.random.default_rng(0)
+    smooth = np.repeat(np.repeat(g.integers(0, 256, (8, 8)), 32, 0), 32, 1).astype(np.uint8)
+    noise = g.integers(0, 256, (100, 70)).astype(np.uint8)
+    for pixels in (smooth, noise, np.zeros((5, 3), np.uint8), (smooth > 128).astype(np.uint8) * 255):
+        assert np.array_equal(decode_png(encode_png(pixels)), pixels)
 
 
 def test_render_maps_of_a_mixed_batch_equal_each_map_rendered_alone():
