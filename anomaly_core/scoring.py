@@ -72,6 +72,13 @@ class Scorer:
             self._local.stream = torch.cuda.Stream(self.device)
         return self._local.stream
 
+    def streamed(self) -> contextlib.AbstractContextManager:
+        """The calling thread's own CUDA stream as the current one (nothing off GPUs): a caller
+        that also renders or copies results puts that work there too, not on the default
+        stream every thread shares."""
+        stream = self._stream()
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
     def _hand_over(self, stream: torch.cuda.Stream | None, *tensors: torch.Tensor) -> None:
         """Results made on this thread's stream, safe for the caller's (current) stream: it waits
         for them there, and their memory is not reused before its work on them is done. Without

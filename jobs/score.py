@@ -149,6 +149,10 @@ class ScoringActor:
         self.render_on_device, self.mask_size = render_on_device, mask_size
 
     def __call__(self, batch: dict) -> dict:
+        with self.scorer.streamed():  # this thread's copies, model and rendering on its stream
+            return self._score(batch)
+
+    def _score(self, batch: dict) -> dict:
         from anomaly_core.scoring import render_maps
 
         n = len(batch["uri"])

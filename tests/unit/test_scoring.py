@@ -1,6 +1,7 @@
 """The scoring path's model and map stages: uint8 in, floats on the device, maps rendered at
 each image's size; 16-bit networks within their documented tolerance of float32."""
 
+import contextlib
 import copy
 import os
 import threading
@@ -147,9 +148,10 @@ def test_on_a_gpu_callers_read_results_only_after_the_scoring_stream_made_them(p
     gpu = Scorer(copy.deepcopy(padim), device="cuda", precision="fp32")
     got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
 
-    def work(i: int) -> None:
-        for b in batches[i::2] * 3:
-            got[i].append(gpu(b).score.cpu())
+    def work(i: int) -> None:  # thread 1 as the model actor does: all of it on its own stream
+        with gpu.streamed() if i else contextlib.nullcontext():
+            for b in batches[i::2] * 3:
+                got[i].append(gpu(b).score.cpu())
 
     threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
     for t in threads:
