@@ -67,7 +67,8 @@ def cluster(s3_endpoint: str, tmp_path_factory) -> Iterator[Cluster]:
     # outward address; the nodes take 127.0.0.2 and 127.0.0.3 instead: still loopback only.
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO),
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", ANOMALY_OFFLINE="1")
+               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", ANOMALY_OFFLINE="1",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25")
     temp_dir = tempfile.mkdtemp(prefix="rmn-", dir="/tmp")
     gcs_port = free_port()
     common = ["--num-cpus=2", "--object-store-memory=400000000", "--disable-usage-stats"]

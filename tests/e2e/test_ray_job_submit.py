@@ -137,7 +137,8 @@ def head(s3_endpoint: str, tmp_path_factory) -> Iterator[Head]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", ANOMALY_OFFLINE="1")
+               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", ANOMALY_OFFLINE="1",
+               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25")
     # Short: Ray's Unix sockets live under it and must stay below 108 characters.
     temp_dir = tempfile.mkdtemp(prefix="rje-", dir="/tmp")
     gcs_port, dashboard_port = free_port(), free_port()
