@@ -155,8 +155,9 @@ def knn(
     """Euclidean distances [q,k] and indices [q,k] of each query row's k nearest bank rows.
 
     Distances come from |a|^2 - 2 a.b + |b|^2 on matrix products over blocks of at most
-    `block` elements (default DEFAULT_BLOCK on CPU, GPU_BLOCK elsewhere), never a full [q,m] matrix; rows are centred on the bank's mean first,
-    which keeps that expansion precise for features with a large common offset. Returned
+    `block` elements (default: DEFAULT_BLOCK on CPU, GPU_BLOCK on GPUs), never a full [q,m]
+    matrix; rows are centred on the bank's mean first, which keeps that expansion precise for
+    features with a large common offset. Returned
     distances are recomputed from differences, so a row's distance to itself is 0. dtype
     float16/bfloat16 (meant for GPUs) runs the products in that precision on scaled rows and
     re-ranks a few extra candidates in float32: only near-ties may be ordered differently.

@@ -164,6 +164,9 @@ class Scorer:
 # for each temporary): only a strip's worth (STRIP_ROWS rows) is float at a time.
 STRIP_PIXELS = 1 << 22
 STRIP_ROWS = 256
+# Output pixels of same-size maps rendered at once (64 MiB as float32): a batch of 64 maps of
+# 2,048 px is 4 at a time, not one 1 GiB tensor and its temporaries.
+GROUP_PIXELS = 1 << 24
 
 
 def _resized_strips(amap: torch.Tensor, size: tuple[int, int], rows: int):
@@ -219,13 +222,16 @@ def render_maps(
         else:
             groups.setdefault(size, []).append(i)
     for size, members in groups.items():
-        part = maps[members].float()
-        if tuple(part.shape[-2:]) != size:
-            part = F.interpolate(part[:, None], size=size, mode="bilinear", align_corners=False,
-                                 antialias=True)[:, 0]
-        mask, heat = (x.cpu().numpy() for x in _render(part, t, span))
-        for j, i in enumerate(members):
-            masks[i], heats[i] = mask[j], heat[j]
+        per = max(1, GROUP_PIXELS // (size[0] * size[1]))
+        for start in range(0, len(members), per):
+            chunk = members[start:start + per]
+            part = maps[chunk].float()
+            if tuple(part.shape[-2:]) != size:
+                part = F.interpolate(part[:, None], size=size, mode="bilinear",
+                                     align_corners=False, antialias=True)[:, 0]
+            mask, heat = (x.cpu().numpy() for x in _render(part, t, span))
+            for j, i in enumerate(chunk):
+                masks[i], heats[i] = mask[j], heat[j]
     return masks, heats
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
+from anomaly_core import scoring
 from anomaly_core.artifact import ModelArtifact
 from anomaly_core.backbones import batchnorm_folded
 from anomaly_core.data.datasets import prepare_image
@@ -185,11 +186,13 @@ def test_mask_and_heatmap_pngs_are_lossless():
         assert np.array_equal(decode_png(encode_png(pixels)), pixels)
 
 
-def test_render_maps_of_a_mixed_batch_equal_each_map_rendered_alone():
-    # Same-size maps are rendered as one batch; strip-sized outputs alone, a strip at a time.
+def test_render_maps_of_a_mixed_batch_equal_each_map_rendered_alone(monkeypatch):
+    # Same-size maps are rendered as one batch (in chunks of GROUP_PIXELS); strip-sized outputs
+    # alone, a strip at a time.
     cal = _calibration()
-    raw = torch.rand(5, 16, 16, generator=torch.Generator().manual_seed(1)) * 4
-    sizes = [(30, 40), (16, 16), (30, 40), (2100, 2000), (8, 8)]
+    raw = torch.rand(8, 16, 16, generator=torch.Generator().manual_seed(1)) * 4
+    sizes = [(30, 40), (16, 16), (30, 40), (2100, 2000), (8, 8), (30, 40), (30, 40), (30, 40)]
+    monkeypatch.setattr(scoring, "GROUP_PIXELS", 2 * 30 * 40)  # the four 30 x 40: two chunks
     masks, heats = render_maps(raw, sizes, cal)
     for i, size in enumerate(sizes):
         (mask,), (heat,) = render_maps(raw[i:i + 1], [size], cal)
