@@ -79,26 +79,22 @@ def main(argv: list[str] | None = None) -> dict:
     size = detector.config.image_size
 
     cpu = cpu_ceilings(paths, size, args.source_size, args.cores, args.rows_per_file)
-    precision = "auto"
-    flags = args.extra.split()
-    if "--precision" in flags:
-        precision = flags[flags.index("--precision") + 1]
-    # The job's default: maps rendered by the model actor on a GPU (jobs.score
-    # --render-on-device), then the row tasks only encode, and the actor renders.
-    rendered = ("--render-on-device" in flags
-                or (args.use_gpu and "--no-render-on-device" not in flags))
+    job_argv = ["--model", model, "--input", os.path.dirname(paths[0]),
+                "--output", os.path.join(work, "scores"), "--batch-size", str(args.batch_size),
+                "--rows-per-file", str(args.rows_per_file), "--num-actors", str(args.num_actors),
+                "--cpus-per-actor", str(args.cpus_per_actor), "--progress-every", "30",
+                *(["--use-gpu"] if args.use_gpu else []), *args.extra.split()]
+    # The job's own settings: its precision, and whether the model actor renders the maps
+    # (--render-on-device, its default on a GPU): then the row tasks only encode.
+    job_args = score.parse_args(job_argv)
+    rendered = job_args.render_on_device
     cpu_rate = cpu["cpu_rendered" if rendered else "cpu"]
-    model_rate = model_ceiling(detector, device, precision, args.batch_size,
+    model_rate = model_ceiling(detector, device, job_args.precision, args.batch_size,
                                0.0 if args.smoke else 10.0,
                                (args.source_size,) * 2 if rendered else None)
     del detector
     init_ray(None)
-    summary = score.main(["--model", model, "--input", os.path.dirname(paths[0]),
-                          "--output", os.path.join(work, "scores"), "--batch-size",
-                          str(args.batch_size), "--rows-per-file", str(args.rows_per_file),
-                          "--num-actors", str(args.num_actors), "--cpus-per-actor",
-                          str(args.cpus_per_actor), "--progress-every", "30",
-                          *(["--use-gpu"] if args.use_gpu else []), *flags])
+    summary = score.main(job_argv)
     job = summary["images_per_s"]
     timings = summary["timings_s"]
     # after the first part file: the pipeline's steady rate, without actor start-up and fill

@@ -82,10 +82,12 @@ def layouts(args: argparse.Namespace) -> list[dict]:
     both layouts see the same machine. One row per case with both rates and their ratio."""
     import torch
 
+    from anomaly_core.detectors import detector_class
+
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     rows = []
     for name, options in CASES:
-        if name in ("padim", "patchcore") or (args.detector and name != args.detector):
+        if detector_class(name).family == "memory" or (args.detector and name != args.detector):
             continue  # the memory family runs no gradient steps
         steps = {cl: make_step(name, options, args.image_size, args.batch_size,
                                device=args.device, channels_last=cl, precision=args.precision)
