@@ -2,7 +2,8 @@
 
 Inside `compute_precision("fp16")` (or "bf16") the networks (CNN and ViT backbones, the
 autoencoder) run under that autocast and nearest-neighbour searches take 16-bit products with a
-float32 re-rank of the few nearest candidates. What turns network outputs into scores
+float32 re-rank of the few nearest candidates (PatchCore's and ViT-kNN's `knn_dtype="auto"`
+also takes bf16 products at fp32 on CPUs with bf16 instructions: coreset.knn_products). What turns network outputs into scores
 (Mahalanobis distances, cosine distances, flows' log-densities, discriminators, reconstruction
 errors) stays float32: it subtracts nearly equal numbers. The setting is a context variable, so
 each thread (each batch in flight in a model actor) has its own.

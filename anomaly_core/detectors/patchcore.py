@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from anomaly_core.backbones import FeatureExtractor, freeze
-from anomaly_core.coreset import StreamingCoreset, gather_and_reduce, knn, knn_dtype
+from anomaly_core.coreset import StreamingCoreset, gather_and_reduce, knn, knn_dtype, knn_products
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import (
     AnomalyOutput,
@@ -40,7 +40,10 @@ class PatchcoreConfig(DetectorConfig):
     # Bound on the bank-building state per worker (buffered patches + selection scratch);
     # None keeps every patch until one coreset at the end, as other implementations do.
     memory_budget_gb: float | None = 4.0
-    knn_dtype: str = "float32"  # float16 / bfloat16: faster nearest-neighbour products on GPU
+    # Products of the nearest-neighbour search (distances are then computed exactly in float32):
+    # auto is bfloat16 on CPUs with bf16 instructions and the 16-bit precision of a
+    # --precision fp16/bf16 run, float32 elsewhere; or float32, float16, bfloat16.
+    knn_dtype: str = "auto"
     seed: int = 0  # fixes the projection and the greedy's first point
 
 
@@ -129,11 +132,15 @@ class Patchcore(Detector):
             "capped": reducer.capped,
         }
 
+    def products(self) -> torch.dtype:
+        """The dtype of the nearest-neighbour products, from `knn_dtype` and the bank's device."""
+        return knn_products(self.knn_dtype, self.memory_bank.device)
+
     def patch_scores(self, emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-patch distance to the bank [B, h*w], nearest bank index [B, h*w], patches [B, h*w, d]."""
         b, d, h, w = emb.shape
         patches = emb.permute(0, 2, 3, 1).reshape(b, h * w, d)
-        dist, idx = knn(patches.reshape(-1, d), self.memory_bank, 1, dtype=self.knn_dtype)
+        dist, idx = knn(patches.reshape(-1, d), self.memory_bank, 1, dtype=self.products())
         return dist.view(b, h * w), idx.view(b, h * w), patches
 
     def image_scores(
@@ -147,7 +154,7 @@ class Patchcore(Detector):
         rows = torch.arange(len(scores), device=scores.device)
         test = patches[rows, where]  # [B, d]: the most anomalous patch of each image
         anchor = self.memory_bank[nearest[rows, where]]  # its nearest bank item m*
-        _, support = knn(anchor, self.memory_bank, k, dtype=self.knn_dtype)  # m*'s k neighbours
+        _, support = knn(anchor, self.memory_bank, k, dtype=self.products())  # m*'s k neighbours
         dists = (test.unsqueeze(1) - self.memory_bank[support]).norm(dim=-1)  # [B, k]
         weight = 1 - torch.softmax(dists, dim=1)[:, 0]
         return weight * top

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from anomaly_core.backbones import TORCHVISION_MODELS, ViTExtractor, freeze
-from anomaly_core.coreset import StreamingCoreset, gather_and_reduce, knn, knn_dtype
+from anomaly_core.coreset import StreamingCoreset, gather_and_reduce, knn, knn_dtype, knn_products
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import (
     AnomalyOutput,
@@ -36,7 +36,7 @@ class VitKnnConfig(DetectorConfig):
     patch_coreset_ratio: float = 1.0
     memory_budget_gb: float | None = 4.0  # per worker, both banks' building state together
     projection_dim: int = 128
-    knn_dtype: str = "float32"  # float16 / bfloat16 on GPU
+    knn_dtype: str = "auto"  # products of the k-NN search: as PatchCore's
     blur_sigma: float = 4.0
     seed: int = 0
 
@@ -143,15 +143,16 @@ class VitKnn(Detector):
         cls, patches = self.features(images)
         b, n, d = patches.shape
         k = self.config.k
+        products = knn_products(self.knn_dtype, self.patch_bank.device)
         patch_dist, _ = knn(
             patches.reshape(-1, d),
             self.patch_bank,
             min(k, len(self.patch_bank)),
-            dtype=self.knn_dtype,
+            dtype=products,
         )
         grid = patch_dist.mean(1).view(b, self.grid, self.grid)
         if self.config.image_score == "cls":
-            cls_dist, _ = knn(cls, self.cls_bank, k, dtype=self.knn_dtype)
+            cls_dist, _ = knn(cls, self.cls_bank, k, dtype=products)
             score = cls_dist.mean(1)
         else:
             score = grid.flatten(1).max(1).values

@@ -65,6 +65,18 @@ def test_inference_layout_smoke(tmp_path):
         assert row["max_score_change"] < 1e-4  # layouts and folding change only rounding
 
 
+def test_knn_products_smoke(tmp_path):
+    from bench import knn_products
+
+    result = knn_products.main(["--smoke", "--out", str(tmp_path / "knn.json")])
+    assert [r["products"] for r in result["rows"]] == ["float32", "bfloat16"]
+    for row in result["rows"]:
+        assert _positive(row["knn_s_per_batch"]) and _positive(row["images_per_s"]), row
+    # bf16 products with the exact re-rank: the same patch distances as float32's here
+    assert result["comparison"]["same_patches"] >= 0.99, result["comparison"]
+    assert result["comparison"]["max_patch_ratio"] < 1.01, result["comparison"]
+
+
 def test_nightly_year_smoke(tmp_path):
     from bench import nightly_year
 

@@ -116,10 +116,48 @@ def test_fp16_networks_keep_scores_within_the_tolerance_of_float32(name, synthet
     images = np.stack([(test[i]["image"] * 255).round().to(torch.uint8).numpy()
                        for i in range(len(test))])
     labels = np.array([int(test[i]["label"]) for i in range(len(test))])
+    if name == "patchcore":  # the reference's nearest-neighbour products in float32 too
+        detector.knn_dtype = "float32"
     exact = Scorer(artifact, precision="fp32")(images).score.numpy()
+    detector.knn_dtype = "auto"  # fp16 products inside fp16, as the job runs them
     half = Scorer(artifact, precision="fp16")(images).score.numpy()
     assert spearmanr(exact, half)[0] >= MIN_RANK_CORRELATION
     assert abs(image_auroc(labels, exact) - image_auroc(labels, half)) <= MAX_AUROC_CHANGE
+
+
+def test_bf16_nearest_neighbour_products_keep_patchcore_within_the_tolerance(synthetic):
+    # knn_dtype "auto" takes bf16 products on CPUs with bf16 instructions, at fp32 precision;
+    # "bfloat16" forces them here on any CPU (slowly where emulated).
+    from scipy.stats import spearmanr
+
+    from anomaly_core.metrics import image_auroc, pixel_auroc
+    from tests.helpers import synthetic_split
+
+    train, test = synthetic_split(synthetic("capsule", 96, 40, 24, 6), "capsule", 96)
+    torch.manual_seed(0)
+    detector = build_detector("patchcore", image_size=96, backbone="mobilenet_v2")
+    fit(detector, Subset(train, range(32)), batch_size=8, seed=0)
+    images = torch.stack([test[i]["image"] for i in range(len(test))])
+    masks = torch.stack([test[i]["mask"] for i in range(len(test))])
+    labels = np.array([int(test[i]["label"]) for i in range(len(test))])
+    out, patch = {}, {}
+    with torch.no_grad():
+        emb = detector.embed(images)
+        for products in ("float32", "bfloat16"):
+            detector.knn_dtype = products
+            out[products] = detector(images)
+            patch[products] = detector.patch_scores(emb)[0]
+    exact, low = out["float32"], out["bfloat16"]
+    assert spearmanr(exact.score.numpy(), low.score.numpy())[0] >= MIN_RANK_CORRELATION
+    assert abs(image_auroc(labels, exact.score.numpy()) - image_auroc(labels, low.score.numpy())) \
+        <= MAX_AUROC_CHANGE
+    assert abs(pixel_auroc(masks.numpy(), exact.map.numpy()) - pixel_auroc(masks.numpy(), low.map.numpy())) \
+        <= MAX_AUROC_CHANGE
+    # Exact distances for the patches whose nearest neighbour the bf16 products found, and
+    # for the others the distance to a near-tie.
+    same = torch.isclose(patch["bfloat16"], patch["float32"], rtol=1e-5).float().mean().item()
+    assert same > 0.95, same
+    assert (patch["bfloat16"] / patch["float32"]).max() < 1.01
 
 
 def test_batches_from_two_threads_get_their_own_results(padim):
