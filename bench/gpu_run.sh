@@ -8,7 +8,7 @@
 # Some steps only:  STEPS="score_throughput vs_anomalib" VS_ARGS="--detectors patchcore" bash ...
 # The step limits add up to more than one device call (600 s) and a session's 15 minutes with
 # the machine's start: first STEPS="gpu_tests score_throughput vs_anomalib" (at most 520 s),
-# then, if time is left, STEPS="ceilings train_input" or "tiled train_layouts".
+# then, if time is left, STEPS="ceilings train_input knn_products" or "tiled train_layouts".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu-out}
@@ -25,6 +25,7 @@ if [ -n "${SMOKE:-}" ]; then
     train=(--input-pipelines --images 16 --source-size 96 --image-size 64 --batch-size 4 --epochs 1)
     tiled=(--smoke)
     layouts=(--layouts --detector stpm --image-size 32 --batch-size 2 --steps 1 --rounds 1)
+    knn=(--smoke)
 else
     ceil=(--images 1000 --source-size 512 --seconds 2)
     # 24,000: the 2026-11-30 run of 8,000 spent 18 of its 29 s before the first part file
@@ -36,9 +37,10 @@ else
     tiled=(--size 4096 --tile 256 --images 4 --fit-images 2)  # 256 tiles an image, defaults
     layouts=(--layouts --device cuda --precision bf16 --image-size 256 --batch-size 32 --steps 5
              --rounds 3)
+    knn=(--rounds 3)  # PatchCore at defaults: float32 against bf16 products, scores compared
 fi
-steps=" ${STEPS:-ceilings score_throughput vs_anomalib train_input tiled train_layouts} "  # STEPS=...: fewer
-step() {  # name timeout command...  (6 steps: a log and a JSON each, 12 files back in all)
+steps=" ${STEPS:-ceilings score_throughput vs_anomalib train_input tiled train_layouts knn_products} "  # STEPS=...: fewer
+step() {  # name timeout command...  (7 steps: a log and a JSON each, 14 files back in all)
     local name=$1 limit=$2
     shift 2
     [[ $steps == *" $name "* ]] || return 0
@@ -58,3 +60,4 @@ step vs_anomalib 230 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomal
 step train_input 100 "$py" bench/train_throughput.py "${train[@]}"
 step tiled 120 "$py" bench/tiled_throughput.py "${tiled[@]}" --out "$OUT/tiled_throughput.json"
 step train_layouts 90 "$py" bench/train_throughput.py "${layouts[@]}" --out "$OUT/train_layouts.json"
+step knn_products 60 "$py" bench/knn_products.py "${knn[@]}" --out "$OUT/knn_products.json"

@@ -10,7 +10,7 @@ that are the same (the bf16 products found the exact nearest neighbour), and the
 of a patch distance to float32's.
 
     python bench/knn_products.py [--train 64] [--test 64] [--size 256] [--batch-size 16]
-        [--rounds 4] [--set backbone=resnet18 ...] [--out F]
+        [--rounds 4] [--set backbone=resnet18 ...] [--device cuda] [--out F]
     python bench/knn_products.py --smoke    # CI: tiny, resnet18, does it run
 """
 
@@ -24,7 +24,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.common import machine, parse_sets, print_table, set_env, write_json  # noqa: E402
+from bench.common import (  # noqa: E402
+    cuda_available,
+    machine,
+    parse_sets,
+    print_table,
+    set_env,
+    write_json,
+)
 
 SETTINGS = ("float32", "bfloat16")
 
@@ -37,6 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--set", action="append", default=[], help="detector option key=value")
+    p.add_argument("--device", default="cuda" if cuda_available() else "cpu")
     p.add_argument("--smoke", action="store_true", help="tiny, resnet18 (CI)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "knn_products.json"))
     args = p.parse_args(argv)
@@ -63,8 +71,10 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     detector = build_detector("patchcore", image_size=args.size, weights="random",
                               **parse_sets(args.set))
-    fit(detector, TensorImages(train), batch_size=args.batch_size, seed=0)
-    detector.eval()
+    fit(detector, TensorImages(train), batch_size=args.batch_size, seed=0, device=args.device)
+    detector.to(args.device).eval()
+    images = images.to(args.device)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     batches = images.split(args.batch_size)
     spent = {s: {"knn": 0.0, "forward": 0.0} for s in SETTINGS}
     outputs, patches = {}, {}
@@ -73,16 +83,19 @@ def main(argv: list[str] | None = None) -> dict:
         for r in range(args.rounds + 1):  # round 0 warms up and keeps the outputs
             for setting in SETTINGS:
                 detector.knn_dtype = setting
+                sync()
                 start = time.perf_counter()
                 dists = [detector.patch_scores(e)[0] for e in embedded]
+                sync()
                 knn_s = time.perf_counter() - start
                 start = time.perf_counter()
                 outs = [detector(b) for b in batches]
+                sync()
                 forward_s = time.perf_counter() - start
                 if r == 0:
-                    patches[setting] = torch.cat(dists)
-                    outputs[setting] = (torch.cat([o.score for o in outs]).numpy(),
-                                        torch.cat([o.map for o in outs]).numpy())
+                    patches[setting] = torch.cat(dists).cpu()
+                    outputs[setting] = (torch.cat([o.score for o in outs]).cpu().numpy(),
+                                        torch.cat([o.map for o in outs]).cpu().numpy())
                 else:
                     spent[setting]["knn"] += knn_s
                     spent[setting]["forward"] += forward_s
@@ -108,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(f"patchcore {dict(detector.config.__dict__)['backbone']} at {args.size} px, bank of "
           f"{len(detector.memory_bank)} x {detector.memory_bank.shape[1]}, {len(images)} test "
-          f"images, batch {args.batch_size}; bf16 instructions on this CPU: {cpu_bf16_products()}")
+          f"images, batch {args.batch_size}, on {args.device}; bf16 instructions on this CPU: "
+          f"{cpu_bf16_products()}")
     print_table(rows, [("products", "products"), ("knn_s_per_batch", "kNN s/batch"),
                        ("images_per_s", "images/s"), ("image_auroc", "image AUROC"),
                        ("pixel_auroc", "pixel AUROC")])

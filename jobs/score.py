@@ -225,7 +225,9 @@ def make_rows(batch: dict, run: dict, calibration: dict, mask_size) -> list[dict
         if row["error"] is None:
             size = output_size(batch, i, mask_size)
             if "raw_map" in batch:
-                (mask,), (heat,) = render_maps(torch.from_numpy(batch["raw_map"][i][None]), [size], cal)
+                # A copy: Ray hands the batch over read-only, which torch.from_numpy warns of.
+                raw = torch.tensor(batch["raw_map"][i][None])
+                (mask,), (heat,) = render_maps(raw, [size], cal)
             else:  # rendered by the model actor (--render-on-device)
                 mask = np.frombuffer(batch["mask_u8"][i], np.uint8).reshape(size)
                 heat = np.frombuffer(batch["heat_u8"][i], np.uint8).reshape(size)
