@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--actor-start-timeout", type=float, default=600,
                    help="seconds to wait for every model actor to load its model before any "
                         "image is sent, so all replicas share the work from the start")
+    p.add_argument("--model-threads", type=int,
+                   help="CPU only: threads of each model actor's torch (default: Ray's, the "
+                        "actor's --cpus-per-actor). On a small CPU node a heavy model can take "
+                        "every core while reserving less, e.g. 2 cores: --cpus-per-actor 0.5 "
+                        "--decode-cpus 0.5 --model-threads 2")
     p.add_argument("--decode-cpus", type=float, default=1, help="CPUs per decode task")
     p.add_argument("--decode-memory-mb", type=float, default=512,
                    help="memory Ray reserves per decode task (MiB); raise it for very large images")
@@ -92,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.batches_in_flight = 2 if args.use_gpu else 1
     if args.render_on_device is None:
         args.render_on_device = args.use_gpu
+    if args.model_threads is not None and args.model_threads < 1:
+        p.error("--model-threads must be at least 1")
     if args.batches_in_flight < 1 or args.decode_memory_mb <= 0:
         p.error("--batches-in-flight must be at least 1 and --decode-memory-mb positive")
     if not 0.0 <= args.max_error_rate <= 1.0:
@@ -133,8 +140,10 @@ class ScoringActor:
     """
 
     def __init__(self, model_uri: str, s3_endpoint: str | None, use_gpu: bool, precision: str,
-                 compile: bool, render_on_device: bool, mask_size) -> None:
+                 compile: bool, render_on_device: bool, mask_size,
+                 model_threads: int | None = None) -> None:
         import ray
+        import torch
 
         from anomaly_core.artifact import ModelArtifact
         from anomaly_core.scoring import Scorer
@@ -142,6 +151,8 @@ class ScoringActor:
 
         self.node = ray.get_runtime_context().get_node_id()
         device = "cuda" if use_gpu else "cpu"
+        if model_threads and not use_gpu:  # Ray set OMP_NUM_THREADS from the actor's CPUs
+            torch.set_num_threads(model_threads)
         artifact = ModelArtifact.load(model_uri, s3_endpoint=s3_endpoint, device=device)
         self.calibration, self.input_size = artifact.calibration, artifact.input_size
         self.map_size = map_size(artifact.detector)  # the stitched map's when tiled
@@ -354,7 +365,8 @@ def main(argv: list[str] | None = None) -> dict:
             fn_constructor_kwargs={
                 "model_uri": args.model, "s3_endpoint": args.s3_endpoint, "use_gpu": args.use_gpu,
                 "precision": args.precision, "compile": args.compile,
-                "render_on_device": args.render_on_device, "mask_size": args.mask_size},
+                "render_on_device": args.render_on_device, "mask_size": args.mask_size,
+                "model_threads": args.model_threads},
             compute=ray.data.ActorPoolStrategy(
                 size=args.num_actors, max_concurrent_calls_per_actor=args.batches_in_flight,
                 enable_true_multi_threading=args.batches_in_flight > 1),

@@ -83,6 +83,7 @@ def test_save_best_artifact_retrains_with_every_training_flag_the_sweep_was_give
 @pytest.mark.parametrize("flags, says", [
     (["--input", "/in", "--since", "2026-11-29"], "--since and --date-prefix go together"),
     (["--manifest", "/m.csv", "--inventory", "/inv/manifest.json"], "pass --input s3://"),
+    (["--input", "/in", "--model-threads", "0"], "--model-threads must be at least 1"),
 ])
 def test_score_rejects_date_and_inventory_flags_without_what_they_need(flags, says, capsys):
     with pytest.raises(SystemExit) as exit_:
