@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "knn_speedup": rows[0]["knn_s_per_batch"] / max(rows[1]["knn_s_per_batch"], 1e-9),
         "forward_speedup": rows[1]["images_per_s"] / max(rows[0]["images_per_s"], 1e-9),
     }
-    print(f"patchcore {dict(detector.config.__dict__)['backbone']} at {args.size} px, bank of "
+    print(f"patchcore {detector.config.backbone} at {args.size} px, bank of "
           f"{len(detector.memory_bank)} x {detector.memory_bank.shape[1]}, {len(images)} test "
           f"images, batch {args.batch_size}, on {args.device}; bf16 instructions on this CPU: "
           f"{cpu_bf16_products()}")
