@@ -89,7 +89,7 @@ _CPU_BF16: bool | None = None
 def cpu_bf16_products() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (Linux /proc/cpuinfo flags).
 
-    Without them oneDNN emulates bf16 products, slower than float32 (AVX2 only: 3x slower)."""
+    Without them bf16 products are emulated, slower than float32 (an AVX2-only AMD EPYC)."""
     global _CPU_BF16
     if _CPU_BF16 is None:
         try:
@@ -182,11 +182,8 @@ def _knn(
                 d2 = probe[qs:qe] @ block_keys.T  # squared distances
                 if found == 1:  # min() is several times faster than topk() on CPU
                     d, i = d2.min(dim=1, keepdim=True)
-                    better = d.float() < best_d[qs:qe]
-                    best_d[qs:qe] = torch.where(better, d.float(), best_d[qs:qe])
-                    best_i[qs:qe] = torch.where(better, i + bs, best_i[qs:qe])
-                    continue
-                d, i = d2.topk(min(found, d2.shape[1]), dim=1, largest=False)
+                else:
+                    d, i = d2.topk(min(found, d2.shape[1]), dim=1, largest=False)
                 d = torch.cat([best_d[qs:qe], d.float()], 1)
                 d, pick = d.topk(found, dim=1, largest=False)
                 best_d[qs:qe] = d
