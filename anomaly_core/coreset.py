@@ -28,6 +28,7 @@ later; merge-and-reduce for k-center bounds it by the sum of the levels' radii.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -83,23 +84,18 @@ def knn_products(setting: str, device: torch.device) -> torch.dtype:
     return LOW_PRECISION.get(knn_dtype(setting), torch.float32)
 
 
-_CPU_BF16: bool | None = None
-
-
+@functools.cache
 def cpu_bf16_products() -> bool:
     """Whether this CPU has bfloat16 matrix instructions (Linux /proc/cpuinfo flags).
 
     Without them bf16 products are emulated, slower than float32 (an AVX2-only AMD EPYC)."""
-    global _CPU_BF16
-    if _CPU_BF16 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((line.split(":", 1)[1].split() for line in f
-                              if line.startswith("flags")), [])
-        except OSError:
-            flags = []
-        _CPU_BF16 = "avx512_bf16" in flags or "amx_bf16" in flags
-    return _CPU_BF16
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f
+                          if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def _blocks(q: int, m: int, block: int) -> tuple[int, int]:

@@ -100,7 +100,7 @@ def test_knn_products_auto_follows_the_precision_and_the_cpus_bf16_instructions(
 
     cpu = torch.device("cpu")
     for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(coreset, "_CPU_BF16", has_bf16)
+        monkeypatch.setattr(coreset, "cpu_bf16_products", lambda has=has_bf16: has)
         assert coreset.knn_products("auto", cpu) == expected
         with compute_precision("fp16"):
             assert coreset.knn_products("auto", cpu) == torch.float16
