@@ -121,7 +121,7 @@ def _node_lock(path: str, what: str) -> Iterator[None]:
         os.close(fd)  # releases the lock, also when the holder dies
 
 
-def _cached(weights_uri: str, version: str, s3_endpoint: str | None, cache_dir: str) -> str:
+def _cached(weights_uri: str, version: str, cache_dir: str) -> str:
     """The verified per-node copy of a remote weights file, downloaded at most once per node."""
     folder = os.path.join(cache_dir, version)
     path = os.path.join(folder, WEIGHTS_FILE)
@@ -133,7 +133,7 @@ def _cached(weights_uri: str, version: str, s3_endpoint: str | None, cache_dir: 
         with _node_lock(os.path.join(folder, ".lock"), weights_uri):
             if _marked(path, marker, version):
                 return path  # another loader on this node fetched it while we waited
-            _fetch(weights_uri, version, s3_endpoint, path, marker)
+            _fetch(weights_uri, version, path, marker)
     except OSError as exc:
         raise ArtifactError(
             f"{weights_uri}: the artifact cache folder {folder} is not usable ({exc}); "
@@ -142,7 +142,7 @@ def _cached(weights_uri: str, version: str, s3_endpoint: str | None, cache_dir: 
     return path
 
 
-def _fetch(weights_uri: str, version: str, s3_endpoint: str | None, path: str, marker: str) -> None:
+def _fetch(weights_uri: str, version: str, path: str, marker: str) -> None:
     """Under the node lock: reuse a present file that hashes right, else download and verify."""
     folder = os.path.dirname(path)
     for name in os.listdir(folder):
@@ -158,7 +158,7 @@ def _fetch(weights_uri: str, version: str, s3_endpoint: str | None, path: str, m
         os.remove(path)
     tmp = os.path.join(folder, f".{WEIGHTS_FILE}.{uuid.uuid4().hex}.tmp")
     try:
-        digest = storage.copy_file(weights_uri, tmp, s3_endpoint=s3_endpoint)
+        digest = storage.copy_file(weights_uri, tmp)
         if not digest.startswith(version):
             raise _mismatch(weights_uri)
         os.replace(tmp, path)
@@ -175,13 +175,13 @@ def _fetch(weights_uri: str, version: str, s3_endpoint: str | None, path: str, m
 
 
 def weights_path(
-    uri: str, model_version: str, *, s3_endpoint: str | None = None, cache_dir: str | None = None
+    uri: str, model_version: str, *, cache_dir: str | None = None
 ) -> str:
     """A local weights file verified against `model_version`: the artifact's own for a local
     artifact, the node's cache entry (downloaded once, then trusted) for s3://."""
     weights_uri = storage.join(uri, WEIGHTS_FILE)
     if storage.is_s3(uri):
-        return _cached(weights_uri, model_version, s3_endpoint, cache_dir or default_cache_dir())
+        return _cached(weights_uri, model_version, cache_dir or default_cache_dir())
     _, path = storage.filesystem(weights_uri)
     try:
         digest = file_sha256(path)
@@ -272,7 +272,7 @@ class ModelArtifact:
             "created_at": self.created_at,
         }
 
-    def save(self, uri: str, *, s3_endpoint: str | None = None) -> str:
+    def save(self, uri: str) -> str:
         """Write weights then model.json (model.json last: its presence means complete).
 
         The weights stream from the tensors to a file: no serialized copy in memory.
@@ -287,7 +287,7 @@ class ModelArtifact:
                 with tempfile.TemporaryDirectory(dir=staging, prefix=".save-") as tmp:
                     local = os.path.join(tmp, WEIGHTS_FILE)
                     _save_weights(state, local, weights_uri)
-                    digest = storage.copy_file(local, weights_uri, s3_endpoint=s3_endpoint)
+                    digest = storage.copy_file(local, weights_uri)
             except OSError as exc:
                 raise storage.StorageError(
                     f"could not stage {weights_uri} in {staging} ({exc}); set {CACHE_ENV} to a "
@@ -310,20 +310,19 @@ class ModelArtifact:
         self.model_version = digest[:12]
         self.created_at = self.created_at or datetime.now(UTC).isoformat(timespec="seconds")
         body = json.dumps(self.metadata(), indent=2, sort_keys=True).encode()
-        storage.write_bytes(storage.join(uri, MODEL_FILE), body, s3_endpoint=s3_endpoint)
+        storage.write_bytes(storage.join(uri, MODEL_FILE), body)
         return uri
 
     @staticmethod
-    def read_metadata(uri: str, *, s3_endpoint: str | None = None) -> dict[str, Any]:
+    def read_metadata(uri: str) -> dict[str, Any]:
         """model.json alone (no weights): provenance, calibration and metrics."""
-        return read_metadata(uri, s3_endpoint=s3_endpoint)
+        return read_metadata(uri)
 
     @classmethod
     def load(
         cls,
         uri: str,
         *,
-        s3_endpoint: str | None = None,
         device: str = "cpu",
         cache_dir: str | None = None,
     ) -> ModelArtifact:
@@ -334,8 +333,8 @@ class ModelArtifact:
         """
         from safetensors.torch import load_file
 
-        info = ArtifactInfo.read(uri, s3_endpoint=s3_endpoint)
-        path = weights_path(uri, info.model_version, s3_endpoint=s3_endpoint, cache_dir=cache_dir)
+        info = ArtifactInfo.read(uri)
+        path = weights_path(uri, info.model_version, cache_dir=cache_dir)
         weights_uri = storage.join(uri, WEIGHTS_FILE)
         where = f"{weights_uri} (cached at {path})" if storage.is_s3(uri) else weights_uri
         try:

@@ -18,11 +18,11 @@ MODEL_FILE = "model.json"
 VERSION_PATTERN = re.compile(r"[0-9a-f]{12,64}")
 
 
-def read_metadata(uri: str, *, s3_endpoint: str | None = None) -> dict[str, Any]:
+def read_metadata(uri: str) -> dict[str, Any]:
     """model.json alone (no weights), checked: format, schema version, model_version."""
     meta_uri = storage.join(uri, MODEL_FILE)
     try:
-        meta = json.loads(storage.read_bytes(meta_uri, s3_endpoint=s3_endpoint))
+        meta = json.loads(storage.read_bytes(meta_uri))
     except storage.StorageError as exc:
         raise ArtifactError(
             f"{meta_uri}: cannot read ({exc}); pass the directory that jobs/train.py wrote"
@@ -62,9 +62,9 @@ class ArtifactInfo:
     metadata: dict[str, Any]  # the whole model.json
 
     @classmethod
-    def read(cls, uri: str, *, s3_endpoint: str | None = None) -> ArtifactInfo:
+    def read(cls, uri: str) -> ArtifactInfo:
         """Read and check `<uri>/model.json`; errors name the file and what to do."""
-        meta = read_metadata(uri, s3_endpoint=s3_endpoint)
+        meta = read_metadata(uri)
         meta_uri = storage.join(uri, MODEL_FILE)
         try:
             size = meta.get("input_size") or [meta["config"]["image_size"]] * 2

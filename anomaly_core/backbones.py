@@ -121,12 +121,12 @@ def _imagenet_torchvision_state(name: str) -> tuple[dict, str]:
     return state, f"imagenet ({url})"
 
 
-def load_state_dict_file(uri: str, *, s3_endpoint: str | None = None) -> dict[str, torch.Tensor]:
+def load_state_dict_file(uri: str) -> dict[str, torch.Tensor]:
     """Read a state dict from a local path or s3:// URI (.safetensors or torch's zip format)."""
     from anomaly_core import storage
 
     try:
-        data = storage.read_bytes(uri, s3_endpoint=s3_endpoint)
+        data = storage.read_bytes(uri)
     except storage.StorageError as exc:
         raise WeightsUnavailableError(f"weights file {uri}: {exc}") from exc
     try:
@@ -172,17 +172,15 @@ class FeatureExtractor(nn.Module):
         name: str,
         layers: Sequence[str],
         weights: str = "imagenet",
-        *,
-        s3_endpoint: str | None = None,
     ) -> None:
         super().__init__()
         self.name, self.layers = name, tuple(layers)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         if name.startswith("timm:"):
-            self.body, self.weight_source = self._build_timm(name[5:], weights, s3_endpoint)
+            self.body, self.weight_source = self._build_timm(name[5:], weights)
         elif name in TORCHVISION_MODELS:
-            self.body, self.weight_source = self._build_torchvision(name, weights, s3_endpoint)
+            self.body, self.weight_source = self._build_torchvision(name, weights)
         else:
             raise ValueError(
                 f"unknown backbone {name!r}; choose one of {', '.join(TORCHVISION_MODELS)} "
@@ -194,7 +192,7 @@ class FeatureExtractor(nn.Module):
         self.channels = [f.shape[1] for f in probe]
         self.strides = [64 // f.shape[-1] for f in probe]
 
-    def _build_torchvision(self, name: str, weights: str, s3_endpoint: str | None):
+    def _build_torchvision(self, name: str, weights: str):
         import torchvision.models as tvm
         from torchvision.models.feature_extraction import create_feature_extractor
 
@@ -205,13 +203,13 @@ class FeatureExtractor(nn.Module):
         elif weights == "random":
             source = "random"
         else:
-            _load_into(model, load_state_dict_file(weights, s3_endpoint=s3_endpoint), weights)
+            _load_into(model, load_state_dict_file(weights), weights)
             source = weights
         aliases = LAYER_ALIASES.get(name, {})
         nodes = {aliases.get(layer, layer): layer for layer in self.layers}
         return create_feature_extractor(model, return_nodes=nodes), source
 
-    def _build_timm(self, name: str, weights: str, s3_endpoint: str | None):
+    def _build_timm(self, name: str, weights: str):
         import timm
 
         indices = tuple(int(layer.removeprefix("layer")) for layer in self.layers)
@@ -231,7 +229,7 @@ class FeatureExtractor(nn.Module):
         if "://" in weights:  # timm reads local files only
             import tempfile
 
-            state = load_state_dict_file(weights, s3_endpoint=s3_endpoint)
+            state = load_state_dict_file(weights)
             path = os.path.join(tempfile.mkdtemp(), "weights.pth")
             torch.save(state, path)
         model = timm.create_model(
@@ -269,8 +267,6 @@ class ViTExtractor(nn.Module):
         self,
         name: str = "google/vit-base-patch16-224",
         weights: str = "imagenet",
-        *,
-        s3_endpoint: str | None = None,
     ) -> None:
         super().__init__()
         from transformers import ViTConfig, ViTModel
@@ -291,7 +287,7 @@ class ViTExtractor(nn.Module):
             source = f"imagenet ({target})" if weights == "imagenet" else weights
         else:
             self.body = ViTModel(ViTConfig(), add_pooling_layer=False)
-            _load_into(self.body, load_state_dict_file(weights, s3_endpoint=s3_endpoint), weights)
+            _load_into(self.body, load_state_dict_file(weights), weights)
             source = weights
         self.weight_source = source
         cfg = self.body.config
@@ -350,7 +346,7 @@ def _hf_cached(repo: str, files: Sequence[str]) -> bool:
     return any(isinstance(try_to_load_from_cache(repo, f), str) for f in files)
 
 
-def check_weights(backbone: str, weights: str, *, s3_endpoint: str | None = None) -> str:
+def check_weights(backbone: str, weights: str) -> str:
     """Where `weights` for `backbone` would load from on this machine, without loading them.
 
     Raises WeightsUnavailableError (what to pre-seed, or which file is missing) when they cannot
@@ -362,7 +358,7 @@ def check_weights(backbone: str, weights: str, *, s3_endpoint: str | None = None
         return "random"
     if weights != "imagenet":
         local = not storage.is_s3(weights)
-        if (os.path.exists(weights) if local else storage.exists(weights, s3_endpoint=s3_endpoint)):
+        if (os.path.exists(weights) if local else storage.exists(weights)):
             return weights
         raise WeightsUnavailableError(
             f"weights file {weights} for {backbone} does not exist; check the path (on a cluster it "

@@ -51,7 +51,6 @@ def list_inputs(
     since: date | str | None = None,
     date_prefix: str | None = None,
     today: date | str | None = None,
-    s3_endpoint: str | None = None,
 ) -> pa.Table:
     """The images to score, as a table of INPUT_SCHEMA (prev_etag all null).
 
@@ -77,15 +76,15 @@ def list_inputs(
         if since is not None:
             raise ValueError(f"--since/--date-prefix select folders to list; manifest {source} "
                              "already names every image: drop them or the manifest")
-        return _read_manifest(source, s3_endpoint)
+        return _read_manifest(source)
     prefixes = [source]
     if since is not None:
         prefixes = date_prefixes(source, date_prefix, since, today)
     if inventory:
-        return _read_inventory(inventory, source, prefixes, extensions, s3_endpoint)
+        return _read_inventory(inventory, source, prefixes, extensions)
     if since is None:
-        return _list(source, extensions, s3_endpoint)
-    return _list_dates(source, prefixes, extensions, s3_endpoint)
+        return _list(source, extensions)
+    return _list_dates(source, prefixes, extensions)
 
 
 # -- folder / prefix listing ---------------------------------------------------------------
@@ -100,14 +99,14 @@ def _page_batch(page: list[tuple[str, int, str | None]]) -> pa.RecordBatch:
     )
 
 
-def _batches(uri: str, extensions: list[str], s3_endpoint: str | None) -> list[pa.RecordBatch]:
+def _batches(uri: str, extensions: list[str]) -> list[pa.RecordBatch]:
     return [_page_batch(page) for page in
-            storage.list_objects(uri, extensions=extensions or None, s3_endpoint=s3_endpoint)
+            storage.list_objects(uri, extensions=extensions or None)
             if page]
 
 
-def _list(source: str, extensions: list[str], s3_endpoint: str | None) -> pa.Table:
-    return pa.Table.from_batches(_batches(source, extensions, s3_endpoint), schema=INPUT_SCHEMA)
+def _list(source: str, extensions: list[str]) -> pa.Table:
+    return pa.Table.from_batches(_batches(source, extensions), schema=INPUT_SCHEMA)
 
 
 def date_prefixes(source: str, pattern: str, since: date | str, today: date | str | None = None
@@ -154,27 +153,26 @@ def _as_date(value: date | str, what: str) -> date:
         raise ValueError(f"{what} {value!r} is not a date; use YYYY-MM-DD") from None
 
 
-def _list_dates(source: str, prefixes: list[str], extensions: list[str],
-                s3_endpoint: str | None) -> pa.Table:
+def _list_dates(source: str, prefixes: list[str], extensions: list[str]) -> pa.Table:
     """List each day's folder; a day whose folder does not exist is skipped."""
     batches: list[pa.RecordBatch] = []
     found = False
     first_error: storage.StorageError | None = None
     for prefix in prefixes:
         try:
-            batches += _batches(prefix, extensions, s3_endpoint)
+            batches += _batches(prefix, extensions)
             found = True
         except storage.StorageError as exc:
             # An absent or empty day folder: skip it. Anything else (access denied, not
             # reachable, a file where a folder should be): raise it.
             empty = str(exc).startswith("nothing under")  # list_objects' own message
-            if storage.exists(prefix, s3_endpoint=s3_endpoint) and not empty:
+            if storage.exists(prefix) and not empty:
                 raise
             first_error = first_error or exc
     if not found:
         if storage.is_s3(source):
             bucket = source[len("s3://"):].split("/", 1)[0]
-            if not storage.exists(f"s3://{bucket}", s3_endpoint=s3_endpoint):
+            if not storage.exists(f"s3://{bucket}"):
                 raise first_error  # names the missing bucket and the endpoint
         shown = prefixes if len(prefixes) <= 6 else [*prefixes[:3], "...", *prefixes[-2:]]
         raise storage.StorageError(
@@ -187,8 +185,8 @@ def _list_dates(source: str, prefixes: list[str], extensions: list[str],
 # -- manifest of URIs ------------------------------------------------------------------------
 
 
-def _read_manifest(source: str, s3_endpoint: str | None) -> pa.Table:
-    data = storage.read_bytes(source, s3_endpoint=s3_endpoint)
+def _read_manifest(source: str) -> pa.Table:
+    data = storage.read_bytes(source)
     lower = source.lower()
     try:
         if lower.endswith((".csv", ".csv.gz")):
@@ -235,15 +233,14 @@ def _read_manifest(source: str, s3_endpoint: str | None) -> pa.Table:
 # -- S3 Inventory ----------------------------------------------------------------------------
 
 
-def _read_inventory(inventory: str, source: str, prefixes: list[str], extensions: list[str],
-                    s3_endpoint: str | None) -> pa.Table:
+def _read_inventory(inventory: str, source: str, prefixes: list[str], extensions: list[str]) -> pa.Table:
     """The objects under `prefixes` listed by an S3 Inventory report, as INPUT_SCHEMA."""
     what = f"inventory {inventory}"
     if not storage.is_s3(source):
         raise ValueError(f"{what} lists an S3 bucket, but --input {source} is not an s3:// "
                          "prefix; pass --input s3://bucket/prefix")
     try:
-        meta = json.loads(storage.read_bytes(inventory, s3_endpoint=s3_endpoint))
+        meta = json.loads(storage.read_bytes(inventory))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{what} is not JSON ({exc}); pass the manifest.json of an S3 "
                          "Inventory report") from exc
@@ -276,9 +273,9 @@ def _read_inventory(inventory: str, source: str, prefixes: list[str], extensions
     for entry in meta["files"]:
         if not isinstance(entry, dict) or not entry.get("key"):
             raise ValueError(f"{what}: an entry of `files` has no key: {entry!r}")
-        root = root or _inventory_root(inventory, meta, entry["key"], s3_endpoint)
+        root = root or _inventory_root(inventory, meta, entry["key"])
         data_uri = storage.join(root, entry["key"])
-        data = storage.read_bytes(data_uri, s3_endpoint=s3_endpoint)
+        data = storage.read_bytes(data_uri)
         md5 = entry.get("MD5checksum")
         if md5 and hashlib.md5(data).hexdigest() != md5:
             raise ValueError(f"inventory data file {data_uri} does not match its MD5checksum in "
@@ -309,7 +306,7 @@ def _key_prefix(uri: str) -> str:
     return prefix + "/" if prefix else ""
 
 
-def _inventory_root(inventory: str, meta: dict, key: str, s3_endpoint: str | None) -> str:
+def _inventory_root(inventory: str, meta: dict, key: str) -> str:
     """Where the report's file keys start: its destination bucket (for an S3 manifest, the bucket
     it is in), or for a copied report the ancestor folder of the manifest that holds them."""
     candidates: list[str] = []
@@ -327,7 +324,7 @@ def _inventory_root(inventory: str, meta: dict, key: str, s3_endpoint: str | Non
         candidates.append(f"s3://{dest}")
     for root in dict.fromkeys(candidates):
         try:
-            if storage.exists(storage.join(root, key), s3_endpoint=s3_endpoint):
+            if storage.exists(storage.join(root, key)):
                 return root
         except storage.StorageError:
             continue  # e.g. a copied report's destination bucket, not reachable from here

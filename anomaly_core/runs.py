@@ -54,7 +54,6 @@ class ScoreRun:
     incremental: bool
     created_at: str
     resumed: bool = False
-    s3_endpoint: str | None = field(default=None, repr=False)
     inputs: pa.Table = field(default=None, repr=False)
     # this start of the run: its tasks stage part files under this name
     attempt: str = field(default_factory=lambda: new_attempt())
@@ -90,22 +89,22 @@ def default_run_id(day: str, model_version: str, source: str, incremental: bool)
     return f"{day.replace('-', '')}-{model_version}-{digest}"
 
 
-def scan_history(output: str, model: str, model_version: str, s3_endpoint: str | None) -> pa.Table:
+def scan_history(output: str, model: str, model_version: str) -> pa.Table:
     """(uri, etag, scored_at) of the latest error-free scoring of every image by this model
     version, read from every part file under `output`: linear in history. Used once per output
     and model, to fill the index (scored_index.ScoredIndex) of results written before it."""
     empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
                       "scored_at": pa.array([], pa.timestamp("us", tz="UTC"))})
-    if not storage.exists(output, s3_endpoint=s3_endpoint):
+    if not storage.exists(output):
         return empty
     files = [
-        f for f in storage.list_files(output, extensions=[".parquet"], s3_endpoint=s3_endpoint)
+        f for f in storage.list_files(output, extensions=[".parquet"])
         if f"/model={model}/" in f and f"/{RUNS_DIR}/" not in f and f"/{INDEX_DIR}/" not in f
     ]
     if not files:
         return empty
     condition = (pc.field("model_version") == model_version) & pc.field("error").is_null()
-    rows = read_parquet(files, ["uri", "etag", "scored_at"], s3_endpoint, condition)
+    rows = read_parquet(files, ["uri", "etag", "scored_at"], condition)
     if rows.num_rows == 0:
         return empty
     # The latest scoring of each image counts: a file changed and changed back is rescored.
@@ -116,18 +115,18 @@ def scan_history(output: str, model: str, model_version: str, s3_endpoint: str |
     return rows.filter(keep)
 
 
-def scored_index(output: str, model: str, model_version: str, s3_endpoint: str | None) -> pa.Table:
+def scored_index(output: str, model: str, model_version: str) -> pa.Table:
     """(uri, etag) of every image this model version already scored without error, any run, by
     the full scan (how incremental runs planned before the index; kept to compare with it)."""
-    return scan_history(output, model, model_version, s3_endpoint).select(["uri", "etag"])
+    return scan_history(output, model, model_version).select(["uri", "etag"])
 
 
-def model_index(output: str, model: str, model_version: str, s3_endpoint: str | None) -> ScoredIndex:
+def model_index(output: str, model: str, model_version: str) -> ScoredIndex:
     """The incremental state of a model version. An output that has no index for this model yet
     (results written before it) gets it filled once from the part files."""
-    index = ScoredIndex(output, model, model_version, s3_endpoint)
-    if not storage.exists(storage.join(output, INDEX_DIR, model), s3_endpoint=s3_endpoint):
-        index.add(scan_history(output, model, model_version, s3_endpoint), name="backfill")
+    index = ScoredIndex(output, model, model_version)
+    if not storage.exists(storage.join(output, INDEX_DIR, model)):
+        index.add(scan_history(output, model, model_version), name="backfill")
     return index
 
 
@@ -144,7 +143,6 @@ def open_run(
     date_prefix: str | None = None,
     incremental: bool = False,
     run_id: str | None = None,
-    s3_endpoint: str | None = None,
 ) -> ScoreRun:
     """Start a run, or resume it when its input list was already frozen. The input is a folder
     or prefix, a manifest, or an S3 Inventory report filtered to a prefix; with `since` and
@@ -156,59 +154,58 @@ def open_run(
     run_id = run_id or default_run_id(day, model_version, what, incremental)
     run_dir = storage.join(output, RUNS_DIR, run_id)
     meta_uri, inputs_uri = storage.join(run_dir, "run.json"), storage.join(run_dir, "inputs.arrow")
-    if storage.exists(meta_uri, s3_endpoint=s3_endpoint):
-        meta = json.loads(storage.read_bytes(meta_uri, s3_endpoint=s3_endpoint))
+    if storage.exists(meta_uri):
+        meta = json.loads(storage.read_bytes(meta_uri))
         if meta["model_version"] != model_version:
             raise ValueError(
                 f"run {run_id} in {output} was started with model version {meta['model_version']}, "
                 f"not {model_version}; pass another --run-id"
             )
-        data = storage.read_bytes(inputs_uri, s3_endpoint=s3_endpoint)
+        data = storage.read_bytes(inputs_uri)
         inputs = ipc.open_file(pa.BufferReader(data)).read_all()
         meta.pop("attempt", None)
-        return ScoreRun(**meta, resumed=True, s3_endpoint=s3_endpoint, inputs=inputs,
+        return ScoreRun(**meta, resumed=True, inputs=inputs,
                         attempt=new_attempt())
     inputs = list_inputs(source, extensions=extensions, manifest=manifest, inventory=inventory,
-                         since=since, date_prefix=date_prefix, today=now.date(),
-                         s3_endpoint=s3_endpoint)
+                         since=since, date_prefix=date_prefix, today=now.date())
     if incremental:
         # Only what can match tonight's images is read: time and memory follow tonight's
         # inputs, not the history (anomaly_core/scored_index.py).
-        done = model_index(output, model, model_version, s3_endpoint).lookup(inputs["uri"])
+        done = model_index(output, model, model_version).lookup(inputs["uri"])
         joined = inputs.drop_columns(["prev_etag"]).join(
             done.rename_columns(["uri", "prev_etag"]), keys="uri", join_type="left outer"
         )
         inputs = joined.select(INPUT_SCHEMA.names).sort_by("uri").cast(INPUT_SCHEMA)
     run = ScoreRun(run_id, output, model, model_version, day, source, incremental,
-                   now.isoformat(timespec="seconds"), s3_endpoint=s3_endpoint, inputs=inputs,
+                   now.isoformat(timespec="seconds"), inputs=inputs,
                    attempt=new_attempt())
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, inputs.schema) as writer:
         writer.write_table(inputs)
     # The input list first, run.json second: run.json's presence means the list is complete.
-    storage.write_bytes(inputs_uri, sink.getvalue().to_pybytes(), s3_endpoint=s3_endpoint)
+    storage.write_bytes(inputs_uri, sink.getvalue().to_pybytes())
     meta = {k: v for k, v in run.describe().items() if k != "attempt"}
-    storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode(), s3_endpoint=s3_endpoint)
+    storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode())
     return run
 
 
 def part_files(run: ScoreRun) -> list[str]:
     """The run's published part files (every attempt's)."""
-    if not storage.exists(run.partition, s3_endpoint=run.s3_endpoint):
+    if not storage.exists(run.partition):
         return []
     prefix = f"part-{run.run_id}-"
-    files = storage.list_files(run.partition, extensions=[".parquet"], s3_endpoint=run.s3_endpoint)
+    files = storage.list_files(run.partition, extensions=[".parquet"])
     return [f for f in files if f.rsplit("/", 1)[-1].startswith(prefix)]
 
 
 def read_parquet(
-    files: list[str], columns: list[str], s3_endpoint: str | None, condition=None
+    files: list[str], columns: list[str], condition=None
 ) -> pa.Table:
     """Some columns of a list of Parquet files (one filesystem), optionally filtered."""
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
-    fs, _ = storage.filesystem(files[0], s3_endpoint=s3_endpoint)
-    paths = [storage.filesystem(f, s3_endpoint=s3_endpoint)[1] for f in files]
+    fs, _ = storage.filesystem(files[0])
+    paths = [storage.filesystem(f)[1] for f in files]
     return pads.dataset(paths, filesystem=fs, format="parquet").to_table(
         columns=columns, filter=condition
     )
@@ -223,8 +220,8 @@ def pending(run: ScoreRun) -> pa.Table:
     record = {"attempt": run.attempt, "started_at": utc_now().isoformat(timespec="seconds"),
               "published_before": [f.rsplit("/", 1)[-1] for f in published]}
     storage.write_bytes(storage.join(run.run_dir, "attempts", f"{run.attempt}.json"),
-                        json.dumps(record, indent=1).encode(), s3_endpoint=run.s3_endpoint)
-    done = read_parquet(published, ["uri"], run.s3_endpoint)["uri"]
+                        json.dumps(record, indent=1).encode())
+    done = read_parquet(published, ["uri"])["uri"]
     keep = pc.invert(pc.is_in(inputs["uri"], value_set=done))
     # An ETag known from the listing equal to the one already scored: skip without reading.
     unchanged = pc.fill_null(pc.equal(inputs["etag"], inputs["prev_etag"]), False)
@@ -239,7 +236,7 @@ def stage_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
     rows = sorted(rows, key=lambda r: r["uri"])
     digest = hashlib.sha256("\n".join(r["uri"] for r in rows).encode()).hexdigest()[:20]
     uri = storage.join(run.staging, f"part-{digest}.parquet")
-    storage.write_bytes(uri, parquet_bytes(score_table(rows)), s3_endpoint=run.s3_endpoint)
+    storage.write_bytes(uri, parquet_bytes(score_table(rows)))
     return uri
 
 
@@ -251,7 +248,7 @@ def publish_part(run: ScoreRun, staged: str) -> str:
         raise ValueError(f"{staged} is not a part file staged by attempt {run.attempt} of run "
                          f"{run.run_id}")
     uri = storage.join(run.partition, f"part-{run.run_id}-{run.attempt}-{name[len('part-'):]}")
-    storage.move(staged, uri, s3_endpoint=run.s3_endpoint)
+    storage.move(staged, uri)
     return uri
 
 
@@ -272,16 +269,16 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
     late = [f for f in files
             if f not in run.planned_files and _attempt_of(run, f) != run.attempt]
     for f in late:  # its rows were scheduled again by this attempt: they would repeat
-        storage.delete(f, s3_endpoint=run.s3_endpoint)
+        storage.delete(f)
     files = [f for f in files if f not in late]
-    storage.delete(storage.join(run.run_dir, "staging"), s3_endpoint=run.s3_endpoint)
+    storage.delete(storage.join(run.run_dir, "staging"))
     # The run's error-free rows into the incremental state (again after a resume: the batch is
     # replaced, not repeated); read from tonight's files only.
-    scored = read_parquet(files, ["uri", "etag", "scored_at", "error"], run.s3_endpoint,
+    scored = read_parquet(files, ["uri", "etag", "scored_at", "error"],
                           pc.field("error").is_null())
-    model_index(run.output, run.model, run.model_version, run.s3_endpoint).add(
+    model_index(run.output, run.model, run.model_version).add(
         scored.select(["uri", "etag", "scored_at"]), name=run.run_id)
-    errors = read_parquet(files, ["error"], run.s3_endpoint)["error"]
+    errors = read_parquet(files, ["error"])["error"]
     n_rows = len(errors)
     n_errors = n_rows - errors.null_count
     summary = {
@@ -300,5 +297,5 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
         **(extra or {}),
     }
     body = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
-    storage.write_bytes(storage.join(run.run_dir, "_SUCCESS.json"), body, s3_endpoint=run.s3_endpoint)
+    storage.write_bytes(storage.join(run.run_dir, "_SUCCESS.json"), body)
     return summary

@@ -132,14 +132,12 @@ class ScoredIndex:
     """The latest etag per uri that one model version scored without error, under
     <output>/_index/<model>/<model_version>/."""
 
-    def __init__(self, output: str, model: str, model_version: str,
-                 s3_endpoint: str | None = None, *, row_group_rows: int = ROW_GROUP_ROWS,
+    def __init__(self, output: str, model: str, model_version: str, *, row_group_rows: int = ROW_GROUP_ROWS,
                  fanin: int = FANIN):
         if fanin < 2 or row_group_rows < 1:
             raise ValueError("fanin must be >= 2 and row_group_rows >= 1")
         self.root = storage.join(output, INDEX_DIR, model, model_version)
         self.model_version = model_version
-        self.s3_endpoint = s3_endpoint
         self.row_group_rows = row_group_rows
         self.fanin = fanin
         self.last_lookup: dict[str, int] = {}
@@ -150,12 +148,12 @@ class ScoredIndex:
         return storage.join(self.root, file)
 
     def exists(self) -> bool:
-        return storage.exists(self._uri(STATE_FILE), s3_endpoint=self.s3_endpoint)
+        return storage.exists(self._uri(STATE_FILE))
 
     def _state(self) -> dict[str, Any]:
         if not self.exists():
             return {"format": FORMAT, "files": []}
-        state = json.loads(storage.read_bytes(self._uri(STATE_FILE), s3_endpoint=self.s3_endpoint))
+        state = json.loads(storage.read_bytes(self._uri(STATE_FILE)))
         if state.get("format") != FORMAT:
             raise ValueError(f"{self._uri(STATE_FILE)} has format {state.get('format')}, "
                              f"this code reads {FORMAT}")
@@ -165,8 +163,7 @@ class ScoredIndex:
         state = {"format": FORMAT, "model_version": self.model_version,
                  "updated_at": utc_now().isoformat(timespec="seconds"),
                  "rows": sum(e["rows"] for e in files), "files": files}
-        storage.write_bytes(self._uri(STATE_FILE), json.dumps(state, indent=1).encode(),
-                            s3_endpoint=self.s3_endpoint)
+        storage.write_bytes(self._uri(STATE_FILE), json.dumps(state, indent=1).encode())
 
     def files(self) -> list[dict[str, Any]]:
         """The current data files, oldest first: {"file", "rows", "name"} (name: the batch's
@@ -263,7 +260,7 @@ class ScoredIndex:
         """Write sorted chunks as one Parquet file of whole row groups; returns its rows. Not
         atomic, and need not be: the file is unlisted until index.json names it."""
         uri = self._uri(file)
-        fs, path = storage.filesystem(uri, s3_endpoint=self.s3_endpoint)
+        fs, path = storage.filesystem(uri)
         rg, rows = self.row_group_rows, 0
         try:
             if not storage.is_s3(uri):
@@ -285,26 +282,25 @@ class ScoredIndex:
                     writer.write_table(pa.concat_tables(pending), row_group_size=rg)
                     rows += held
         except OSError as exc:
-            raise storage._storage_error(exc, uri, "write", self.s3_endpoint) from exc
+            raise storage.storage_error(exc, uri, "write") from exc
         return rows
 
     def _sweep(self, keep: set[str]) -> None:
         """Delete the data files listed in neither state (crash leftovers, replaced deltas,
         files merged away by the previous compaction)."""
-        for uri in storage.list_files(self.root, extensions=[".parquet"],
-                                      s3_endpoint=self.s3_endpoint):
+        for uri in storage.list_files(self.root, extensions=[".parquet"]):
             if uri.rsplit("/", 1)[-1] not in keep:
-                storage.delete(uri, s3_endpoint=self.s3_endpoint)
+                storage.delete(uri)
 
     # -- reading -----------------------------------------------------------------------------
 
     def _open(self, file: str):
         uri = self._uri(file)
-        fs, path = storage.filesystem(uri, s3_endpoint=self.s3_endpoint)
+        fs, path = storage.filesystem(uri)
         try:
             return fs.open_input_file(path)  # random access: footer and chosen row groups only
         except OSError as exc:
-            raise storage._storage_error(exc, uri, "read", self.s3_endpoint) from exc
+            raise storage.storage_error(exc, uri, "read") from exc
 
     def lookup(self, uris: Any) -> pa.Table:
         """(uri, etag) of the latest scoring of each of `uris` (any order, any iterable or Arrow
@@ -366,7 +362,7 @@ class ScoredIndex:
                 candidates = keys.slice(int(lo[g]), int(hi[g] - lo[g]))
                 parts.append(table.filter(pc.is_in(table["uri"], value_set=candidates)))
         except OSError as exc:
-            raise storage._storage_error(exc, self._uri(file), "read", self.s3_endpoint) from exc
+            raise storage.storage_error(exc, self._uri(file), "read") from exc
         finally:
             f.close()
         table = pa.concat_tables(parts) if parts else _empty()

@@ -34,40 +34,57 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *pieces)
 
 
-def _resolve_endpoint(s3_endpoint: str | None) -> str | None:
-    return (
-        s3_endpoint
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or None
-    )
+# The AWS SDKs' own variables, in their order of precedence; pyarrow's S3FileSystem reads none of
+# the endpoint ones (apache/arrow#49643), so this module is the one place that does.
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
 
 
-def _resolve_region() -> str:
-    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+def endpoint() -> str | None:
+    """The S3 endpoint URL the AWS environment names (MinIO, Ceph, R2...), or None for AWS."""
+    return next((os.environ[v] for v in ENDPOINT_VARIABLES if os.environ.get(v)), None)
+
+
+def region() -> str:
+    """The AWS region the environment names, else us-east-1."""
+    return next((os.environ[v] for v in REGION_VARIABLES if os.environ.get(v)), "us-east-1")
+
+
+def use_endpoint(url: str) -> dict[str, str]:
+    """Point this process at an S3-compatible endpoint, as AWS_ENDPOINT_URL_S3 does for any AWS
+    client; returns the variables to hand to other processes (a job's Ray workers)."""
+    _check_endpoint(url)
+    os.environ["AWS_ENDPOINT_URL_S3"] = url
+    return {"AWS_ENDPOINT_URL_S3": url}
+
+
+def _check_endpoint(url: str):
+    parsed = urlparse(url if "://" in url else f"https://{url}")
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise StorageError(
+            f"S3 endpoint {url!r} is not a URL like http://host:port; fix --s3-endpoint or "
+            "AWS_ENDPOINT_URL"
+        )
+    return parsed
 
 
 @functools.cache
-def _s3_filesystem(endpoint: str | None, region: str) -> pafs.S3FileSystem:
-    if endpoint is None:
+def _s3_filesystem(url: str | None, region: str) -> pafs.S3FileSystem:
+    if url is None:
         return pafs.S3FileSystem(region=region)
-    # pyarrow ignores AWS_ENDPOINT_URL and wants host:port and scheme apart.
-    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
-    if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise StorageError(
-            f"S3 endpoint {endpoint!r} is not a URL like http://host:port; fix --s3-endpoint"
-        )
+    # pyarrow wants host:port and the scheme apart.
+    parsed = _check_endpoint(url)
     host = parsed.netloc.rsplit("@", 1)[-1]  # host:port, [v6]:port; drops any user:pass@
     return pafs.S3FileSystem(endpoint_override=host, scheme=parsed.scheme, region=region)
 
 
-def filesystem(uri: str, *, s3_endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The filesystem holding `uri` and the path inside it (absolute, or bucket/key for S3)."""
     if is_s3(uri):
         path = uri[len("s3://") :].strip("/")
         if not path:
             raise StorageError(f"{uri!r} names no bucket; use s3://bucket/prefix")
-        return _s3_filesystem(_resolve_endpoint(s3_endpoint), _resolve_region()), path
+        return _s3_filesystem(endpoint(), region()), path
     if uri.startswith("file://"):
         uri = unquote(urlparse(uri).path)
     elif "://" in uri:
@@ -75,19 +92,19 @@ def filesystem(uri: str, *, s3_endpoint: str | None = None) -> tuple[pafs.FileSy
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
-def _endpoint_text(s3_endpoint: str | None) -> str:
-    endpoint = _resolve_endpoint(s3_endpoint)
-    if endpoint is None:
-        return f"AWS S3 (region {_resolve_region()})"
-    parsed = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
+def _endpoint_text() -> str:
+    url = endpoint()
+    if url is None:
+        return f"AWS S3 (region {region()})"
+    parsed = urlparse(url if "://" in url else f"https://{url}")
     if parsed.username is None:
-        return endpoint
+        return url
     # An endpoint may carry user:password@; keep that out of messages and logs.
     host = parsed.hostname if parsed.port is None else f"{parsed.hostname}:{parsed.port}"
     return parsed._replace(netloc=host).geturl()
 
 
-def _storage_error(exc: OSError, uri: str, action: str, s3_endpoint: str | None) -> StorageError:
+def storage_error(exc: OSError, uri: str, action: str) -> StorageError:
     """Translate a pyarrow/OS error into a StorageError that says what to do."""
     text = str(exc)
     if not is_s3(uri):
@@ -96,12 +113,12 @@ def _storage_error(exc: OSError, uri: str, action: str, s3_endpoint: str | None)
         if isinstance(exc, PermissionError):
             return StorageError(f"permission denied to {action} {uri}; check file permissions")
         return StorageError(f"could not {action} {uri}: {text}")
-    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    fs, path = filesystem(uri)
     bucket = path.split("/", 1)[0]
-    where = _endpoint_text(s3_endpoint)
+    where = _endpoint_text()
     missing_bucket = (
         f"bucket {bucket!r} does not exist or is not reachable at {where}; "
-        "create it or check --s3-endpoint"
+        "create it or check AWS_ENDPOINT_URL (or --s3-endpoint)"
     )
     if "NO_SUCH_BUCKET" in text:
         return StorageError(missing_bucket)
@@ -112,7 +129,8 @@ def _storage_error(exc: OSError, uri: str, action: str, s3_endpoint: str | None)
         )
     if "NETWORK_CONNECTION" in text:
         return StorageError(
-            f"cannot reach S3 at {where} to {action} {uri}; check --s3-endpoint and that it is up"
+            f"cannot reach S3 at {where} to {action} {uri}; check AWS_ENDPOINT_URL "
+            "(or --s3-endpoint) and that it is up"
         )
     if isinstance(exc, FileNotFoundError):
         # pyarrow reports a missing bucket as a missing key on reads; tell the two apart.
@@ -126,19 +144,19 @@ def _storage_error(exc: OSError, uri: str, action: str, s3_endpoint: str | None)
     return StorageError(f"could not {action} {uri} at {where}: {text}")
 
 
-def read_bytes(uri: str, *, s3_endpoint: str | None = None) -> bytes:
+def read_bytes(uri: str) -> bytes:
     """The whole content of one file."""
-    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    fs, path = filesystem(uri)
     try:
         with fs.open_input_stream(path, compression=None) as f:
             return f.readall()
     except OSError as exc:
-        raise _storage_error(exc, uri, "read", s3_endpoint) from exc
+        raise storage_error(exc, uri, "read") from exc
 
 
-def write_bytes(uri: str, data: bytes, *, s3_endpoint: str | None = None) -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write a file, creating parent folders; readers never see a partly written file."""
-    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    fs, path = filesystem(uri)
     try:
         if is_s3(uri):
             # An S3 upload becomes visible only when complete. Always close streams explicitly:
@@ -161,18 +179,18 @@ def write_bytes(uri: str, data: bytes, *, s3_endpoint: str | None = None) -> Non
                 os.remove(tmp)
             raise
     except OSError as exc:
-        raise _storage_error(exc, uri, "write", s3_endpoint) from exc
+        raise storage_error(exc, uri, "write") from exc
 
 
-def copy_file(src: str, dst: str, *, s3_endpoint: str | None = None, chunk_size: int = 8 << 20) -> str:
+def copy_file(src: str, dst: str, *, chunk_size: int = 8 << 20) -> str:
     """Stream one file between local paths and s3:// URIs, a chunk at a time; returns its sha256 hex.
 
     Memory stays at one chunk whatever the file's size. As with write_bytes, readers never see a
     partly written dst: a local one is renamed into place when complete, an S3 upload appears
     when complete.
     """
-    src_fs, src_path = filesystem(src, s3_endpoint=s3_endpoint)
-    dst_fs, dst_path = filesystem(dst, s3_endpoint=s3_endpoint)
+    src_fs, src_path = filesystem(src)
+    dst_fs, dst_path = filesystem(dst)
     digest = hashlib.sha256()
 
     def pump(source, write) -> None:
@@ -180,7 +198,7 @@ def copy_file(src: str, dst: str, *, s3_endpoint: str | None = None, chunk_size:
             try:
                 chunk = source.read(chunk_size)
             except OSError as exc:
-                raise _storage_error(exc, src, "read", s3_endpoint) from exc
+                raise storage_error(exc, src, "read") from exc
             if not chunk:
                 return
             digest.update(chunk)
@@ -189,16 +207,16 @@ def copy_file(src: str, dst: str, *, s3_endpoint: str | None = None, chunk_size:
     try:
         source = src_fs.open_input_stream(src_path, compression=None)
     except OSError as exc:
-        raise _storage_error(exc, src, "read", s3_endpoint) from exc
+        raise storage_error(exc, src, "read") from exc
     with source:
         if is_s3(dst):
             try:
                 with dst_fs.open_output_stream(dst_path, compression=None) as out:
                     pump(source, out.write)
             except OSError as exc:
-                raise _storage_error(exc, dst, "write", s3_endpoint) from exc
+                raise storage_error(exc, dst, "write") from exc
             return digest.hexdigest()
-        size = _info(src_fs, src_path, src, s3_endpoint).size
+        size = _info(src_fs, src_path, src).size
         parent, name = os.path.split(dst_path)
         tmp = os.path.join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
         try:
@@ -215,18 +233,18 @@ def copy_file(src: str, dst: str, *, s3_endpoint: str | None = None, chunk_size:
                 pump(source, out.write)
             os.replace(tmp, dst_path)
         except OSError as exc:
-            raise _storage_error(exc, dst, "write", s3_endpoint) from exc
+            raise storage_error(exc, dst, "write") from exc
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
     return digest.hexdigest()
 
 
-def move(src: str, dst: str, *, s3_endpoint: str | None = None) -> None:
+def move(src: str, dst: str) -> None:
     """Move one file within one filesystem: a same-filesystem rename locally (atomic), a
     server-side copy then a delete on S3 (the copy appears whole or not at all)."""
-    fs, src_path = filesystem(src, s3_endpoint=s3_endpoint)
-    _, dst_path = filesystem(dst, s3_endpoint=s3_endpoint)
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
     try:
         if is_s3(src):
             fs.copy_file(src_path, dst_path)
@@ -235,20 +253,20 @@ def move(src: str, dst: str, *, s3_endpoint: str | None = None) -> None:
             os.makedirs(os.path.dirname(dst_path), exist_ok=True)
             os.replace(src_path, dst_path)
     except OSError as exc:
-        raise _storage_error(exc, f"{src} -> {dst}", "move", s3_endpoint) from exc
+        raise storage_error(exc, f"{src} -> {dst}", "move") from exc
 
 
-def _info(fs: pafs.FileSystem, path: str, uri: str, s3_endpoint: str | None) -> pafs.FileInfo:
+def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
     try:
         return fs.get_file_info(path)
     except OSError as exc:
-        raise _storage_error(exc, uri, "look up", s3_endpoint) from exc
+        raise storage_error(exc, uri, "look up") from exc
 
 
-def exists(uri: str, *, s3_endpoint: str | None = None) -> bool:
+def exists(uri: str) -> bool:
     """True if a file or folder/prefix exists at `uri` (a missing bucket counts as absent)."""
-    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
-    return _info(fs, path, uri, s3_endpoint).type != pafs.FileType.NotFound
+    fs, path = filesystem(uri)
+    return _info(fs, path, uri).type != pafs.FileType.NotFound
 
 
 def list_files(
@@ -256,21 +274,20 @@ def list_files(
     *,
     extensions: Iterable[str] | None = None,
     recursive: bool = True,
-    s3_endpoint: str | None = None,
 ) -> list[str]:
     """Sorted full URIs of the files under a folder/prefix, optionally only some extensions."""
-    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
+    fs, path = filesystem(uri)
     suffixes = None
     if extensions is not None:
         suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
     try:
         infos = fs.get_file_info(pafs.FileSelector(path, recursive=recursive))
     except (FileNotFoundError, NotADirectoryError) as exc:
-        if _info(fs, path, uri, s3_endpoint).type == pafs.FileType.File:
+        if _info(fs, path, uri).type == pafs.FileType.File:
             raise StorageError(f"{uri} is a file, not a folder; pass its folder") from None
-        raise _storage_error(exc, uri, "list", s3_endpoint) from exc
+        raise storage_error(exc, uri, "list") from exc
     except OSError as exc:
-        raise _storage_error(exc, uri, "list", s3_endpoint) from exc
+        raise storage_error(exc, uri, "list") from exc
     prefix = "s3://" if is_s3(uri) else ""
     return sorted(
         prefix + info.path
@@ -280,13 +297,13 @@ def list_files(
     )
 
 
-def delete(uri: str, *, s3_endpoint: str | None = None) -> None:
+def delete(uri: str) -> None:
     """Delete a file, or a folder/prefix with everything under it; absent is not an error.
 
     On a bare s3://bucket this empties the bucket but keeps it.
     """
-    fs, path = filesystem(uri, s3_endpoint=s3_endpoint)
-    kind = _info(fs, path, uri, s3_endpoint).type
+    fs, path = filesystem(uri)
+    kind = _info(fs, path, uri).type
     try:
         if kind == pafs.FileType.File:
             fs.delete_file(path)
@@ -298,25 +315,25 @@ def delete(uri: str, *, s3_endpoint: str | None = None) -> None:
     except FileNotFoundError:
         pass  # deleted concurrently: the outcome asked for
     except OSError as exc:
-        raise _storage_error(exc, uri, "delete", s3_endpoint) from exc
+        raise storage_error(exc, uri, "delete") from exc
 
 
 @functools.cache
-def _s3_client(endpoint: str | None, region: str):
+def _s3_client(url: str | None, region_name: str):
     import boto3
 
     # boto3 only for listing: it pages and returns ETags, which pyarrow's listing does not.
-    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+    return boto3.client("s3", endpoint_url=url, region_name=region_name)
 
 
-def _boto_error(exc: Exception, uri: str, s3_endpoint: str | None) -> StorageError:
+def _boto_error(exc: Exception, uri: str) -> StorageError:
     code = getattr(exc, "response", {}).get("Error", {}).get("Code", "")
-    where = _endpoint_text(s3_endpoint)
+    where = _endpoint_text()
     bucket = uri[len("s3://") :].split("/", 1)[0]
     if code == "NoSuchBucket":
         return StorageError(
             f"bucket {bucket!r} does not exist or is not reachable at {where}; "
-            "create it or check --s3-endpoint"
+            "create it or check AWS_ENDPOINT_URL (or --s3-endpoint)"
         )
     if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403"):
         return StorageError(
@@ -324,7 +341,7 @@ def _boto_error(exc: Exception, uri: str, s3_endpoint: str | None) -> StorageErr
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy"
         )
     if type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError"):
-        return StorageError(f"cannot reach S3 at {where} to list {uri}; check --s3-endpoint")
+        return StorageError(f"cannot reach S3 at {where} to list {uri}; check AWS_ENDPOINT_URL (or --s3-endpoint)")
     return StorageError(f"could not list {uri} at {where}: {code or type(exc).__name__}")
 
 
@@ -332,7 +349,6 @@ def list_objects(
     uri: str,
     *,
     extensions: Iterable[str] | None = None,
-    s3_endpoint: str | None = None,
     page_size: int = 1000,
 ) -> Iterator[list[tuple[str, int, str | None]]]:
     """Pages of (uri, size_bytes, etag) under a folder/prefix, recursive, in key order.
@@ -347,10 +363,10 @@ def list_objects(
 
     found = False
     if is_s3(uri):
-        _, path = filesystem(uri, s3_endpoint=s3_endpoint)
+        _, path = filesystem(uri)
         bucket, _, prefix = path.partition("/")
         prefix = prefix + "/" if prefix else ""
-        client = _s3_client(_resolve_endpoint(s3_endpoint), _resolve_region())
+        client = _s3_client(endpoint(), region())
         pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
         )
@@ -367,7 +383,7 @@ def list_objects(
         except Exception as exc:  # botocore's errors carry the S3 error code
             if isinstance(exc, StorageError):
                 raise
-            raise _boto_error(exc, uri, s3_endpoint) from exc
+            raise _boto_error(exc, uri) from exc
     else:
         _, root = filesystem(uri)
         if not os.path.isdir(root):

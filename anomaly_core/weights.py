@@ -24,7 +24,7 @@ from anomaly_core.backbones import (
 )
 
 
-def download(backbone: str, destination: str, *, s3_endpoint: str | None = None) -> str:
+def download(backbone: str, destination: str) -> str:
     """Fetch `backbone`'s ImageNet file (hash-checked) and copy it to `destination`/<file>."""
     import torch
 
@@ -42,7 +42,7 @@ def download(backbone: str, destination: str, *, s3_endpoint: str | None = None)
     _check_hash(path)
     target = storage.join(destination, os.path.basename(path))
     with open(path, "rb") as f:
-        storage.write_bytes(target, f.read(), s3_endpoint=s3_endpoint)
+        storage.write_bytes(target, f.read())
     return target
 
 
@@ -52,16 +52,18 @@ def main(argv: list[str] | None = None) -> None:
     d = sub.add_parser("download", help="download ImageNet weights once and store them")
     d.add_argument("--backbone", action="append", required=True, help="repeatable")
     d.add_argument("--to", required=True, help="folder or s3://bucket/prefix")
-    d.add_argument("--s3-endpoint")
+    d.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (sets AWS_ENDPOINT_URL_S3)")
     sub.add_parser("list", help="the backbones and the file names jobs will look for")
     args = p.parse_args(argv)
     if args.command == "list":
         for name in TORCHVISION_MODELS:
             print(f"{name:<18} {os.path.basename(torchvision_weights_url(name))}")
         return
+    if args.s3_endpoint:
+        storage.use_endpoint(args.s3_endpoint)
     for backbone in args.backbone:
         try:
-            target = download(backbone, args.to, s3_endpoint=args.s3_endpoint)
+            target = download(backbone, args.to)
         except (OSError, ValueError, storage.StorageError) as exc:
             sys.exit(f"{backbone}: {exc}")
         print(f"{backbone}: {target}  (use --set weights={target})")

@@ -59,7 +59,7 @@ FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 
 
 def old_list_inputs(
-    source: str, *, extensions: list[str], manifest: bool = False, s3_endpoint: str | None = None
+    source: str, *, extensions: list[str], manifest: bool = False
 ):
     """The list as this repository built it before anomaly_core.inputs (kept here to compare):
     Python lists of every URI, then one Arrow table."""
@@ -73,7 +73,7 @@ def old_list_inputs(
     from anomaly_core.inputs import INPUT_SCHEMA
 
     if manifest:
-        data = storage.read_bytes(source, s3_endpoint=s3_endpoint)
+        data = storage.read_bytes(source)
         try:
             if source.lower().endswith(".csv"):
                 table = pacsv.read_csv(io.BytesIO(data))
@@ -100,7 +100,7 @@ def old_list_inputs(
             raise ValueError(f"manifest {source} lists {duplicates} URIs more than once; dedupe it")
         return table
     uris, sizes, etags = [], [], []
-    for page in storage.list_objects(source, extensions=extensions, s3_endpoint=s3_endpoint):
+    for page in storage.list_objects(source, extensions=extensions):
         for uri, size, etag in page:
             uris.append(uri)
             sizes.append(size)
@@ -262,13 +262,13 @@ def child(impl: str, what: str, path: str, endpoint: str) -> dict:
 
     base = rss_mb()
     fn = inputs.list_inputs if impl == "new" else old_list_inputs
-    kwargs: dict = {"extensions": [".png"], "s3_endpoint": endpoint}
+    os.environ["AWS_ENDPOINT_URL"] = endpoint  # where storage finds the S3 server
+    kwargs: dict = {"extensions": [".png"]}
     source = path
     if what.startswith("manifest"):
         kwargs["manifest"] = True
     elif what.startswith("inventory"):
         kwargs["inventory"], source = path, f"s3://{BUCKET}/{PREFIX}"
-        kwargs["s3_endpoint"] = None  # a local copy of the report
     t0 = time.perf_counter()
     table = fn(source, **kwargs)
     wall = time.perf_counter() - t0

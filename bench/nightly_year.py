@@ -79,7 +79,7 @@ def plan_in_this_process(kind: str, output: str, tonight_file: str) -> dict:
             done = index.lookup(tonight["uri"])
             stats = index.last_lookup
         else:
-            done = runs.scored_index(output, MODEL, VERSION, None)
+            done = runs.scored_index(output, MODEL, VERSION)
         joined = tonight.join(done.rename_columns(["uri", "prev_etag"]), keys="uri",
                               join_type="left outer")
         same = pc.fill_null(pc.equal(joined["etag"], joined["prev_etag"]), False)

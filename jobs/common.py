@@ -31,8 +31,9 @@ def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--s3-endpoint",
         default=None,
-        help="S3-compatible endpoint URL, e.g. http://minio:9000 (default: AWS_ENDPOINT_URL_S3 / "
-        "AWS_ENDPOINT_URL, else AWS). Credentials come from the standard AWS environment.",
+        help="S3-compatible endpoint URL, e.g. http://minio:9000: sets AWS_ENDPOINT_URL_S3 for "
+        "the job and its Ray workers. Without it the AWS environment decides (AWS_ENDPOINT_URL_S3 "
+        "/ AWS_ENDPOINT_URL, AWS_REGION, AWS_PROFILE, instance roles), as for any AWS client.",
     )
     parser.add_argument("--use-gpu", action="store_true", help="run the model on GPUs")
 
@@ -50,8 +51,22 @@ def redacted(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def use_storage_flags(args: argparse.Namespace) -> None:
+    """--s3-endpoint: this process's AWS_ENDPOINT_URL_S3, and its workers' (see init_ray)."""
+    from anomaly_core import storage
+
+    if args.s3_endpoint:
+        storage.use_endpoint(args.s3_endpoint)
+
+
 def init_ray(address: str | None) -> None:
-    """Connect to the cluster at `address`, or start a local Ray when there is none."""
+    """Connect to the cluster at `address`, or start a local Ray when there is none.
+
+    The S3 endpoint and region this driver uses travel to every worker in the job's runtime
+    environment: a node's own environment may name none, or another store.
+    """
+    from anomaly_core import storage
+
     if address is None:
         # A local Ray for a laptop or a test: keep it on loopback and quiet (no usage report).
         for key, value in LOCAL_RAY_ENV.items():
@@ -60,7 +75,14 @@ def init_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    context = ray.init(address=address, log_to_driver=True)
+    # A submitted job's own runtime env already reaches its workers, and Ray refuses to merge a
+    # variable that both name.
+    submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    given = (submitted.get("runtime_env") or {}).get("env_vars") or {}
+    env = {v: os.environ[v] for v in (*storage.ENDPOINT_VARIABLES, *storage.REGION_VARIABLES)
+           if os.environ.get(v) and v not in given}
+    context = ray.init(address=address, log_to_driver=True,
+                       runtime_env={"env_vars": env} if env else None)
     log.info("ray cluster resources: %s", json.dumps(ray.cluster_resources()))
     if getattr(context, "dashboard_url", None):
         log.info("ray dashboard: http://%s", context.dashboard_url)

@@ -21,7 +21,7 @@ class PreflightError(ValueError):
     """A job cannot run as asked; the message names the input and what to do."""
 
 
-def check_writable(uri: str, *, s3_endpoint: str | None = None, flag: str = "--output") -> None:
+def check_writable(uri: str, *, flag: str = "--output") -> None:
     """Write and delete a probe file under `uri` (a folder or prefix that may not exist yet)."""
     probe = storage.join(uri, f".write-probe-{uuid.uuid4().hex[:12]}")
     created = None  # the topmost local folder the probe creates, removed again after it
@@ -30,8 +30,8 @@ def check_writable(uri: str, *, s3_endpoint: str | None = None, flag: str = "--o
         while not os.path.exists(path):
             created, path = path, os.path.dirname(path)
     try:
-        storage.write_bytes(probe, b"probe", s3_endpoint=s3_endpoint)
-        storage.delete(probe, s3_endpoint=s3_endpoint)
+        storage.write_bytes(probe, b"probe")
+        storage.delete(probe)
     except storage.StorageError as exc:
         raise PreflightError(f"{flag} {uri} is not writable ({exc}); choose a folder or bucket "
                              "this job may write to") from exc
@@ -40,14 +40,14 @@ def check_writable(uri: str, *, s3_endpoint: str | None = None, flag: str = "--o
             shutil.rmtree(created, ignore_errors=True)
 
 
-def check_detector(detector: str, options: dict, *, s3_endpoint: str | None = None) -> list[str]:
+def check_detector(detector: str, options: dict) -> list[str]:
     """Build the detector once with random weights (a bad combination of options fails here, not
     in every worker) and resolve the pretrained weights it will load; returns their sources."""
     from anomaly_core.backbones import check_weights as resolve
     from anomaly_core.detectors import build_detector, detector_class, make_config
 
     config = make_config(detector, **options)
-    sources = [resolve(b, w, s3_endpoint=s3_endpoint)
+    sources = [resolve(b, w)
                for b, w in detector_class(detector).pretrained_weights(config)]
     build_detector(detector, **{**options, "weights": "random"})
     return sources
@@ -124,14 +124,14 @@ def _fingerprint(path: str, marker: str | None) -> str:
     return f"folder of {len(names)} entries " + hashlib.sha1("\n".join(names).encode()).hexdigest()
 
 
-def _probe_node(paths: dict[str, str | None], weights: Sequence[tuple[str, str]], s3_endpoint) -> dict:
+def _probe_node(paths: dict[str, str | None], weights: Sequence[tuple[str, str]]) -> dict:
     """Runs on one node: each path's fingerprint and each weights source's problem (or None)."""
     from anomaly_core.backbones import check_weights as resolve
 
     out = {"paths": {p: _fingerprint(p, m) for p, m in paths.items()}, "weights": {}}
     for backbone, source in weights:
         try:
-            resolve(backbone, source, s3_endpoint=s3_endpoint)
+            resolve(backbone, source)
             out["weights"][f"{backbone}:{source}"] = None
         except Exception as exc:
             out["weights"][f"{backbone}:{source}"] = str(exc)
@@ -150,7 +150,6 @@ def check_nodes(
     *,
     detector: str | None = None,
     options: dict | None = None,
-    s3_endpoint: str | None = None,
 ) -> int:
     """On a cluster of several nodes, one small task per node checks that every local path given
     to the job is the same folder there (a shared mount) and that the pretrained weights resolve
@@ -183,7 +182,7 @@ def check_nodes(
         refs = {
             n["NodeManagerAddress"] + " (" + n["NodeID"][:12] + ")": probe.options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-            ).remote(probes, weights, s3_endpoint)
+            ).remote(probes, weights)
             for n in nodes
         }
         try:

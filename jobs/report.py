@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.common import log, run_job, setup_logging
+from jobs.common import log, run_job, setup_logging, use_storage_flags
 
 LIGHT_COLUMNS = ["uri", "score", "score_normalized", "is_anomalous", "error", "run_id",
                  "model_version", "width", "height", "dt", "model"]
@@ -54,18 +54,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- reading what the run wrote
 
 
-def load_summary(scores: str, run_id: str | None, s3_endpoint: str | None) -> dict[str, Any]:
+def load_summary(scores: str, run_id: str | None) -> dict[str, Any]:
     """The run's _SUCCESS.json: the given run, else the last to finish on the latest day."""
     from anomaly_core import storage
     from anomaly_core.runs import RUNS_DIR
 
     runs_dir = storage.join(scores, RUNS_DIR)
-    if not storage.exists(runs_dir, s3_endpoint=s3_endpoint):
+    if not storage.exists(runs_dir):
         raise FileNotFoundError(f"{scores} holds no scoring runs ({runs_dir} is missing): pass the "
                                 "score job's --output as --scores, or run python -m jobs.score first")
-    found = [f for f in storage.list_files(runs_dir, extensions=[".json"], s3_endpoint=s3_endpoint)
+    found = [f for f in storage.list_files(runs_dir, extensions=[".json"])
              if f.endswith("/_SUCCESS.json")]
-    summaries = [json.loads(storage.read_bytes(f, s3_endpoint=s3_endpoint)) for f in found]
+    summaries = [json.loads(storage.read_bytes(f)) for f in found]
     if run_id:
         summaries = [s for s in summaries if s["run_id"] == run_id]
         if not summaries:
@@ -77,14 +77,14 @@ def load_summary(scores: str, run_id: str | None, s3_endpoint: str | None) -> di
     return max(summaries, key=lambda s: (s["day"], s["finished_at"]))
 
 
-def score_dataset(scores: str, s3_endpoint: str | None):
+def score_dataset(scores: str):
     """The rows under `scores` as one dataset, dt= and model= as string partition columns."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
     from anomaly_core import storage
 
-    fs, path = storage.filesystem(scores, s3_endpoint=s3_endpoint)
+    fs, path = storage.filesystem(scores)
     partitioning = pads.partitioning(pa.schema([("dt", pa.string()), ("model", pa.string())]),
                                      flavor="hive")
     return pads.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning), fs
@@ -131,13 +131,13 @@ def read_pngs(fs, rows, uris: set[str]) -> dict[str, dict[str, bytes]]:
     return {r["uri"]: r for r in table.to_pylist()}
 
 
-def ground_truth(root: str, s3_endpoint: str | None) -> dict[str, dict[str, Any]]:
+def ground_truth(root: str) -> dict[str, dict[str, Any]]:
     """Labelled test images of an MVTec-layout root, keyed by category/test/defect/file."""
     from anomaly_core.data.datasets import mvtec_categories, mvtec_records
 
     truth = {}
-    for category in mvtec_categories(root, s3_endpoint=s3_endpoint):
-        for record in mvtec_records(root, category, "test", s3_endpoint=s3_endpoint):
+    for category in mvtec_categories(root):
+        for record in mvtec_records(root, category, "test"):
             truth[label_key(record.uri)] = {"category": category, "defect": record.defect,
                                             "label": record.label, "mask_uri": record.mask_uri}
     return truth
@@ -170,8 +170,7 @@ def _resized(array: np.ndarray, size: tuple[int, int], nearest: bool = False) ->
     return out > 127 if array.dtype == bool else out
 
 
-def thumbnail(uri: str, pngs: dict | None, truth_mask: np.ndarray | None, side: int,
-              s3_endpoint: str | None) -> tuple[str, str | None]:
+def thumbnail(uri: str, pngs: dict | None, truth_mask: np.ndarray | None, side: int) -> tuple[str, str | None]:
     """The image with its heatmap (jet, translucent), the predicted mask's contour (white) and the
     true defect's contour (green) over it; a data: URI and a note when something is missing."""
     import matplotlib.pyplot as plt
@@ -183,7 +182,7 @@ def thumbnail(uri: str, pngs: dict | None, truth_mask: np.ndarray | None, side: 
     mask = decode_png(pngs["mask_png"]) > 0 if pngs and pngs["mask_png"] else None
     note = None
     try:
-        image = load_image(uri, s3_endpoint=s3_endpoint)
+        image = load_image(uri)
     except Exception as exc:  # moved or deleted since scoring: show the maps alone
         image, note = None, f"image not readable now ({type(exc).__name__})"
     shape = image.shape[:2] if image is not None else heat.shape if heat is not None else (side, side)
@@ -449,6 +448,7 @@ def error_reasons(run_rows) -> list[dict]:
 def main(argv: list[str] | None = None) -> str:
     setup_logging()
     args = parse_args(argv)
+    use_storage_flags(args)
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a window
@@ -458,9 +458,9 @@ def main(argv: list[str] | None = None) -> str:
     from anomaly_core.schema import utc_now
 
     t0 = time.perf_counter()
-    truth = ground_truth(args.labels, args.s3_endpoint) if args.labels else {}
-    summary = load_summary(args.scores, args.run_id, args.s3_endpoint)
-    dataset, fs = score_dataset(args.scores, args.s3_endpoint)
+    truth = ground_truth(args.labels) if args.labels else {}
+    summary = load_summary(args.scores, args.run_id)
+    dataset, fs = score_dataset(args.scores)
     run_rows = read_run_rows(dataset, summary)
     scored = run_rows[run_rows["error"].isna()].sort_values("score", ascending=False)
     log.info("run %s: %d rows (%d scored)", summary["run_id"], len(run_rows), len(scored))
@@ -475,14 +475,14 @@ def main(argv: list[str] | None = None) -> str:
     # A thumbnail's true mask serves the metrics too; the cache holds no more than the thumbnails'.
     @functools.lru_cache(maxsize=max(args.top + args.sample, 1))
     def true_mask(uri: str) -> np.ndarray:
-        return decode_mask(storage.read_bytes(uri, s3_endpoint=args.s3_endpoint), uri)
+        return decode_mask(storage.read_bytes(uri), uri)
 
     def thumbs(chosen) -> list[dict]:
         out = []
         for row in chosen.itertuples():
             facts = truth.get(label_key(row.uri))
             gt = true_mask(facts["mask_uri"]) if facts and facts["mask_uri"] else None
-            src, note = thumbnail(row.uri, pngs.get(row.uri), gt, args.thumb_size, args.s3_endpoint)
+            src, note = thumbnail(row.uri, pngs.get(row.uri), gt, args.thumb_size)
             out.append({"uri": row.uri, "score": row.score, "threshold": threshold,
                         "anomalous": bool(row.is_anomalous), "src": src, "note": note,
                         "truth": facts and facts["defect"]})
@@ -513,7 +513,7 @@ def main(argv: list[str] | None = None) -> str:
                         args.labels)
     page = render(context)
     out = storage.join(args.out, "index.html")
-    storage.write_bytes(out, page.encode(), s3_endpoint=args.s3_endpoint)
+    storage.write_bytes(out, page.encode())
     log.info("report of %d rows written in %.1f s", len(run_rows), time.perf_counter() - t0)
     print(f"report    {out}")
     return out

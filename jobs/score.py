@@ -25,6 +25,7 @@ from jobs.common import (
     redacted,
     run_job,
     setup_logging,
+    use_storage_flags,
 )
 from jobs.preflight import check_nodes, check_replicas, check_resources
 
@@ -111,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint: str | None,
+def read_images(batch: dict, size: tuple[int, int], max_pixels: int,
                 keep_jpeg: bool = False) -> dict:
     """CPU task: bytes -> decoded, resized image per row; failures keep the row with `error`.
     With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their bytes in `jpeg`."""
@@ -119,7 +120,7 @@ def read_images(batch: dict, size: tuple[int, int], max_pixels: int, s3_endpoint
 
     rows = [
         read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,
-                   max_pixels=max_pixels, s3_endpoint=s3_endpoint, keep_jpeg=keep_jpeg)
+                   max_pixels=max_pixels, keep_jpeg=keep_jpeg)
         for uri, etag, prev in zip(batch["uri"], batch["etag"], batch["prev_etag"])
     ]
     blank = np.zeros((3, *size), dtype=np.uint8)
@@ -139,7 +140,7 @@ class ScoringActor:
     CUDA stream, so one batch's host-to-device copy overlaps another's compute.
     """
 
-    def __init__(self, model_uri: str, s3_endpoint: str | None, use_gpu: bool, precision: str,
+    def __init__(self, model_uri: str, use_gpu: bool, precision: str,
                  compile: bool, render_on_device: bool, mask_size,
                  model_threads: int | None = None) -> None:
         import ray
@@ -153,7 +154,7 @@ class ScoringActor:
         device = "cuda" if use_gpu else "cpu"
         if model_threads and not use_gpu:  # Ray set OMP_NUM_THREADS from the actor's CPUs
             torch.set_num_threads(model_threads)
-        artifact = ModelArtifact.load(model_uri, s3_endpoint=s3_endpoint, device=device)
+        artifact = ModelArtifact.load(model_uri, device=device)
         self.calibration, self.input_size = artifact.calibration, artifact.input_size
         self.map_size = map_size(artifact.detector)  # the stitched map's when tiled
         self.scorer = Scorer(artifact, device=device, precision=precision, compile=compile)
@@ -299,22 +300,23 @@ def input_blocks(todo, cpus: float, batch_size: int, per_cpu: int = 4, max_rows:
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
+    use_storage_flags(args)
     from anomaly_core.artifact_info import ArtifactInfo  # model.json only, without torch
     from anomaly_core.runs import finish, open_run, pending, publish_part
 
     t0 = time.perf_counter()
     # Fail before any work when the model, the input or the output cannot be used. The driver
     # reads model.json only: the weights (gigabytes for PaDiM) are loaded by the actors alone.
-    info = ArtifactInfo.read(args.model, s3_endpoint=args.s3_endpoint)
+    info = ArtifactInfo.read(args.model)
     if args.address:  # a cluster: its nodes must see every local path before anything is written
         init_ray(args.address)
-        check_nodes([args.input, args.manifest, args.output, args.model], s3_endpoint=args.s3_endpoint)
+        check_nodes([args.input, args.manifest, args.output, args.model])
     extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
     run = open_run(
         source=args.input or args.manifest, manifest=bool(args.manifest), output=args.output,
         inventory=args.inventory, since=args.since, date_prefix=args.date_prefix,
         model=info.name, model_version=info.model_version, extensions=extensions,
-        incremental=args.incremental, run_id=args.run_id, s3_endpoint=args.s3_endpoint,
+        incremental=args.incremental, run_id=args.run_id,
     )
     todo = pending(run)
     t_plan = time.perf_counter() - t0
@@ -354,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict:
         ds = ds.map_batches(
             read_images, batch_size=args.batch_size, fn_kwargs={
                 "size": info.input_size, "max_pixels": args.max_pixels,
-                "s3_endpoint": args.s3_endpoint, "keep_jpeg": args.gpu_decode},
+                "keep_jpeg": args.gpu_decode},
             # A memory reservation the model actor does not have keeps Ray Data from fusing
             # decoding into the actor (it fuses maps with equal resources): decoding scales
             # out on CPU tasks, the actor only runs the model.
@@ -363,7 +365,7 @@ def main(argv: list[str] | None = None) -> dict:
         ds = ds.map_batches(
             ScoringActor,
             fn_constructor_kwargs={
-                "model_uri": args.model, "s3_endpoint": args.s3_endpoint, "use_gpu": args.use_gpu,
+                "model_uri": args.model, "use_gpu": args.use_gpu,
                 "precision": args.precision, "compile": args.compile,
                 "render_on_device": args.render_on_device, "mask_size": args.mask_size,
                 "model_threads": args.model_threads},
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
             num_cpus=args.cpus_per_actor,
             num_gpus=1 if args.use_gpu else 0,
         )
-        run_fields = {**run.describe(), "s3_endpoint": args.s3_endpoint}
+        run_fields = run.describe()
         ds = ds.map_batches(write_rows, batch_size=args.rows_per_file, fn_kwargs={
             "run": run_fields, "calibration": info.calibration.to_dict(),
             "mask_size": args.mask_size})

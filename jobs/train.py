@@ -20,6 +20,7 @@ from jobs.common import (
     redacted,
     run_job,
     setup_logging,
+    use_storage_flags,
 )
 
 
@@ -105,15 +106,15 @@ def training_records(args: argparse.Namespace) -> tuple[list, list]:
     from anomaly_core.data.datasets import folder_records, mvtec_records, split_records
 
     if args.category:
-        normal = mvtec_records(args.data, args.category, "train", s3_endpoint=args.s3_endpoint)
+        normal = mvtec_records(args.data, args.category, "train")
     else:
-        normal = folder_records(args.data, s3_endpoint=args.s3_endpoint)
+        normal = folder_records(args.data)
         normal = [type(r)(r.uri, label=0, defect="good") for r in normal]
     train, val = split_records(normal, args.val_fraction, seed=args.seed)
     if args.val_data:
         if not args.category:
             raise SystemExit("--val-data needs --category (an MVTec-layout test split)")
-        val += mvtec_records(args.val_data, args.category, "test", s3_endpoint=args.s3_endpoint)
+        val += mvtec_records(args.val_data, args.category, "test")
     if not train:
         raise SystemExit(f"no training images under {args.data}")
     if not val:
@@ -121,7 +122,7 @@ def training_records(args: argparse.Namespace) -> tuple[list, list]:
     return train, val
 
 
-def decode_for_training(batch: dict, size: tuple[int, int], s3_endpoint: str | None) -> dict:
+def decode_for_training(batch: dict, size: tuple[int, int]) -> dict:
     """Ray Data task (--input-pipeline ray-data): uris -> uint8 images [B,3,H,W], resized as
     ImageDataset does; an unreadable training image fails the run naming it."""
     import numpy as np
@@ -130,7 +131,7 @@ def decode_for_training(batch: dict, size: tuple[int, int], s3_endpoint: str | N
     from anomaly_core.data.datasets import resize_image
     from anomaly_core.data.decode import decode_image
 
-    images = [resize_image(decode_image(storage.read_bytes(str(uri), s3_endpoint=s3_endpoint),
+    images = [resize_image(decode_image(storage.read_bytes(str(uri)),
                                         str(uri)), size).numpy() for uri in batch["uri"]]
     return {"image": np.stack(images)}
 
@@ -145,7 +146,7 @@ def training_stream(args, cfg: dict):
             else (make_config(cfg["detector"], **cfg["options"]).image_size,) * 2)
     return ray.data.from_items([{"uri": r["uri"]} for r in cfg["train"]]).map_batches(
         decode_for_training, batch_size=cfg["batch_size"], num_cpus=args.decode_cpus,
-        fn_kwargs={"size": size, "s3_endpoint": args.s3_endpoint})
+        fn_kwargs={"size": size})
 
 
 def epoch_batches(batch_size: int, seed: int):
@@ -253,7 +254,7 @@ def validation_sets(cfg: dict, size: tuple[int, int]):
     from anomaly_core.data.datasets import ImageDataset, ImageRecord
 
     records = [ImageRecord(**r) for r in cfg["val"]]
-    calibration = ImageDataset(records, size, s3_endpoint=cfg["s3_endpoint"])
+    calibration = ImageDataset(records, size)
     if any(r.label == 1 for r in records):
         return calibration, calibration
     return calibration, SyntheticAnomalyDataset(calibration, seed=cfg["seed"])
@@ -321,7 +322,7 @@ def train_worker(cfg: dict) -> None:
         return
     stream = cfg["input_pipeline"] == "ray-data"
     metrics = fit(
-        detector, None if stream else ImageDataset(train, size, s3_endpoint=cfg["s3_endpoint"]),
+        detector, None if stream else ImageDataset(train, size),
         batch_size=cfg["batch_size"], epochs=cfg["epochs"], device=device,
         loader_workers=cfg["loader_workers"], seed=cfg["seed"], report=_checkpointing_report(rank),
         validate=validation_hook(objective_set, cfg["objective"], cfg["batch_size"], device)
@@ -351,7 +352,7 @@ def train_worker(cfg: dict) -> None:
                 **getattr(detector, "fit_stats", {}),  # e.g. PatchCore's bank size and peak memory
             },
         )
-        artifact.save(cfg["output"], s3_endpoint=cfg["s3_endpoint"])
+        artifact.save(cfg["output"])
 
 
 def worker_config(args, name: str, options: dict, train: list, val: list, output: str | None) -> dict:
@@ -374,7 +375,7 @@ def worker_config(args, name: str, options: dict, train: list, val: list, output
         check_positions(tiling, detector_class(name))
         tiling = tiling.to_dict()
     return {
-        "detector": name, "options": options, "output": output, "s3_endpoint": args.s3_endpoint,
+        "detector": name, "options": options, "output": output,
         "train": [asdict(r) for r in train], "val": [asdict(r) for r in val],
         "batch_size": args.batch_size, "epochs": args.epochs, "loader_workers": args.loader_workers,
         "seed": args.seed, "precision": args.precision, "channels_last": args.channels_last,
@@ -393,7 +394,7 @@ def make_trainer(args, cfg: dict, *, name: str | None = None, callbacks: list | 
     storage_path, storage_fs = args.storage_path, None
     if storage_path and storage.is_s3(storage_path):
         # Ray would build its own S3 client without our endpoint; hand it ours.
-        storage_fs, storage_path = storage.filesystem(storage_path, s3_endpoint=args.s3_endpoint)
+        storage_fs, storage_path = storage.filesystem(storage_path)
     return TorchTrainer(
         train_worker,
         train_loop_config=cfg,
@@ -420,22 +421,23 @@ def preflight_training(args, name: str, options: dict, output: str | None) -> tu
     """
     from jobs import preflight
 
-    preflight.check_detector(name, options, s3_endpoint=args.s3_endpoint)
+    preflight.check_detector(name, options)
     train, val = training_records(args)
     for flag, uri in (("--output", output), ("--storage-path", args.storage_path)):
         if uri:
-            preflight.check_writable(uri, s3_endpoint=args.s3_endpoint, flag=flag)
+            preflight.check_writable(uri, flag=flag)
     init_ray(args.address)
     preflight.check_replicas(args.num_workers, args.cpus_per_worker, args.use_gpu,
                              "--num-workers", "--cpus-per-worker")
     preflight.check_nodes([args.data, args.val_data, output, args.storage_path], detector=name,
-                          options=options, s3_endpoint=args.s3_endpoint)
+                          options=options)
     return train, val
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
+    use_storage_flags(args)
     name, options = detector_options(args)
     from dataclasses import asdict
 
@@ -460,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
     # model.json is the record of what was trained (Ray keeps only checkpointed metrics).
     from anomaly_core.artifact import ModelArtifact
 
-    meta = ModelArtifact.read_metadata(args.output, s3_endpoint=args.s3_endpoint)
+    meta = ModelArtifact.read_metadata(args.output)
     summary = {"detector": name, "artifact": args.output, "model_version": meta["model_version"],
                "workers": args.num_workers, "train_images": len(train), "validation_images": len(val),
                "wall_s": round(time.perf_counter() - start, 1),
@@ -473,8 +475,7 @@ def main(argv: list[str] | None = None) -> dict:
                "worker_images_per_s": (meta["training"].get("last_epoch") or {}).get("images_per_s"),
                "validation_metrics": meta["validation_metrics"]}
     body = json.dumps(summary, indent=2, default=str)
-    storage.write_bytes(storage.join(args.output, "train_summary.json"), body.encode(),
-                        s3_endpoint=args.s3_endpoint)
+    storage.write_bytes(storage.join(args.output, "train_summary.json"), body.encode())
     print(body)
     return summary
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from jobs.common import log, parse_overrides, redacted, run_job, setup_logging
+from jobs.common import log, parse_overrides, redacted, run_job, setup_logging, use_storage_flags
 from jobs.train import add_training_flags, detector_options, preflight_training, worker_config
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -125,6 +125,7 @@ def results_table(grid, params: list[str]):
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
+    use_storage_flags(args)
     from dataclasses import asdict
 
     from anomaly_core import storage
@@ -165,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
     storage_uri = args.storage_path
     # Each trial's Ray Train checkpoints live in the sweep's storage, never on a node's disk.
     trainer_args = {k: getattr(args, k) for k in (
-        "s3_endpoint", "num_workers", "use_gpu", "cpus_per_worker", "max_failures")}
+        "num_workers", "use_gpu", "cpus_per_worker", "max_failures")}
     trainer_args["storage_path"] = storage.join(storage_uri, f"{sweep}-trials")
     param_space = {**space, "params": [p for p, _, _ in params]}
     searcher = None
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     storage_path, storage_fs = storage_uri, None
     if storage.is_s3(storage_path):
-        storage_fs, storage_path = storage.filesystem(storage_path, s3_endpoint=args.s3_endpoint)
+        storage_fs, storage_path = storage.filesystem(storage_path)
     # The trial itself only waits on its TorchTrainer, whose workers hold the real resources.
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=cfg, trainer_args=trainer_args), {"cpu": 0.01})
@@ -205,8 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     grid = tuner.fit()
     table = results_table(grid, [p for p, _, _ in params])
-    storage.write_bytes(storage.join(args.output, "results.parquet"), parquet_bytes(table),
-                        s3_endpoint=args.s3_endpoint)
+    storage.write_bytes(storage.join(args.output, "results.parquet"), parquet_bytes(table))
     rows = table.to_pylist()
     ok = [r for r in rows if r["status"] == "ok" and r["objective"] is not None]
     if not ok:
@@ -216,8 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     best_config = {"detector": name, "options": best_options,
                    "objective": {args.objective: best["objective"]}, "epochs": args.epochs}
     storage.write_bytes(storage.join(args.output, "best_config.yaml"),
-                        yaml.safe_dump(best_config, sort_keys=False).encode(),
-                        s3_endpoint=args.s3_endpoint)
+                        yaml.safe_dump(best_config, sort_keys=False).encode())
     print(f"\nsweep {sweep}: {len(rows)} trials, best objective {best['objective']:.4f}")
     print(f"{'rank':<5}{'objective':>10}  " + "  ".join(f"{p:>14}" for p, _, _ in params) + f"{'wall_s':>9}")
     for i, r in enumerate(rows):
@@ -236,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_summary = train.main(_train_argv(args, summary["best_model"], best_config))
         summary["best_model_version"] = train_summary["model_version"]
     storage.write_bytes(storage.join(args.output, "summary.json"),
-                        json.dumps(summary, indent=2, default=str).encode(), s3_endpoint=args.s3_endpoint)
+                        json.dumps(summary, indent=2, default=str).encode())
     return summary
 
 

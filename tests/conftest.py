@@ -32,7 +32,8 @@ _FAKE_AWS_ENV = {
 
 @pytest.fixture(scope="session")
 def s3_endpoint() -> Iterator[str]:
-    """URL of a real S3 server (moto) on 127.0.0.1, with fake credentials in os.environ."""
+    """URL of a real S3 server (moto) on 127.0.0.1, named by AWS_ENDPOINT_URL in os.environ
+    (as a user configures any AWS client) with fake credentials beside it."""
     from moto.server import ThreadedMotoServer
 
     saved = {k: os.environ.get(k) for k in _FAKE_AWS_ENV}
@@ -42,8 +43,11 @@ def s3_endpoint() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    saved["AWS_ENDPOINT_URL"] = os.environ.get("AWS_ENDPOINT_URL")
+    os.environ["AWS_ENDPOINT_URL"] = url
     try:
-        yield f"http://{host}:{port}"
+        yield url
     finally:
         server.stop()
         for key, value in saved.items():

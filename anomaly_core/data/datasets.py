@@ -39,12 +39,12 @@ class ImageRecord:
     mask_uri: str | None = None
 
 
-def mvtec_categories(root: str, *, s3_endpoint: str | None = None) -> list[str]:
+def mvtec_categories(root: str) -> list[str]:
     """Sorted names of the folders under root that hold images in <category>/train/good/."""
-    if not storage.exists(root, s3_endpoint=s3_endpoint):
+    if not storage.exists(root):
         raise FileNotFoundError(f"MVTec root {root} does not exist; check the path or bucket")
     categories = set()
-    for uri in storage.list_files(root, extensions=IMAGE_EXTENSIONS, s3_endpoint=s3_endpoint):
+    for uri in storage.list_files(root, extensions=IMAGE_EXTENSIONS):
         parts = _parts_below(root, uri)
         if len(parts) >= 4 and parts[1] == "train" and parts[2] == GOOD:
             categories.add(parts[0])
@@ -57,7 +57,7 @@ def mvtec_categories(root: str, *, s3_endpoint: str | None = None) -> list[str]:
 
 
 def mvtec_records(
-    root: str, category: str, split: str, *, s3_endpoint: str | None = None
+    root: str, category: str, split: str
 ) -> list[ImageRecord]:
     """Records of one MVTec AD category and split ("train" or "test"), sorted by URI.
 
@@ -68,14 +68,14 @@ def mvtec_records(
     if split not in MVTEC_SPLITS:
         raise ValueError(f"split {split!r} is not one of {MVTEC_SPLITS}")
     split_dir = storage.join(root, category, split)
-    if not storage.exists(split_dir, s3_endpoint=s3_endpoint):
+    if not storage.exists(split_dir):
         raise FileNotFoundError(
             f"MVTec category {category!r} has no {split} folder under {root} ({split_dir}); "
             "check the root and category name (mvtec_categories(root) lists them)"
         )
-    masks = _mvtec_masks(storage.join(root, category, "ground_truth"), s3_endpoint)
+    masks = _mvtec_masks(storage.join(root, category, "ground_truth"))
     records = []
-    for uri in storage.list_files(split_dir, extensions=IMAGE_EXTENSIONS, s3_endpoint=s3_endpoint):
+    for uri in storage.list_files(split_dir, extensions=IMAGE_EXTENSIONS):
         parts = _parts_below(split_dir, uri)
         if len(parts) < 2:
             raise ValueError(
@@ -98,11 +98,10 @@ def folder_records(
     root: str,
     *,
     extensions: Iterable[str] = IMAGE_EXTENSIONS,
-    s3_endpoint: str | None = None,
 ) -> list[ImageRecord]:
     """Unlabelled records of every image under root, recursively, sorted by URI."""
     extensions = tuple(extensions)
-    uris = storage.list_files(root, extensions=extensions, s3_endpoint=s3_endpoint)
+    uris = storage.list_files(root, extensions=extensions)
     if not uris:
         raise ValueError(
             f"no images with extensions {', '.join(extensions)} under {root}; "
@@ -177,12 +176,9 @@ class ImageDataset(torch.utils.data.Dataset):
         self,
         records: Sequence[ImageRecord],
         size: tuple[int, int],
-        *,
-        s3_endpoint: str | None = None,
     ) -> None:
         self.records = list(records)
         self.size = check_size(size)
-        self.s3_endpoint = s3_endpoint
 
     def __len__(self) -> int:
         return len(self.records)
@@ -190,11 +186,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | int]:
         """{"image": [3,h,w], "label": int (-1 unknown), "mask": [h,w] (zeros if none), "index"}."""
         record = self.records[index]
-        image = load_image(record.uri, s3_endpoint=self.s3_endpoint)
+        image = load_image(record.uri)
         if record.mask_uri is None:
             mask = torch.zeros(self.size, dtype=torch.float32)
         else:
-            data = storage.read_bytes(record.mask_uri, s3_endpoint=self.s3_endpoint)
+            data = storage.read_bytes(record.mask_uri)
             raw_mask = decode_mask(data, record.mask_uri)
             if raw_mask.shape != image.shape[:2]:
                 raise ImageDecodeError(
@@ -212,11 +208,11 @@ class ImageDataset(torch.utils.data.Dataset):
         }
 
 
-def _mvtec_masks(gt_dir: str, s3_endpoint: str | None) -> dict[tuple[str, ...], str]:
+def _mvtec_masks(gt_dir: str) -> dict[tuple[str, ...], str]:
     """Mask URIs under ground_truth/ keyed by their path parts (defect, ..., file name)."""
-    if not storage.exists(gt_dir, s3_endpoint=s3_endpoint):
+    if not storage.exists(gt_dir):
         return {}
-    uris = storage.list_files(gt_dir, extensions=IMAGE_EXTENSIONS, s3_endpoint=s3_endpoint)
+    uris = storage.list_files(gt_dir, extensions=IMAGE_EXTENSIONS)
     return {tuple(_parts_below(gt_dir, uri)): uri for uri in uris}
 
 

@@ -166,11 +166,10 @@ def decode_mask(data: bytes, uri: str = "<bytes>") -> np.ndarray:
     return np.ascontiguousarray(pixels, dtype=bool)
 
 
-def load_image(uri: str, *, s3_endpoint: str | None = None,
-               target: tuple[int, int] | None = None) -> np.ndarray:
+def load_image(uri: str, *, target: tuple[int, int] | None = None) -> np.ndarray:
     """Read an image from a local path or s3:// URI and decode it to HxWx3 uint8 RGB
     (``target`` as for decode_image)."""
-    return decode_image(storage.read_bytes(uri, s3_endpoint=s3_endpoint), uri, target=target)
+    return decode_image(storage.read_bytes(uri), uri, target=target)
 
 
 def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
@@ -326,7 +325,6 @@ def read_image(
     etag: str | None = None,
     prev_etag: str | None = None,
     max_pixels: int = MAX_PIXELS,
-    s3_endpoint: str | None = None,
     keep_jpeg: bool = False,
 ) -> dict[str, Any]:
     """One input row: file facts plus the resized uint8 image [3,H,W], or `error` and no image.
@@ -340,7 +338,7 @@ def read_image(
                            "height": None, "error": None, "image": None, "skipped": False,
                            "jpeg": None}
     try:
-        data = storage.read_bytes(uri, s3_endpoint=s3_endpoint)
+        data = storage.read_bytes(uri)
         row["size_bytes"] = len(data)
         row["etag"] = etag or "sha256:" + hashlib.sha256(data).hexdigest()
         if prev_etag is not None and row["etag"] == prev_etag:

@@ -24,7 +24,7 @@ def synthetic_bucket(s3_endpoint: str, folder: str, prefix: str, category: str, 
     generate(folder, categories=[category], **sizes)
     for path in storage.list_files(folder):
         storage.write_bytes(f"s3://{bucket}/data/{os.path.relpath(path, folder)}",
-                            Path(path).read_bytes(), s3_endpoint=s3_endpoint)
+                            Path(path).read_bytes())
     return f"s3://{bucket}"
 
 

@@ -130,11 +130,11 @@ def test_memory_detector_trains_with_one_worker_on_each_node(cluster, padim_mode
     from anomaly_core.storage import read_bytes
 
     summary, model = padim_model
-    meta = ModelArtifact.read_metadata(model, s3_endpoint=cluster.s3_endpoint)
+    meta = ModelArtifact.read_metadata(model)
     assert meta["training"]["workers"] == 2
     assert len(meta["training"]["nodes"]) == 2  # 2 CPUs per worker: one worker per node
     assert summary["model_version"] == meta["model_version"]
-    on_s3 = json.loads(read_bytes(f"{model}/train_summary.json", s3_endpoint=cluster.s3_endpoint))
+    on_s3 = json.loads(read_bytes(f"{model}/train_summary.json"))
     assert on_s3["model_version"] == meta["model_version"]
 
 
@@ -154,8 +154,8 @@ def test_scoring_runs_actors_and_tasks_on_both_nodes(cluster, padim_model):
                           "--address", cluster.address, "--s3-endpoint", cluster.s3_endpoint])
     assert len(summary["nodes"]["model"]) == 2  # 1.5 CPUs per actor: one actor per node
     assert summary["nodes"]["rows"]  # the row tasks ran (and wrote to S3) wherever there was room
-    images = storage.list_files(source, s3_endpoint=cluster.s3_endpoint)
-    fs, path = storage.filesystem(out, s3_endpoint=cluster.s3_endpoint)
+    images = storage.list_files(source)
+    fs, path = storage.filesystem(out)
     rows = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pylist()
     assert sorted(r["uri"] for r in rows) == sorted(images)
     assert all(r["error"] is None and r["mask_png"] for r in rows)

@@ -55,8 +55,8 @@ def images_dir(data: str, dest) -> str:
     return str(dest)
 
 
-def read_rows(output: str, s3_endpoint: str | None = None) -> list[dict]:
-    fs, path = storage.filesystem(output, s3_endpoint=s3_endpoint)
+def read_rows(output: str) -> list[dict]:
+    fs, path = storage.filesystem(output)
     return pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table().to_pylist()
 
 
@@ -104,19 +104,18 @@ def test_s3_in_s3_out_at_the_mask_size_asked_for_rendered_in_the_actor(
     src = f"{s3_bucket}/incoming"
     local = storage.list_files(f"{data}/capsule/test")
     for path in local:
-        storage.write_bytes(src + path.split("/capsule/test", 1)[1], open(path, "rb").read(),
-                            s3_endpoint=s3_endpoint)
+        storage.write_bytes(src + path.split("/capsule/test", 1)[1], open(path, "rb").read())
     out = f"{s3_bucket}/scores"
     # The GPU path's options on CPU: maps rendered in the actor, two batches in it at once.
     summary = run_score(model, src, out, "--s3-endpoint", s3_endpoint, "--mask-size", "16", "24",
                         "--render-on-device", "--batches-in-flight", "2")
-    rows = read_rows(out, s3_endpoint)
+    rows = read_rows(out)
     assert len(rows) == len({r["uri"] for r in rows}) == len(local) == summary["scored"]
     for column in ("mask_png", "heatmap_png"):  # --mask-size, not the image's size
         assert np.asarray(Image.open(io.BytesIO(rows[0][column]))).shape == (16, 24)
     assert all(r["uri"].startswith(src) for r in rows)
     assert all(r["etag"] and not r["etag"].startswith("sha256:") for r in rows)  # S3 ETags
-    assert storage.exists(f"{out}/_runs/{summary['run_id']}/_SUCCESS.json", s3_endpoint=s3_endpoint)
+    assert storage.exists(f"{out}/_runs/{summary['run_id']}/_SUCCESS.json")
 
 
 def test_incremental_scores_only_new_and_changed_images(model, data, tmp_path):

@@ -36,25 +36,25 @@ def test_simplenet_noise_sweep_in_s3_ranks_trials_and_its_best_config_trains_a_l
                          "--param", "noise_std=loguniform:0.03:1.0", "--num-samples", "2",
                          "--max-concurrent", "2", "--epochs", "2", "--output", out,
                          "--save-best-artifact", "--s3-endpoint", s3_endpoint])
-    fs, path = storage.filesystem(f"{out}/results.parquet", s3_endpoint=s3_endpoint)
+    fs, path = storage.filesystem(f"{out}/results.parquet")
     table = pq.read_table(path, filesystem=fs).to_pylist()
     assert len(table) == 2 == summary["trials"]
     objectives = [r["objective"] for r in table if r["objective"] is not None]
     assert objectives == sorted(objectives, reverse=True) and len(objectives) == 2
     sigmas = {json.loads(r["param_noise_std"]) for r in table}
     assert len(sigmas) == 2 and all(0.03 <= s <= 1.0 for s in sigmas)
-    best = yaml.safe_load(storage.read_bytes(f"{out}/best_config.yaml", s3_endpoint=s3_endpoint))
+    best = yaml.safe_load(storage.read_bytes(f"{out}/best_config.yaml"))
     assert best["detector"] == "simplenet"
     assert best["options"]["noise_std"] == json.loads(table[0]["param_noise_std"])
-    model = ModelArtifact.read_metadata(summary["best_model"], s3_endpoint=s3_endpoint)
+    model = ModelArtifact.read_metadata(summary["best_model"])
     assert model["config"]["noise_std"] == best["options"]["noise_std"]
     # Each trial's Ray Train checkpoints sit in the sweep's S3 storage under the trial's id.
-    checkpoints = storage.list_files(f"{out}/tune/sweep-simplenet-trials", s3_endpoint=s3_endpoint)
+    checkpoints = storage.list_files(f"{out}/tune/sweep-simplenet-trials")
     assert {c.split("/trial-")[1].split("/")[0] for c in checkpoints if "/trial-" in c} == {
         r["trial_id"] for r in table}
     assert any(c.endswith("state.pt") for c in checkpoints)
     # The retrained best model loads (scoring any artifact is tested in test_score_job).
-    loaded = ModelArtifact.load(summary["best_model"], s3_endpoint=s3_endpoint)
+    loaded = ModelArtifact.load(summary["best_model"])
     assert loaded.detector.config.noise_std == best["options"]["noise_std"]
 
 

@@ -66,8 +66,8 @@ def test_local_round_trip_scores_identically(tmp_path, artifact):
 
 def test_s3_round_trip_scores_identically(s3_bucket, s3_endpoint, artifact):
     uri = f"{s3_bucket}/models/padim"
-    artifact.save(uri, s3_endpoint=s3_endpoint)
-    _assert_same_predictions(artifact, ModelArtifact.load(uri, s3_endpoint=s3_endpoint))
+    artifact.save(uri)
+    _assert_same_predictions(artifact, ModelArtifact.load(uri))
 
 
 def test_same_weights_give_the_same_model_version(tmp_path, artifact):
@@ -165,13 +165,13 @@ def test_s3_weights_are_cached_per_node_and_not_downloaded_again(
     s3_bucket, s3_endpoint, artifact, cache_dir
 ):
     uri = f"{s3_bucket}/models/padim"
-    artifact.save(uri, s3_endpoint=s3_endpoint)
-    first = ModelArtifact.load(uri, s3_endpoint=s3_endpoint)
+    artifact.save(uri)
+    first = ModelArtifact.load(uri)
     cached = os.path.join(cache_dir, artifact.model_version, "weights.safetensors")
     assert os.path.isfile(cached) and os.path.isfile(cached + ".verified")
     # With the object gone from S3, only the cache can serve the second load.
-    storage.delete(storage.join(uri, "weights.safetensors"), s3_endpoint=s3_endpoint)
-    second = ModelArtifact.load(uri, s3_endpoint=s3_endpoint)
+    storage.delete(storage.join(uri, "weights.safetensors"))
+    second = ModelArtifact.load(uri)
     _assert_same_predictions(first, second)
     _assert_same_predictions(artifact, second)
     assert sorted(os.listdir(os.path.dirname(cached))) == [
@@ -180,7 +180,7 @@ def test_s3_weights_are_cached_per_node_and_not_downloaded_again(
 
 def test_concurrent_loaders_on_a_node_download_once(s3_bucket, s3_endpoint, artifact, monkeypatch):
     uri = f"{s3_bucket}/models/padim"
-    artifact.save(uri, s3_endpoint=s3_endpoint)
+    artifact.save(uri)
     calls, copy = [], storage.copy_file
 
     def slow_copy(*args, **kwargs):
@@ -194,7 +194,7 @@ def test_concurrent_loaders_on_a_node_download_once(s3_bucket, s3_endpoint, arti
     def fetch() -> None:
         # The cache step of load(); building detectors in threads is not what is tested here.
         try:
-            paths.append(weights_path(uri, artifact.model_version, s3_endpoint=s3_endpoint))
+            paths.append(weights_path(uri, artifact.model_version))
         except Exception as exc:  # surfaced by the assert below
             errors.append(exc)
 
@@ -205,7 +205,7 @@ def test_concurrent_loaders_on_a_node_download_once(s3_bucket, s3_endpoint, arti
         t.join()
     assert not errors and len(set(paths)) == 1 and len(paths) == 3
     assert calls == [storage.join(uri, "weights.safetensors")]
-    _assert_same_predictions(artifact, ModelArtifact.load(uri, s3_endpoint=s3_endpoint))
+    _assert_same_predictions(artifact, ModelArtifact.load(uri))
     assert len(calls) == 1
 
 
@@ -214,8 +214,8 @@ def test_corrupt_cached_weights_are_downloaded_again(
     s3_bucket, s3_endpoint, artifact, cache_dir, damage
 ):
     uri = f"{s3_bucket}/models/padim"
-    artifact.save(uri, s3_endpoint=s3_endpoint)
-    ModelArtifact.load(uri, s3_endpoint=s3_endpoint)
+    artifact.save(uri)
+    ModelArtifact.load(uri)
     cached = os.path.join(cache_dir, artifact.model_version, "weights.safetensors")
     with open(cached, "r+b") as f:
         if damage == "flip":
@@ -225,7 +225,7 @@ def test_corrupt_cached_weights_are_downloaded_again(
             f.write(bytes([byte[0] ^ 0xFF]))
         else:
             f.truncate(1000)
-    _assert_same_predictions(artifact, ModelArtifact.load(uri, s3_endpoint=s3_endpoint))
+    _assert_same_predictions(artifact, ModelArtifact.load(uri))
     with open(cached, "rb") as f:
         assert hashlib.sha256(f.read()).hexdigest().startswith(artifact.model_version)
 
@@ -234,12 +234,12 @@ def test_corrupt_s3_weights_fail_naming_the_file_and_leave_no_cache_entry(
     s3_bucket, s3_endpoint, artifact, cache_dir
 ):
     uri = f"{s3_bucket}/models/padim"
-    artifact.save(uri, s3_endpoint=s3_endpoint)
+    artifact.save(uri)
     weights_uri = storage.join(uri, "weights.safetensors")
-    data = storage.read_bytes(weights_uri, s3_endpoint=s3_endpoint)
-    storage.write_bytes(weights_uri, data[:-1] + b"\0", s3_endpoint=s3_endpoint)
+    data = storage.read_bytes(weights_uri)
+    storage.write_bytes(weights_uri, data[:-1] + b"\0")
     with pytest.raises(ArtifactError, match=r"s3://.*weights.safetensors.*re-copy"):
-        ModelArtifact.load(uri, s3_endpoint=s3_endpoint)
+        ModelArtifact.load(uri)
     assert sorted(os.listdir(os.path.join(cache_dir, artifact.model_version))) == [".lock"]
 
 
@@ -247,10 +247,10 @@ def test_unusable_cache_folder_says_how_to_choose_another(
     s3_bucket, s3_endpoint, artifact, tmp_path
 ):
     uri = f"{s3_bucket}/models/padim"
-    artifact.save(uri, s3_endpoint=s3_endpoint)
+    artifact.save(uri)
     (tmp_path / "a-file").write_text("not a folder")
     with pytest.raises(ArtifactError, match=f"weights.safetensors: the artifact cache .*{CACHE_ENV}"):
-        ModelArtifact.load(uri, s3_endpoint=s3_endpoint, cache_dir=str(tmp_path / "a-file"))
+        ModelArtifact.load(uri, cache_dir=str(tmp_path / "a-file"))
 
 
 def test_flipped_byte_in_local_weights_fails_naming_the_file(tmp_path, artifact):

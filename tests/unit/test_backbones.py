@@ -135,10 +135,10 @@ def test_state_dict_file_local_and_s3_loads_exactly(tmp_path, s3_bucket, s3_endp
     path = tmp_path / "r18.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in full.state_dict().items()}}, path)
     uri = f"{s3_bucket}/weights/r18.pth"
-    storage.write_bytes(uri, path.read_bytes(), s3_endpoint=s3_endpoint)
+    storage.write_bytes(uri, path.read_bytes())
     x = torch.rand(1, 3, 32, 32)
     for weights in (str(path), uri):
-        loaded = FeatureExtractor("resnet18", ["layer1"], weights, s3_endpoint=s3_endpoint)
+        loaded = FeatureExtractor("resnet18", ["layer1"], weights)
         assert torch.equal(loaded(x)[0], source(x)[0]) and loaded.weight_source == weights
 
 

@@ -112,18 +112,17 @@ def test_mvtec_records_on_s3_pair_masks_by_key(monkeypatch):
     ]
     bucket = "s3://inspection/mvtec"
 
-    def list_files(uri, *, extensions=None, recursive=True, s3_endpoint=None):
-        assert s3_endpoint == "http://minio:9000"
+    def list_files(uri, *, extensions=None, recursive=True):
         prefix = uri.rstrip("/") + "/"
         return sorted(f"{bucket}/{k}" for k in keys if f"{bucket}/{k}".startswith(prefix))
 
-    def exists(uri, *, s3_endpoint=None):
-        return bool(list_files(uri, s3_endpoint=s3_endpoint))
+    def exists(uri):
+        return bool(list_files(uri))
 
     monkeypatch.setattr(storage, "list_files", list_files)
     monkeypatch.setattr(storage, "exists", exists)
-    assert mvtec_categories(bucket + "/", s3_endpoint="http://minio:9000") == ["bottle"]
-    records = mvtec_records(bucket + "/", "bottle", "test", s3_endpoint="http://minio:9000")
+    assert mvtec_categories(bucket + "/") == ["bottle"]
+    records = mvtec_records(bucket + "/", "bottle", "test")
     assert records == [
         ImageRecord(
             f"{bucket}/bottle/test/crack/000.png",

@@ -39,7 +39,7 @@ def small_pages(monkeypatch):
 
 def _put(base: str, ep: str | None, *keys: str, data: bytes = b"x") -> None:
     for key in keys:
-        storage.write_bytes(storage.join(base, key), data, s3_endpoint=ep)
+        storage.write_bytes(storage.join(base, key), data)
 
 
 # -- folder listing --------------------------------------------------------------------------
@@ -53,7 +53,7 @@ def test_folder_listing_pages_into_one_table_of_the_wanted_files(root, small_pag
     for i, key in enumerate(keys):
         _put(source, ep, key, data=b"x" * (i + 1))
 
-    new = inputs.list_inputs(source, extensions=EXT, s3_endpoint=ep)
+    new = inputs.list_inputs(source, extensions=EXT)
 
     assert new.schema == inputs.INPUT_SCHEMA
     wanted = [k for k in keys if k.lower().endswith((".png", ".jpg"))]
@@ -69,7 +69,7 @@ def test_folder_listing_pages_into_one_table_of_the_wanted_files(root, small_pag
 def test_folder_listing_errors_name_the_input(root):
     base, ep = root
     with pytest.raises(StorageError, match="nothing under|is not a folder") as err:
-        inputs.list_inputs(storage.join(base, "nowhere"), extensions=EXT, s3_endpoint=ep)
+        inputs.list_inputs(storage.join(base, "nowhere"), extensions=EXT)
     assert "nowhere" in str(err.value)
 
 
@@ -91,9 +91,9 @@ def test_manifest_csv_and_parquet_equal_the_old_reader(root, fmt):
         sink = io.BytesIO()
         pq.write_table(table, sink)
         data = sink.getvalue()
-    storage.write_bytes(uri, data, s3_endpoint=ep)
+    storage.write_bytes(uri, data)
 
-    new = inputs.list_inputs(uri, extensions=EXT, manifest=True, s3_endpoint=ep)
+    new = inputs.list_inputs(uri, extensions=EXT, manifest=True)
     assert new.schema == inputs.INPUT_SCHEMA and new["prev_etag"].null_count == new.num_rows
     assert new["uri"].to_pylist() == table["uri"].to_pylist()
     assert new["etag"].to_pylist() == ["1", "2", "3", "4", "5"]  # strings, even from CSV
@@ -191,7 +191,7 @@ def _inventory(dest: str, src_bucket: str, fmt: str, ep: str | None, *, md5: boo
         "files": files,
     }
     uri = storage.join(dest, config, "2024-05-01T01-00Z", "manifest.json")
-    storage.write_bytes(uri, json.dumps(manifest).encode(), s3_endpoint=ep)
+    storage.write_bytes(uri, json.dumps(manifest).encode())
     return uri
 
 
@@ -210,8 +210,7 @@ def test_s3_inventory_is_filtered_by_prefix_extension_and_latest(two_buckets, fm
     name = src.removeprefix("s3://")
     manifest = _inventory(dest, name, fmt, ep)
 
-    table = inputs.list_inputs(f"{src}/images/", extensions=EXT, inventory=manifest,
-                               s3_endpoint=ep)
+    table = inputs.list_inputs(f"{src}/images/", extensions=EXT, inventory=manifest)
 
     assert table.schema == inputs.INPUT_SCHEMA
     assert table["uri"].to_pylist() == [f"{src}/{k}" for k in EXPECTED]
@@ -220,7 +219,7 @@ def test_s3_inventory_is_filtered_by_prefix_extension_and_latest(two_buckets, fm
     assert got["images/old.png"] == (17, "etag7")  # the current version, not the old one
     assert got["images/a b.png"] == (11, "etag0")
     # the whole bucket: other prefixes come in too, still without the delete marker
-    whole = inputs.list_inputs(src, extensions=EXT, inventory=manifest, s3_endpoint=ep)
+    whole = inputs.list_inputs(src, extensions=EXT, inventory=manifest)
     assert {f"{src}/imagesX/y.png", f"{src}/other/o.png"} <= set(whole["uri"].to_pylist())
     assert f"{src}/images/deleted.png" not in whole["uri"].to_pylist()
 
@@ -257,7 +256,7 @@ def test_inventory_errors_say_what_to_do(two_buckets, tmp_path):
 
     def fails(match, *, source=f"{src}/images", inventory=manifest, endpoint=ep):
         with pytest.raises((ValueError, StorageError), match=match):
-            inputs.list_inputs(source, extensions=EXT, inventory=inventory, s3_endpoint=endpoint)
+            inputs.list_inputs(source, extensions=EXT, inventory=inventory)
 
     fails(r"is not an s3:// prefix", source=str(tmp_path))
     fails(r"lists bucket .* but --input s3://elsewhere/images is in bucket 'elsewhere'",
@@ -265,10 +264,10 @@ def test_inventory_errors_say_what_to_do(two_buckets, tmp_path):
     fails(r"manifest.json does not exist", inventory=f"{dest}/nope/manifest.json")
 
     def variant(label: str, change) -> str:
-        meta = json.loads(storage.read_bytes(manifest, s3_endpoint=ep))
+        meta = json.loads(storage.read_bytes(manifest))
         change(meta)
         uri = f"{dest}/{label}/manifest.json"
-        storage.write_bytes(uri, json.dumps(meta).encode(), s3_endpoint=ep)
+        storage.write_bytes(uri, json.dumps(meta).encode())
         return uri
 
     fails(r"ORC report, which is not supported; .* CSV or Parquet",
@@ -281,7 +280,7 @@ def test_inventory_errors_say_what_to_do(two_buckets, tmp_path):
           inventory=variant("gone", lambda m: m["files"][0].update(
               key=m["files"][0]["key"].replace("part-0", "part-9"))))
     fails(r"has no `files` list", inventory=variant("nofiles", lambda m: m.pop("files")))
-    storage.write_bytes(f"{dest}/notjson/manifest.json", b"\x1f\x8bgz", s3_endpoint=ep)
+    storage.write_bytes(f"{dest}/notjson/manifest.json", b"\x1f\x8bgz")
     fails(r"is not JSON", inventory=f"{dest}/notjson/manifest.json")
     parquet_as_csv = variant("badcsv", lambda m: m.update(fileFormat="Parquet"))
     fails(r"part-0.csv.gz is not a readable PARQUET file", inventory=parquet_as_csv)
@@ -308,7 +307,7 @@ def test_since_lists_only_the_newer_day_folders(root, monkeypatch, pattern):
     monkeypatch.setattr(storage, "list_objects", spy)
 
     table = inputs.list_inputs(source, extensions=EXT, since=date(2024, 4, 30),
-                               date_prefix=pattern, today=date(2024, 5, 3), s3_endpoint=ep)
+                               date_prefix=pattern, today=date(2024, 5, 3))
 
     days = ["2024-04-30", "2024-05-02", "2024-05-03"]
     folder = {d: datetime.strptime(d, "%Y-%m-%d").strftime(pattern) for d in
@@ -327,7 +326,7 @@ def test_since_defaults_to_today_utc(root):
     today = datetime.now(UTC).date()
     _put(base, ep, f"{today:%Y/%m/%d}/now.png", "2000/01/01/old.png")
     table = inputs.list_inputs(base, extensions=EXT, since=today.isoformat(),
-                               date_prefix="%Y/%m/%d", s3_endpoint=ep)
+                               date_prefix="%Y/%m/%d")
     assert table["uri"].to_pylist() == [storage.join(base, f"{today:%Y/%m/%d}/now.png")]
 
 
@@ -336,7 +335,7 @@ def test_since_with_no_day_folder_names_the_prefixes_tried(root):
     _put(base, ep, "2024/01/01/old.png", "2024/05/04/later.png")
     with pytest.raises(StorageError, match=r"nothing under .* for the 3 day folder\(s\)") as err:
         inputs.list_inputs(base, extensions=EXT, since="2024-05-01", date_prefix="%Y/%m/%d/",
-                           today="2024-05-03", s3_endpoint=ep)
+                           today="2024-05-03")
     assert storage.join(base, "2024/05/01") in str(err.value)
     assert storage.join(base, "2024/05/03") in str(err.value)
 
@@ -344,7 +343,7 @@ def test_since_with_no_day_folder_names_the_prefixes_tried(root):
 def test_since_on_a_missing_bucket_names_the_bucket(s3_endpoint):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket-here' does not exist"):
         inputs.list_inputs("s3://no-such-bucket-here/in", extensions=EXT, since="2024-05-01",
-                           date_prefix="%Y/%m/%d/", today="2024-05-02", s3_endpoint=s3_endpoint)
+                           date_prefix="%Y/%m/%d/", today="2024-05-02")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -37,7 +37,7 @@ def test_offline_mobilenet_package_and_cached_files_resolve(empty_hub):
 def test_a_missing_weights_file_or_s3_object_is_named(tmp_path, s3_bucket, s3_endpoint):
     for uri in (str(tmp_path / "nope.pth"), f"{s3_bucket}/weights/nope.pth"):
         with pytest.raises(WeightsUnavailableError, match="nope.pth for resnet18 does not exist"):
-            check_weights("resnet18", uri, s3_endpoint=s3_endpoint)
+            check_weights("resnet18", uri)
     (tmp_path / "w.pth").write_bytes(b"x")
     assert check_weights("resnet18", str(tmp_path / "w.pth")) == str(tmp_path / "w.pth")
 
@@ -66,7 +66,7 @@ def test_check_writable_leaves_nothing_behind_and_names_an_unwritable_output(tmp
     with pytest.raises(PreflightError, match=f"--output {blocker}/model is not writable"):
         preflight.check_writable(str(blocker / "model"))
     with pytest.raises(PreflightError, match="no-such-bucket-xyz"):
-        preflight.check_writable("s3://no-such-bucket-xyz/out", s3_endpoint=s3_endpoint)
+        preflight.check_writable("s3://no-such-bucket-xyz/out")
 
 
 def test_placement_needs_a_node_or_node_type_that_holds_one_bundle():
@@ -96,6 +96,5 @@ def test_a_folder_is_shared_only_when_the_drivers_marker_is_there(tmp_path):
     before = preflight._fingerprint(str(shared), None)
     (shared / "b.png").touch()
     assert preflight._fingerprint(str(shared), None) != before
-    result = preflight._probe_node({str(shared): None}, [("resnet18", str(tmp_path / "w.pth"))],
-                                   None)
+    result = preflight._probe_node({str(shared): None}, [("resnet18", str(tmp_path / "w.pth"))])
     assert "does not exist" in result["weights"][f"resnet18:{tmp_path / 'w.pth'}"]

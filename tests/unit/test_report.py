@@ -15,14 +15,12 @@ from jobs import report
 ROWS, FILES = 20_000, 10
 
 
-def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: str = "r1",
-              s3_endpoint: str | None = None) -> dict:
+def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: str = "r1",) -> dict:
     """A finished run of n rows (every 1000th an error) over `files` part files, as the score job
     writes them; the images themselves do not exist."""
     import pyarrow as pa
 
-    run = ScoreRun(run_id, output, "padim", "v1", day, "/nowhere", False, f"{day}T00:00:00",
-                   s3_endpoint=s3_endpoint, inputs=pa.table({"uri": [f"/nowhere/{i:06d}.png" for i in range(n)]}))
+    run = ScoreRun(run_id, output, "padim", "v1", day, "/nowhere", False, f"{day}T00:00:00", inputs=pa.table({"uri": [f"/nowhere/{i:06d}.png" for i in range(n)]}))
     rng = np.random.default_rng(0)
     heat, mask = encode_png(np.zeros((32, 32))), encode_png(np.zeros((32, 32)))
     now, rows = utc_now(), []
@@ -76,7 +74,7 @@ def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, mon
 
 
 def test_scores_in_s3(s3_bucket, s3_endpoint, tmp_path):
-    write_run(f"{s3_bucket}/scores", 40, 2, s3_endpoint=s3_endpoint)
+    write_run(f"{s3_bucket}/scores", 40, 2)
     page = report.main(["--scores", f"{s3_bucket}/scores", "--out", str(tmp_path / "report"),
                         "--top", "3", "--sample", "2", "--s3-endpoint", s3_endpoint])
     assert open(page).read().count('<figure class="thumb">') == 5

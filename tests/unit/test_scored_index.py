@@ -32,7 +32,7 @@ def _as_dict(table: pa.Table) -> dict[str, str]:
 
 def _on_disk(index: ScoredIndex) -> set[str]:
     return {u.rsplit("/", 1)[-1] for u in storage.list_files(
-        index.root, extensions=[".parquet"], s3_endpoint=index.s3_endpoint)}
+        index.root, extensions=[".parquet"])}
 
 
 def test_lookup_returns_the_latest_etag_of_tonights_uris_only(tmp_path):
@@ -133,7 +133,7 @@ def test_same_answer_as_the_full_scan_of_the_results(tmp_path):
         if version == "v1":
             index.add(table, f"night-{night}")
     tonight = rng.sample(population, 300)
-    full = runs.scored_index(output, "padim", "v1", None)
+    full = runs.scored_index(output, "padim", "v1")
     expected = _as_dict(full.filter(pc.is_in(full["uri"], value_set=pa.array(tonight))))
     assert _as_dict(index.lookup(tonight)) == expected and expected
 
@@ -208,7 +208,7 @@ def test_a_crash_during_compaction_leaves_orphans_not_a_broken_index(tmp_path, m
 
 def test_on_s3(s3_bucket, s3_endpoint):
     output = f"{s3_bucket}/scores"
-    index = ScoredIndex(output, "padim", "v1", s3_endpoint=s3_endpoint, row_group_rows=100)
+    index = ScoredIndex(output, "padim", "v1", row_group_rows=100)
     truth: dict[str, str] = {}
     for night in range(5):
         uris = [f"s3://plant/line{night:02d}/img{i:04d}.png" for i in range(300)]
@@ -219,7 +219,7 @@ def test_on_s3(s3_bucket, s3_endpoint):
     files = index.files()
     assert len(files) == 2 and files[0]["name"] is None  # 4 nights merged, then night 4
     assert all(u.startswith(f"{s3_bucket}/scores/_index/padim/v1/")
-               for u in storage.list_files(output, s3_endpoint=s3_endpoint))
+               for u in storage.list_files(output))
 
     tonight = [f"s3://plant/line00/img{i:04d}.png" for i in range(50)] + ["s3://plant/new.png"]
     got = index.lookup(pa.array(tonight))
@@ -227,4 +227,4 @@ def test_on_s3(s3_bucket, s3_endpoint):
     assert _as_dict(got)["s3://plant/line00/img0000.png"] == "n4-300"
     # one row group of the merged file (line00's first images), one of night 4's delta
     assert index.last_lookup["row_groups_read"] == 2, index.last_lookup
-    assert ScoredIndex(output, "padim", "v2", s3_endpoint=s3_endpoint).lookup(tonight).num_rows == 0
+    assert ScoredIndex(output, "padim", "v2").lookup(tonight).num_rows == 0

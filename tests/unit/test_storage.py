@@ -13,11 +13,11 @@ from anomaly_core.storage import StorageError
 
 
 @pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path) -> tuple[str, str | None]:
-    """(empty root URI, s3 endpoint) for each backend."""
+def root(request, tmp_path) -> str:
+    """An empty root URI for each backend (S3: a bucket on the server AWS_ENDPOINT_URL names)."""
     if request.param == "local":
-        return str(tmp_path), None
-    return request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
+        return str(tmp_path)
+    return request.getfixturevalue("s3_bucket")
 
 
 def _free_port() -> int:
@@ -27,13 +27,13 @@ def _free_port() -> int:
 
 
 def test_round_trip_bytes_creates_parents(root):
-    base, ep = root
+    base = root
     uri = storage.join(base, "a", "b", "c.bin")
     data = bytes(range(256)) * 100
-    storage.write_bytes(uri, data, s3_endpoint=ep)
-    assert storage.read_bytes(uri, s3_endpoint=ep) == data
-    storage.write_bytes(uri, b"second", s3_endpoint=ep)
-    assert storage.read_bytes(uri, s3_endpoint=ep) == b"second"
+    storage.write_bytes(uri, data)
+    assert storage.read_bytes(uri) == data
+    storage.write_bytes(uri, b"second")
+    assert storage.read_bytes(uri) == b"second"
 
 
 def test_relative_and_file_uri_paths_resolve_to_the_same_file(tmp_path, monkeypatch):
@@ -45,35 +45,35 @@ def test_relative_and_file_uri_paths_resolve_to_the_same_file(tmp_path, monkeypa
 
 
 def test_list_files_is_recursive_sorted_filtered_and_keeps_uri_form(root):
-    base, ep = root
+    base = root
     for key in ["b/z.PNG", "a.png", "b/c/d.jpg", "b/notes.txt", "a2.Jpg"]:
-        storage.write_bytes(storage.join(base, "imgs", key), b"x", s3_endpoint=ep)
+        storage.write_bytes(storage.join(base, "imgs", key), b"x")
     folder = storage.join(base, "imgs")
-    found = storage.list_files(folder, extensions=[".png", "jpg"], s3_endpoint=ep)
+    found = storage.list_files(folder, extensions=[".png", "jpg"])
     expected = sorted(storage.join(folder, k) for k in ["a.png", "a2.Jpg", "b/z.PNG", "b/c/d.jpg"])
     assert found == expected
     assert all(f.startswith("s3://") for f in found) == storage.is_s3(base)
-    assert storage.list_files(folder, recursive=False, s3_endpoint=ep) == [
+    assert storage.list_files(folder, recursive=False) == [
         storage.join(folder, "a.png"),
         storage.join(folder, "a2.Jpg"),
     ]
-    assert len(storage.list_files(folder, s3_endpoint=ep)) == 5
+    assert len(storage.list_files(folder)) == 5
 
 
 def test_list_files_on_missing_folder_raises(root):
-    base, ep = root
-    storage.write_bytes(storage.join(base, "there", "f.bin"), b"x", s3_endpoint=ep)
+    base = root
+    storage.write_bytes(storage.join(base, "there", "f.bin"), b"x")
     with pytest.raises(StorageError, match="does not exist"):
-        storage.list_files(storage.join(base, "nowhere"), s3_endpoint=ep)
+        storage.list_files(storage.join(base, "nowhere"))
     with pytest.raises(StorageError, match="is a file, not a folder"):
-        storage.list_files(storage.join(base, "there", "f.bin"), s3_endpoint=ep)
+        storage.list_files(storage.join(base, "there", "f.bin"))
 
 
 def test_missing_key_error_names_the_uri(root):
-    base, ep = root
+    base = root
     uri = storage.join(base, "no", "such.bin")
     with pytest.raises(StorageError, match="does not exist") as err:
-        storage.read_bytes(uri, s3_endpoint=ep)
+        storage.read_bytes(uri)
     assert uri in str(err.value)
     assert "bucket" not in str(err.value)
 
@@ -81,15 +81,15 @@ def test_missing_key_error_names_the_uri(root):
 @pytest.mark.parametrize(
     "operation",
     [
-        lambda uri, ep: storage.read_bytes(uri, s3_endpoint=ep),
-        lambda uri, ep: storage.write_bytes(uri, b"x", s3_endpoint=ep),
-        lambda uri, ep: storage.list_files(uri, s3_endpoint=ep),
+        lambda uri: storage.read_bytes(uri),
+        lambda uri: storage.write_bytes(uri, b"x"),
+        lambda uri: storage.list_files(uri),
     ],
     ids=["read", "write", "list"],
 )
 def test_missing_bucket_error_names_bucket_and_endpoint(s3_endpoint, operation):
     with pytest.raises(StorageError) as err:
-        operation("s3://no-such-bucket-here/images/x.png", s3_endpoint)
+        operation("s3://no-such-bucket-here/images/x.png")
     message = str(err.value)
     assert "bucket 'no-such-bucket-here' does not exist" in message
     assert s3_endpoint in message
@@ -99,52 +99,53 @@ def test_missing_bucket_error_names_bucket_and_endpoint(s3_endpoint, operation):
 def test_wrong_credentials_give_access_denied_without_the_secret(
     s3_bucket, s3_endpoint, monkeypatch
 ):
-    storage.write_bytes(f"{s3_bucket}/k.bin", b"x", s3_endpoint=s3_endpoint)
+    storage.write_bytes(f"{s3_bucket}/k.bin", b"x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-never-shown")
     # The server is in-process: from now on it checks every request against its (empty) IAM.
     monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
     for operation in (storage.read_bytes, storage.list_files):
         with pytest.raises(StorageError, match="access denied") as err:
-            operation(f"{s3_bucket}/k.bin", s3_endpoint=s3_endpoint)
+            operation(f"{s3_bucket}/k.bin")
         assert "AWS_SECRET_ACCESS_KEY" in str(err.value)
         assert "s3cr3t" not in str(err.value)
 
 
-def test_unreachable_endpoint_error_names_endpoint():
+def test_unreachable_endpoint_error_names_endpoint(monkeypatch):
     endpoint = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
     with pytest.raises(StorageError, match="cannot reach S3") as err:
-        storage.read_bytes("s3://some-bucket/x.png", s3_endpoint=endpoint)
+        storage.read_bytes("s3://some-bucket/x.png")
     assert endpoint in str(err.value)
 
 
 def test_exists_for_file_folder_and_missing(root):
-    base, ep = root
-    storage.write_bytes(storage.join(base, "d", "f.bin"), b"x", s3_endpoint=ep)
-    assert storage.exists(storage.join(base, "d", "f.bin"), s3_endpoint=ep)
-    assert storage.exists(storage.join(base, "d"), s3_endpoint=ep)
-    assert not storage.exists(storage.join(base, "d", "g.bin"), s3_endpoint=ep)
-    assert not storage.exists(storage.join(base, "e"), s3_endpoint=ep)
+    base = root
+    storage.write_bytes(storage.join(base, "d", "f.bin"), b"x")
+    assert storage.exists(storage.join(base, "d", "f.bin"))
+    assert storage.exists(storage.join(base, "d"))
+    assert not storage.exists(storage.join(base, "d", "g.bin"))
+    assert not storage.exists(storage.join(base, "e"))
 
 
 def test_exists_is_false_for_missing_bucket(s3_endpoint):
-    assert not storage.exists("s3://no-such-bucket-here/x", s3_endpoint=s3_endpoint)
+    assert not storage.exists("s3://no-such-bucket-here/x")
 
 
 def test_delete_removes_file_or_whole_prefix_and_ignores_absent(root):
-    base, ep = root
+    base = root
     for key in ["keep.bin", "d/a.bin", "d/e/b.bin"]:
-        storage.write_bytes(storage.join(base, key), b"x", s3_endpoint=ep)
-    storage.delete(storage.join(base, "keep.bin"), s3_endpoint=ep)
-    assert not storage.exists(storage.join(base, "keep.bin"), s3_endpoint=ep)
-    storage.delete(storage.join(base, "d"), s3_endpoint=ep)
-    assert storage.list_files(base, s3_endpoint=ep) == []
-    storage.delete(storage.join(base, "never", "was"), s3_endpoint=ep)
+        storage.write_bytes(storage.join(base, key), b"x")
+    storage.delete(storage.join(base, "keep.bin"))
+    assert not storage.exists(storage.join(base, "keep.bin"))
+    storage.delete(storage.join(base, "d"))
+    assert storage.list_files(base) == []
+    storage.delete(storage.join(base, "never", "was"))
 
 
 def test_delete_on_bucket_root_empties_but_keeps_bucket(s3_bucket, s3_endpoint):
-    storage.write_bytes(f"{s3_bucket}/a/b.bin", b"x", s3_endpoint=s3_endpoint)
-    storage.delete(s3_bucket, s3_endpoint=s3_endpoint)
-    assert storage.list_files(s3_bucket, s3_endpoint=s3_endpoint) == []
+    storage.write_bytes(f"{s3_bucket}/a/b.bin", b"x")
+    storage.delete(s3_bucket)
+    assert storage.list_files(s3_bucket) == []
 
 
 def test_local_write_leaves_no_temp_files_and_old_content_on_failure(tmp_path, monkeypatch):
@@ -189,33 +190,34 @@ def test_join_handles_slashes_for_local_and_s3():
     assert storage.join("s3://bucket/pre") == "s3://bucket/pre"
 
 
-def test_bad_uris_raise_with_a_fix():
+def test_bad_uris_raise_with_a_fix(monkeypatch):
     with pytest.raises(StorageError, match="names no bucket"):
         storage.read_bytes("s3://")
     with pytest.raises(StorageError, match="unsupported scheme"):
         storage.read_bytes("gs://bucket/x")
-    with pytest.raises(StorageError, match="not a URL"):
-        storage.read_bytes("s3://bucket/x", s3_endpoint="ftp://host:21")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "ftp://host:21")
+    with pytest.raises(StorageError, match="not a URL.*AWS_ENDPOINT_URL"):
+        storage.read_bytes("s3://bucket/x")
 
 
 def test_copy_file_streams_both_ways_and_returns_the_sha256(root, tmp_path):
-    base, ep = root
+    base = root
     data = os.urandom(3 << 20)
     src = tmp_path / "src.bin"
     src.write_bytes(data)
     uri = storage.join(base, "sub", "copy.bin")
-    digest = storage.copy_file(str(src), uri, s3_endpoint=ep, chunk_size=1 << 20)
+    digest = storage.copy_file(str(src), uri, chunk_size=1 << 20)
     assert digest == hashlib.sha256(data).hexdigest()
     back = tmp_path / "out" / "back.bin"
-    assert storage.copy_file(uri, str(back), s3_endpoint=ep, chunk_size=1 << 20) == digest
+    assert storage.copy_file(uri, str(back), chunk_size=1 << 20) == digest
     assert back.read_bytes() == data and os.listdir(tmp_path / "out") == ["back.bin"]
 
 
 def test_copy_file_missing_source_names_it_and_writes_nothing(root, tmp_path):
-    base, ep = root
+    base = root
     missing = storage.join(base, "nope.bin")
     with pytest.raises(StorageError, match="nope.bin does not exist"):
-        storage.copy_file(missing, str(tmp_path / "out" / "x.bin"), s3_endpoint=ep)
+        storage.copy_file(missing, str(tmp_path / "out" / "x.bin"))
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
@@ -234,13 +236,13 @@ def test_gz_named_files_are_stored_and_read_as_their_bytes(where, tmp_path, requ
     import gzip
 
     if where == "s3":
-        base, ep = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
+        base = request.getfixturevalue("s3_bucket")
     else:
-        base, ep = str(tmp_path), None
+        base = str(tmp_path)
     data = gzip.compress(b"uri\n/a.png\n")
     uri = storage.join(base, "report.csv.gz")
-    storage.write_bytes(uri, data, s3_endpoint=ep)
-    assert storage.read_bytes(uri, s3_endpoint=ep) == data
+    storage.write_bytes(uri, data)
+    assert storage.read_bytes(uri) == data
     copy = storage.join(base, "copy.csv.gz")
-    storage.copy_file(uri, copy, s3_endpoint=ep)
-    assert storage.read_bytes(copy, s3_endpoint=ep) == data
+    storage.copy_file(uri, copy)
+    assert storage.read_bytes(copy) == data

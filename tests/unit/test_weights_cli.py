@@ -11,7 +11,7 @@ def test_download_to_a_bucket_then_jobs_load_from_it(s3_bucket, s3_endpoint, cap
           "--s3-endpoint", s3_endpoint])
     uri = f"{s3_bucket}/weights/mobilenet_v2-b0353104.pth"
     assert f"weights={uri}" in capsys.readouterr().out
-    from_bucket = FeatureExtractor("mobilenet_v2", ["layer2"], uri, s3_endpoint=s3_endpoint).eval()
+    from_bucket = FeatureExtractor("mobilenet_v2", ["layer2"], uri).eval()
     reference = FeatureExtractor("mobilenet_v2", ["layer2"], "imagenet").eval()
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
