@@ -48,9 +48,9 @@ def create(path: str, d: int) -> dict:
     """Write the artifact; this process's memory is not what is measured."""
     import torch
 
-    from anomaly_core.artifact import ModelArtifact
     from anomaly_core.detectors import build_detector
-    from anomaly_core.evaluate import Calibration
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.training.evaluate import Calibration
 
     torch.manual_seed(0)
     detector = build_detector("padim", weights="random", image_size=256, n_features=d)
@@ -71,8 +71,8 @@ def old_load(path: str):
     from safetensors.torch import load
 
     from anomaly_core import storage
-    from anomaly_core.artifact import ArtifactInfo, ModelArtifact
     from anomaly_core.detectors import build_detector
+    from anomaly_core.model.artifact import ArtifactInfo, ModelArtifact
 
     info = ArtifactInfo.read(path)
     data = storage.read_bytes(os.path.join(path, "weights.safetensors"))
@@ -93,8 +93,8 @@ def measure(path: str, mode: str, images: int) -> dict:
     """Load (or only build) and score twice in this fresh process; its own peak memory."""
     import torch
 
-    from anomaly_core.artifact import ArtifactInfo, ModelArtifact
     from anomaly_core.detectors import build_detector
+    from anomaly_core.model.artifact import ArtifactInfo, ModelArtifact
 
     info = ArtifactInfo.read(path)
     batch = torch.rand(images, 3, *info.input_size, generator=torch.Generator().manual_seed(1))

@@ -51,8 +51,8 @@ _RENDERED: list = []
 def _init_worker(model_size: int, height: int, width: int) -> None:
     import torch
 
-    from anomaly_core.evaluate import Calibration
-    from anomaly_core.scoring import render_maps
+    from anomaly_core.scoring.scorer import render_maps
+    from anomaly_core.training.evaluate import Calibration
 
     torch.set_num_threads(1)
     masks, heats = render_maps(torch.from_numpy(raw_maps(8, model_size)), [(height, width)] * 8,
@@ -85,7 +85,7 @@ def raw_maps(n: int, size: int, seed: int = 0):
 def _rows(n: int, model_size: int, height: int, width: int, rendered: bool = False) -> int:
     import numpy as np
 
-    from anomaly_core.schema import parquet_bytes, score_table
+    from anomaly_core.scoring.schema import parquet_bytes, score_table
     from jobs.score import make_rows
 
     batch = {"uri": [f"/bench/{i}.png" for i in range(n)], "etag": ["e"] * n, "error": [""] * n,
@@ -114,7 +114,7 @@ def cpu_ceilings(paths: list[str], model_size: int, source_size: int, cores: int
     # Not fork: the caller may hold threads (Ray, torch) that a forked child would inherit. A
     # forkserver imports the stages once; each worker is a cheap fork of it.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["jobs.score", "anomaly_core.scoring", "anomaly_core.schema"])
+    context.set_forkserver_preload(["jobs.score", "anomaly_core.scoring.scorer", "anomaly_core.scoring.schema"])
     with ProcessPoolExecutor(cores, mp_context=context, initializer=_init_worker,
                              initargs=(model_size, source_size, source_size)) as pool:
         warm = [(paths[:1], model_size)] * cores  # imports and first-call costs out of the timing
@@ -139,9 +139,9 @@ def model_ceiling(detector, device: str, precision: str, batch_size: int,
     (the model actor's work under jobs.score --render-on-device)."""
     import torch
 
-    from anomaly_core.artifact import ModelArtifact
-    from anomaly_core.evaluate import Calibration
-    from anomaly_core.scoring import Scorer, render_maps
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.scoring.scorer import Scorer, render_maps
+    from anomaly_core.training.evaluate import Calibration
 
     size = detector.config.image_size
     scorer = Scorer(ModelArtifact(detector, Calibration(**CALIBRATION)), device=device,

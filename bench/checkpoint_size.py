@@ -50,7 +50,7 @@ def measure(name: str, options: dict, batch: int) -> dict:
     import torch
 
     from anomaly_core.detectors import build_detector
-    from anomaly_core.fit import fit
+    from anomaly_core.training.fit import fit
 
     torch.manual_seed(0)
     detector = build_detector(name, weights="random", **options)

@@ -84,7 +84,7 @@ def detector_at_defaults(name: str, device: str, fit_images: int, sets: dict[str
     import torch
 
     from anomaly_core.detectors import build_detector
-    from anomaly_core.fit import fit
+    from anomaly_core.training.fit import fit
     from tests.helpers import TensorImages
 
     fields = {"weights": "random", **sets}

@@ -63,7 +63,7 @@ def padim_child(args: argparse.Namespace) -> None:
     import torch
 
     from anomaly_core.detectors import build_detector
-    from anomaly_core.fit import fit
+    from anomaly_core.training.fit import fit
 
     class Images(torch.utils.data.Dataset):
         # Random images: the statistics' size and the work do not depend on the pixels.
@@ -160,7 +160,7 @@ def child(args: argparse.Namespace) -> None:
 
     from anomaly_core.data.datasets import ImageDataset, mvtec_records
     from anomaly_core.detectors import build_detector
-    from anomaly_core.fit import fit
+    from anomaly_core.training.fit import fit
 
     torch.manual_seed(0)
     budget = args.budget_mb * 2**20 / 2**30 if args.mode == "streaming" else None

@@ -62,8 +62,8 @@ class GpuMemoryPeak:
 def weights_option(name: str) -> tuple[str, list[str]]:
     """(what the fit uses, extra flags): --set weights=random where the detector's pretrained
     weights do not resolve here."""
-    from anomaly_core.backbones import WeightsUnavailableError, check_weights
     from anomaly_core.detectors import detector_class, make_config
+    from anomaly_core.features.backbones import WeightsUnavailableError, check_weights
 
     needed = detector_class(name).pretrained_weights(make_config(name))
     for backbone, weights in needed:

@@ -38,9 +38,9 @@ def compare(name: str, args: argparse.Namespace, sets: dict) -> dict:
     """images/s of each variant for one detector, and the largest relative score change."""
     import torch
 
-    from anomaly_core.artifact import ModelArtifact
-    from anomaly_core.evaluate import Calibration
-    from anomaly_core.scoring import Scorer
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.scoring.scorer import Scorer
+    from anomaly_core.training.evaluate import Calibration
     from bench.ceilings import CALIBRATION
 
     torch.manual_seed(0)

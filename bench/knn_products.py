@@ -55,11 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from scipy.stats import spearmanr
 
-    from anomaly_core.coreset import cpu_bf16_products
     from anomaly_core.data.synthetic import generate
     from anomaly_core.detectors import build_detector
-    from anomaly_core.fit import fit
-    from anomaly_core.metrics import image_auroc, pixel_auroc
+    from anomaly_core.features.coreset import cpu_bf16_products
+    from anomaly_core.training.fit import fit
+    from anomaly_core.training.metrics import image_auroc, pixel_auroc
     from bench.vs_anomalib import load_split
     from tests.helpers import TensorImages
 

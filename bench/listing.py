@@ -1,4 +1,4 @@
-"""Building the scoring input list at scale: anomaly_core.inputs.list_inputs (pages straight into
+"""Building the scoring input list at scale: anomaly_core.scoring.inputs.list_inputs (pages straight into
 Arrow) against the list as it was built before (old_list_inputs below: Python lists of every URI), on the same
 keys. Prints a table and writes JSON.
 
@@ -61,7 +61,7 @@ FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
 def old_list_inputs(
     source: str, *, extensions: list[str], manifest: bool = False
 ):
-    """The list as this repository built it before anomaly_core.inputs (kept here to compare):
+    """The list as this repository built it before anomaly_core.scoring.inputs (kept here to compare):
     Python lists of every URI, then one Arrow table."""
     import io
 
@@ -70,7 +70,7 @@ def old_list_inputs(
     import pyarrow.csv as pacsv
 
     from anomaly_core import storage
-    from anomaly_core.inputs import INPUT_SCHEMA
+    from anomaly_core.scoring.inputs import INPUT_SCHEMA
 
     if manifest:
         data = storage.read_bytes(source)
@@ -246,7 +246,7 @@ def measure(impl: str, what: str, path: str, endpoint: str, in_process: bool) ->
 
 
 def child(impl: str, what: str, path: str, endpoint: str) -> dict:
-    from anomaly_core import inputs
+    from anomaly_core.scoring import inputs
 
     def rss_mb() -> float:
         # VmHWM: this process image's peak RSS. ru_maxrss would carry over the peak of the

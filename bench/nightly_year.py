@@ -1,5 +1,5 @@
 """A year of nightly incremental runs: planning with the scored index
-(anomaly_core/scored_index.py) against the full scan of the results (runs.scored_index), as
+(anomaly_core/scoring/index.py) against the full scan of the results (runs.scored_index), as
 history grows. Prints a table and writes JSON.
 
 Each night lists `--per-night` new images (s3://plant/line{l:02d}/{date}/img{i:07d}.png over 20
@@ -69,8 +69,8 @@ def _peak_mb() -> float:
 
 def plan_in_this_process(kind: str, output: str, tonight_file: str) -> dict:
     """One planning, measured (the child's side): what to score tonight, new or old way."""
-    from anomaly_core import runs
-    from anomaly_core.scored_index import ScoredIndex
+    from anomaly_core.scoring import runs
+    from anomaly_core.scoring.index import ScoredIndex
 
     def plan(output: str, tonight: pa.Table) -> tuple[pa.Table, pa.Table, dict]:
         stats = {}
@@ -124,7 +124,7 @@ def _options(args) -> dict:
 def _record(output: str, index, day: datetime, scored: pa.Table, name: str) -> float:
     """The night's rows as a part file of the results, and into the index; the add's seconds."""
     from anomaly_core import storage
-    from anomaly_core.schema import parquet_bytes, partition_path
+    from anomaly_core.scoring.schema import parquet_bytes, partition_path
 
     part = storage.join(partition_path(output, MODEL, day), f"part-{name}.parquet")
     storage.write_bytes(part, parquet_bytes(scored))
@@ -137,7 +137,7 @@ def _plan(kind: str, output: str, tonight_file: str) -> dict:
     """A planning in a fresh process (see the module docstring), forked from a server process
     that only imported the modules (no import time, nothing of this process's)."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["anomaly_core.runs", "anomaly_core.scored_index", "pyarrow.compute"])
+    ctx.set_forkserver_preload(["anomaly_core.scoring.runs", "anomaly_core.scoring.index", "pyarrow.compute"])
     saved = os.environ.get("ARROW_DEFAULT_MEMORY_POOL")
     os.environ["ARROW_DEFAULT_MEMORY_POOL"] = "system"  # read when the server imports pyarrow
     try:
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.nights, args.per_night, args.old_every = 6, 2000, 2
 
-    from anomaly_core.scored_index import ScoredIndex
+    from anomaly_core.scoring.index import ScoredIndex
 
     work = args.work or tempfile.mkdtemp(prefix="bench-nightly-")
     os.makedirs(work, exist_ok=True)

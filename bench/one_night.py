@@ -2,7 +2,7 @@
 same night with no history: planning time and memory from the scored index. Prints a table and
 writes JSON.
 
-History: --history rows in the index (anomaly_core/scored_index.py) of one model version, as
+History: --history rows in the index (anomaly_core/scoring/index.py) of one model version, as
 --per-day images a day over 20 camera lines (s3://plant/line{l:02d}/{date}/img{i:08d}.png), added
 a day-batch at a time as finished runs add them (merges included; the time is printed, not the
 point). Tonight: --tonight images of a new day plus 10 % of them re-listed from the last day (a
@@ -52,7 +52,7 @@ def etags(n: int, seed: int) -> pa.Array:
 
 def build_history(output: str, rows: int, per_day: int) -> tuple[int, float]:
     """The index of `rows` scored images, a day at a time; returns (days, seconds)."""
-    from anomaly_core.scored_index import ScoredIndex
+    from anomaly_core.scoring.index import ScoredIndex
 
     index = ScoredIndex(output, MODEL, VERSION)
     days, start = -(-rows // per_day), time.perf_counter()

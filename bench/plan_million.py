@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
     set_env()
     import ray
 
-    from anomaly_core.artifact import ModelArtifact
-    from anomaly_core.evaluate import Calibration
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.training.evaluate import Calibration
     from bench.ceilings import CALIBRATION
 
     work = tempfile.mkdtemp(prefix="bench-plan-")

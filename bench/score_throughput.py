@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.images, args.source_size, args.batch_size, args.rows_per_file = 24, 96, 8, 8
         args.set = ["backbone=resnet18", "image_size=64"]
     set_env()
-    from anomaly_core.artifact import ModelArtifact
-    from anomaly_core.evaluate import Calibration
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.training.evaluate import Calibration
     from bench.ceilings import CALIBRATION
     from jobs import score
     from jobs.common import init_ray

@@ -26,12 +26,12 @@ from bench.common import cuda_available, machine, parse_sets, print_table, write
 def measure(name: str, args, sets: dict) -> dict:
     import torch
 
-    from anomaly_core.artifact import ModelArtifact
     from anomaly_core.detectors import build_detector
-    from anomaly_core.evaluate import Calibration
-    from anomaly_core.fit import fit
-    from anomaly_core.scoring import Scorer, encode_png, render_maps
-    from anomaly_core.tiling import TiledDetector, Tiling
+    from anomaly_core.detectors.tiling import TiledDetector, Tiling
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.scoring.scorer import Scorer, encode_png, render_maps
+    from anomaly_core.training.evaluate import Calibration
+    from anomaly_core.training.fit import fit
     from bench.ceilings import CALIBRATION
     from tests.helpers import TensorImages
 

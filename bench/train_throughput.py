@@ -36,11 +36,11 @@ from bench.common import machine, print_table, write_json  # noqa: E402
 def make_step(name: str, options: dict, size: int, batch: int, *, device: str = "cpu",
               channels_last: bool = False, precision: str = "fp32"):
     """One training step (observe() for the memory family) of a fresh detector at its defaults
-    plus `options`, on one fixed batch, laid out and autocast as anomaly_core.fit does."""
+    plus `options`, on one fixed batch, laid out and autocast as anomaly_core.training.fit does."""
     import torch
 
     from anomaly_core.detectors import build_detector
-    from anomaly_core.fit import autocast
+    from anomaly_core.training.fit import autocast
 
     torch.manual_seed(0)  # the same weights and batch for every layout
     detector = build_detector(name, image_size=size, weights="random", **options).to(device)

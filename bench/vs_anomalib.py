@@ -170,7 +170,7 @@ def child(impl: str, name: str, args: argparse.Namespace) -> list[dict]:
     test set (a row each)."""
     import torch
 
-    from anomaly_core.fit import fit
+    from anomaly_core.training.fit import fit
     from tests.helpers import TensorImages
 
     torch.manual_seed(0)
@@ -231,10 +231,10 @@ def runner(model, forward, impl: str, precision: str, test, device: str):
     "16-mixed" does."""
     import torch
 
-    from anomaly_core.artifact import ModelArtifact
-    from anomaly_core.evaluate import Calibration
-    from anomaly_core.precision import LOW_DTYPES
-    from anomaly_core.scoring import Scorer
+    from anomaly_core.features.precision import LOW_DTYPES
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.scoring.scorer import Scorer
+    from anomaly_core.training.evaluate import Calibration
     from bench.ceilings import CALIBRATION
 
     if impl == "ours":  # the test files are PNGs: x * 255 is exact
@@ -260,7 +260,7 @@ def timed(model, forward, impl: str, precision: str, test, labels, masks, args) 
     import numpy as np
     import torch
 
-    from anomaly_core.metrics import image_auroc, pixel_auroc
+    from anomaly_core.training.metrics import image_auroc, pixel_auroc
 
     device = args.device
     run, test = runner(model, forward, impl, precision, test, device)

@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def choose_backbone(detector: str) -> tuple[str, str]:
     """The detector's specified backbone if its ImageNet weights are cached, else mobilenet_v2."""
-    from anomaly_core.backbones import imagenet_weights_available
     from anomaly_core.detectors import make_config
+    from anomaly_core.features.backbones import imagenet_weights_available
 
     default = make_config(detector).backbone
     if imagenet_weights_available(default):
@@ -57,10 +57,10 @@ def evaluate_parquet(output: str, data: str, category: str) -> dict[str, float]:
     """Join the Parquet rows with the synthetic ground truth and compute the metrics."""
     import pyarrow.dataset as pads
 
-    from anomaly_core import metrics
     from anomaly_core.data.datasets import mvtec_records
     from anomaly_core.data.decode import decode_mask, load_image
-    from anomaly_core.scoring import decode_png
+    from anomaly_core.scoring.scorer import decode_png
+    from anomaly_core.training import metrics
 
     rows = pads.dataset(output, format="parquet", partitioning="hive").to_table().to_pylist()
     by_uri = {r["uri"]: r for r in rows}

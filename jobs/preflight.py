@@ -43,8 +43,8 @@ def check_writable(uri: str, *, flag: str = "--output") -> None:
 def check_detector(detector: str, options: dict) -> list[str]:
     """Build the detector once with random weights (a bad combination of options fails here, not
     in every worker) and resolve the pretrained weights it will load; returns their sources."""
-    from anomaly_core.backbones import check_weights as resolve
     from anomaly_core.detectors import build_detector, detector_class, make_config
+    from anomaly_core.features.backbones import check_weights as resolve
 
     config = make_config(detector, **options)
     sources = [resolve(b, w)
@@ -126,7 +126,7 @@ def _fingerprint(path: str, marker: str | None) -> str:
 
 def _probe_node(paths: dict[str, str | None], weights: Sequence[tuple[str, str]]) -> dict:
     """Runs on one node: each path's fingerprint and each weights source's problem (or None)."""
-    from anomaly_core.backbones import check_weights as resolve
+    from anomaly_core.features.backbones import check_weights as resolve
 
     out = {"paths": {p: _fingerprint(p, m) for p, m in paths.items()}, "weights": {}}
     for backbone, source in weights:

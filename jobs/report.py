@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def load_summary(scores: str, run_id: str | None) -> dict[str, Any]:
     """The run's _SUCCESS.json: the given run, else the last to finish on the latest day."""
     from anomaly_core import storage
-    from anomaly_core.runs import RUNS_DIR
+    from anomaly_core.scoring.runs import RUNS_DIR
 
     runs_dir = storage.join(scores, RUNS_DIR)
     if not storage.exists(runs_dir):
@@ -176,7 +176,7 @@ def thumbnail(uri: str, pngs: dict | None, truth_mask: np.ndarray | None, side: 
     import matplotlib.pyplot as plt
 
     from anomaly_core.data.decode import load_image
-    from anomaly_core.scoring import decode_png
+    from anomaly_core.scoring.scorer import decode_png
 
     heat = decode_png(pngs["heatmap_png"]) if pngs and pngs["heatmap_png"] else None
     mask = decode_png(pngs["mask_png"]) > 0 if pngs and pngs["mask_png"] else None
@@ -284,8 +284,8 @@ def labelled_metrics(run_rows, truth: dict, pngs: dict, true_mask):
     """Image AUROC, pixel AUROC, AUPRO and image F1-max per category and per defect type, and
     the (labels, scores) per category for the curves; true masks come from `true_mask(uri)`.
     Maps and masks are compared at PIXEL_SIDE."""
-    from anomaly_core import metrics
-    from anomaly_core.scoring import decode_png
+    from anomaly_core.scoring.scorer import decode_png
+    from anomaly_core.training import metrics
 
     items = []
     for row in run_rows.itertuples():
@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> str:
 
     from anomaly_core import storage
     from anomaly_core.data.decode import decode_mask
-    from anomaly_core.schema import utc_now
+    from anomaly_core.scoring.schema import utc_now
 
     t0 = time.perf_counter()
     truth = ground_truth(args.labels) if args.labels else {}

@@ -146,9 +146,9 @@ class ScoringActor:
         import ray
         import torch
 
-        from anomaly_core.artifact import ModelArtifact
-        from anomaly_core.scoring import Scorer
-        from anomaly_core.tiling import map_size
+        from anomaly_core.detectors.tiling import map_size
+        from anomaly_core.model.artifact import ModelArtifact
+        from anomaly_core.scoring.scorer import Scorer
 
         self.node = ray.get_runtime_context().get_node_id()
         device = "cuda" if use_gpu else "cpu"
@@ -165,7 +165,7 @@ class ScoringActor:
             return self._score(batch)
 
     def _score(self, batch: dict) -> dict:
-        from anomaly_core.scoring import render_maps
+        from anomaly_core.scoring.scorer import render_maps
 
         n = len(batch["uri"])
         out = {k: v for k, v in batch.items() if k not in ("image", "jpeg")}
@@ -221,10 +221,10 @@ def make_rows(batch: dict, run: dict, calibration: dict, mask_size) -> list[dict
     """Raw outputs -> schema rows (PNG mask and heatmap, normalized score); no Ray needed."""
     import torch
 
-    from anomaly_core.evaluate import Calibration
-    from anomaly_core.runs import ScoreRun
-    from anomaly_core.schema import utc_now
-    from anomaly_core.scoring import outputs, render_maps
+    from anomaly_core.scoring.runs import ScoreRun
+    from anomaly_core.scoring.schema import utc_now
+    from anomaly_core.scoring.scorer import outputs, render_maps
+    from anomaly_core.training.evaluate import Calibration
 
     score_run, cal, now, rows = ScoreRun(**run), Calibration(**calibration), utc_now(), []
     for i in range(len(batch["uri"])):
@@ -253,7 +253,7 @@ def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
     (the driver publishes it); returns the counts and the staged file."""
     import ray
 
-    from anomaly_core.runs import ScoreRun, stage_part
+    from anomaly_core.scoring.runs import ScoreRun, stage_part
 
     rows = make_rows(batch, run, calibration, mask_size)
     staged = stage_part(ScoreRun(**run), rows)
@@ -301,8 +301,8 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
     use_storage_flags(args)
-    from anomaly_core.artifact_info import ArtifactInfo  # model.json only, without torch
-    from anomaly_core.runs import finish, open_run, pending, publish_part
+    from anomaly_core.model.info import ArtifactInfo  # model.json only, without torch
+    from anomaly_core.scoring.runs import finish, open_run, pending, publish_part
 
     t0 = time.perf_counter()
     # Fail before any work when the model, the input or the output cannot be used. The driver
@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> dict:
             "mask_size": args.mask_size})
         progress = Progress(todo.num_rows, args.progress_every)
         # Only this driver publishes staged part files, each after its task returned: a
-        # straggler of a killed attempt never writes where readers look (anomaly_core.runs).
+        # straggler of a killed attempt never writes where readers look (anomaly_core.scoring.runs).
         with ThreadPoolExecutor(8) as publisher:
             published = []
             for counts in ds.iter_rows():

@@ -231,8 +231,8 @@ def parse_objective(text: str) -> dict[str, float]:
 
 def validation_hook(val, weights: dict[str, float], batch_size: int, device):
     """Per-epoch validation metrics and the `objective` (higher is better) on labelled images."""
-    from anomaly_core import metrics
-    from anomaly_core.evaluate import predict
+    from anomaly_core.training import metrics
+    from anomaly_core.training.evaluate import predict
 
     def validate(detector) -> dict:
         pred = predict(detector, val, batch_size=batch_size, device=device)
@@ -263,8 +263,8 @@ def validation_sets(cfg: dict, size: tuple[int, int]):
 # Errors that repeat on every attempt (a bad option, weights missing on a node, data that cannot
 # be read, statistics too large for the device): retrying them only buries the reason.
 def _deterministic_errors() -> tuple[type[BaseException], ...]:
-    from anomaly_core.artifact import ArtifactError
-    from anomaly_core.backbones import WeightsUnavailableError
+    from anomaly_core.features.backbones import WeightsUnavailableError
+    from anomaly_core.model.artifact import ArtifactError
     from anomaly_core.storage import StorageError
 
     return (ValueError, WeightsUnavailableError, ArtifactError, StorageError, FileNotFoundError,
@@ -288,12 +288,12 @@ def train_worker(cfg: dict) -> None:
     import ray.train
     import torch
 
-    from anomaly_core.artifact import ModelArtifact, fingerprint
     from anomaly_core.data.datasets import ImageDataset, ImageRecord
     from anomaly_core.detectors import build_detector
-    from anomaly_core.evaluate import calibrate, predict
-    from anomaly_core.fit import bind_device, fit, select_device
-    from anomaly_core.tiling import input_size, tiled
+    from anomaly_core.detectors.tiling import input_size, tiled
+    from anomaly_core.model.artifact import ModelArtifact, fingerprint
+    from anomaly_core.training.evaluate import calibrate, predict
+    from anomaly_core.training.fit import bind_device, fit, select_device
 
     context = ray.train.get_context()
     rank = context.get_world_rank()
@@ -360,7 +360,7 @@ def worker_config(args, name: str, options: dict, train: list, val: list, output
     from dataclasses import asdict
 
     from anomaly_core.detectors import detector_class, make_config
-    from anomaly_core.tiling import Tiling, check_model_size, check_positions
+    from anomaly_core.detectors.tiling import Tiling, check_model_size, check_positions
 
     tiling = None
     if bool(args.tile) != bool(args.tiled_size):
@@ -460,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict:
     if fatal:  # a set-up error every attempt would repeat: not retried, reported as bad input
         raise ValueError(f"the workers could not start training: {fatal}")
     # model.json is the record of what was trained (Ray keeps only checkpointed metrics).
-    from anomaly_core.artifact import ModelArtifact
+    from anomaly_core.model.artifact import ModelArtifact
 
     meta = ModelArtifact.read_metadata(args.output)
     summary = {"detector": name, "artifact": args.output, "model_version": meta["model_version"],

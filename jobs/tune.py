@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from anomaly_core import storage
     from anomaly_core.detectors import detector_class, make_config
-    from anomaly_core.schema import parquet_bytes
+    from anomaly_core.scoring.schema import parquet_bytes
 
     name, fixed = detector_options(args)
     specs = list(args.param)

@@ -33,7 +33,7 @@ def mask_quality(detector, train, test, n_fit: int, n_held: int) -> dict[str, fl
     threshold (what the calibration before per-quantity thresholds marked)."""
     from torch.utils.data import Subset
 
-    from anomaly_core.evaluate import calibrate, predict
+    from anomaly_core.training.evaluate import calibrate, predict
 
     held = predict(detector, Subset(train, range(n_fit, n_fit + n_held)), batch_size=8)
     calibration, _ = calibrate(held["scores"], held["maps"], held["labels"])

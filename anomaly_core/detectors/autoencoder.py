@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly_core.backbones import FeatureExtractor, freeze
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import AnomalyOutput, Detector, DetectorConfig, gaussian_blur
-from anomaly_core.precision import network_autocast, network_output
+from anomaly_core.features.backbones import FeatureExtractor, freeze
+from anomaly_core.features.precision import network_autocast, network_output
 
 
 @dataclass

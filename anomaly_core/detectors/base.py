@@ -39,7 +39,7 @@ class Detector(nn.Module):
     Config: ClassVar[type[DetectorConfig]] = DetectorConfig
     # Memory detectors: the buffers fit() fills (what tiling keeps per tile position).
     statistics: ClassVar[tuple[str, ...]] = ()
-    # What --precision auto runs on a GPU: fp16 where it was measured faster (anomaly_core/precision.py)
+    # What --precision auto runs on a GPU: fp16 where it was measured faster (anomaly_core/features/precision.py)
     gpu_precision: ClassVar[str] = "fp16"
 
     def __init__(self, config: DetectorConfig) -> None:

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly_core.backbones import FeatureExtractor, freeze
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import AnomalyOutput, Detector, DetectorConfig, upsample
+from anomaly_core.features.backbones import FeatureExtractor, freeze
 
 # FrEIA's AllInOneBlock scales the subnet output by 0.1 for a near-identity start.
 SUBNET_SCALE = 0.1

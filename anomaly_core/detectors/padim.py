@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from anomaly_core.backbones import FeatureExtractor, freeze
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import (
     AnomalyOutput,
@@ -21,6 +20,7 @@ from anomaly_core.detectors.base import (
     gaussian_blur,
     upsample,
 )
+from anomaly_core.features.backbones import FeatureExtractor, freeze
 
 # The paper's random channel subset sizes; other backbones keep at most DEFAULT_FEATURES.
 PAPER_FEATURES = {"wide_resnet50_2": 550, "resnet18": 100}

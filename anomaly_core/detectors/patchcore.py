@@ -8,8 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from anomaly_core.backbones import FeatureExtractor, freeze
-from anomaly_core.coreset import StreamingCoreset, gather_and_reduce, knn, knn_dtype, knn_products
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import (
     AnomalyOutput,
@@ -17,6 +15,14 @@ from anomaly_core.detectors.base import (
     DetectorConfig,
     gaussian_blur,
     upsample,
+)
+from anomaly_core.features.backbones import FeatureExtractor, freeze
+from anomaly_core.features.coreset import (
+    StreamingCoreset,
+    gather_and_reduce,
+    knn,
+    knn_dtype,
+    knn_products,
 )
 
 GIB = 1 << 30

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anomaly_core.backbones import FeatureExtractor, freeze
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import (
     AnomalyOutput,
@@ -19,6 +18,7 @@ from anomaly_core.detectors.base import (
     gaussian_blur,
     upsample,
 )
+from anomaly_core.features.backbones import FeatureExtractor, freeze
 
 
 @dataclass

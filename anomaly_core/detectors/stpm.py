@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from anomaly_core.backbones import FeatureExtractor, freeze
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import (
     AnomalyOutput,
@@ -17,6 +16,7 @@ from anomaly_core.detectors.base import (
     gaussian_blur,
     upsample,
 )
+from anomaly_core.features.backbones import FeatureExtractor, freeze
 
 MAP_REDUCTIONS = ("product", "sum")
 

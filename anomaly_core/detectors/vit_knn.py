@@ -7,8 +7,6 @@ from dataclasses import dataclass
 
 import torch
 
-from anomaly_core.backbones import TORCHVISION_MODELS, ViTExtractor, freeze
-from anomaly_core.coreset import StreamingCoreset, gather_and_reduce, knn, knn_dtype, knn_products
 from anomaly_core.detectors import register
 from anomaly_core.detectors.base import (
     AnomalyOutput,
@@ -16,6 +14,14 @@ from anomaly_core.detectors.base import (
     DetectorConfig,
     gaussian_blur,
     upsample,
+)
+from anomaly_core.features.backbones import TORCHVISION_MODELS, ViTExtractor, freeze
+from anomaly_core.features.coreset import (
+    StreamingCoreset,
+    gather_and_reduce,
+    knn,
+    knn_dtype,
+    knn_products,
 )
 
 GIB = 1 << 30

@@ -126,7 +126,7 @@ def padim_model(cluster: Cluster) -> tuple[dict, str]:
 
 
 def test_memory_detector_trains_with_one_worker_on_each_node(cluster, padim_model):
-    from anomaly_core.artifact import ModelArtifact
+    from anomaly_core.model.artifact import ModelArtifact
     from anomaly_core.storage import read_bytes
 
     summary, model = padim_model

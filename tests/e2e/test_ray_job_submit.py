@@ -182,7 +182,7 @@ def trained(head: Head) -> tuple[Job, str]:
 
 
 def test_train_job_succeeds_and_writes_the_artifact_to_s3(trained, head):
-    from anomaly_core.artifact import ModelArtifact
+    from anomaly_core.model.artifact import ModelArtifact
 
     job, model = trained
     assert job.returncode == 0 and state(job) == "SUCCEEDED", job.describe()

@@ -16,13 +16,13 @@ import torch
 from PIL import Image
 
 from anomaly_core import storage
-from anomaly_core.artifact import ModelArtifact
 from anomaly_core.data.datasets import ImageDataset, mvtec_records
 from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector
-from anomaly_core.evaluate import calibrate, predict
-from anomaly_core.fit import fit
-from anomaly_core.schema import COLUMNS
+from anomaly_core.model.artifact import ModelArtifact
+from anomaly_core.scoring.schema import COLUMNS
+from anomaly_core.training.evaluate import calibrate, predict
+from anomaly_core.training.fit import fit
 from jobs import score
 from jobs.common import JobFailed
 

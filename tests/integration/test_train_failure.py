@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from anomaly_core.artifact import ModelArtifact
 from anomaly_core.data.synthetic import generate
+from anomaly_core.model.artifact import ModelArtifact
 from jobs import train
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from anomaly_core.artifact import ModelArtifact
 from anomaly_core.data.synthetic import generate
+from anomaly_core.model.artifact import ModelArtifact
 from jobs import tune
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")

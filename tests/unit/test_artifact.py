@@ -12,15 +12,15 @@ import pytest
 import torch
 
 from anomaly_core import storage
-from anomaly_core.artifact import (
+from anomaly_core.detectors import build_detector
+from anomaly_core.model.artifact import (
     CACHE_ENV,
     ArtifactError,
     ArtifactInfo,
     ModelArtifact,
     weights_path,
 )
-from anomaly_core.detectors import build_detector
-from anomaly_core.evaluate import Calibration
+from anomaly_core.training.evaluate import Calibration
 
 
 @pytest.fixture(autouse=True)
@@ -277,7 +277,7 @@ def test_model_version_that_is_not_a_digest_is_rejected(tmp_path, artifact):
 # (mapped weights) pages included. `build` is everything but the weights: imports, the detector.
 _PEAK_SCRIPT = """
 import sys, torch
-from anomaly_core.artifact import ArtifactInfo, ModelArtifact
+from anomaly_core.model.artifact import ArtifactInfo, ModelArtifact
 from anomaly_core.detectors import build_detector
 info = ArtifactInfo.read(sys.argv[2])
 if sys.argv[1] == "load":
@@ -317,7 +317,7 @@ def test_a_jobs_driver_reads_the_artifact_without_importing_torch(artifact, tmp_
     code = f"""
 import sys
 import jobs.common, jobs.score
-from anomaly_core.artifact_info import ArtifactInfo
+from anomaly_core.model.info import ArtifactInfo
 from anomaly_core.errors import ArtifactError, WeightsUnavailableError
 info = ArtifactInfo.read({str(tmp_path / "model")!r})
 assert info.name == "padim" and info.input_size == (64, 64), info
@@ -335,6 +335,7 @@ print("torch" in sys.modules)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "False"
     # the same types wherever they are imported from
-    from anomaly_core import artifact_info, backbones, errors
+    from anomaly_core.model import backbones, errors
+    from anomaly_core.model import info as artifact_info
     assert artifact_info.ArtifactInfo is ArtifactInfo and backbones.WeightsUnavailableError \
         is errors.WeightsUnavailableError and errors.ArtifactError is ArtifactError

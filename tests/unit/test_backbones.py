@@ -6,8 +6,8 @@ import shutil
 import pytest
 import torch
 
-from anomaly_core import backbones, storage
-from anomaly_core.backbones import FeatureExtractor, WeightsUnavailableError
+from anomaly_core.features import backbones, storage
+from anomaly_core.features.backbones import FeatureExtractor, WeightsUnavailableError
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from anomaly_core.coreset import (
+from anomaly_core.features.coreset import (
     StreamingCoreset,
     exact_coreset,
     gather_and_reduce,
@@ -95,8 +95,8 @@ def test_knn_in_low_precision_finds_neighbours_much_nearer_than_the_rows_norms(d
 
 
 def test_knn_products_auto_follows_the_precision_and_the_cpus_bf16_instructions(monkeypatch):
-    from anomaly_core import coreset
-    from anomaly_core.precision import compute_precision
+    from anomaly_core.features import coreset
+    from anomaly_core.features.precision import compute_precision
 
     cpu = torch.device("cpu")
     for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):

@@ -12,9 +12,9 @@ import torch
 from torch.utils.data import Subset
 
 from anomaly_core.detectors import build_detector
-from anomaly_core.evaluate import predict
-from anomaly_core.fit import fit
-from anomaly_core.metrics import image_auroc
+from anomaly_core.training.evaluate import predict
+from anomaly_core.training.fit import fit
+from anomaly_core.training.metrics import image_auroc
 from tests.helpers import mask_quality, synthetic_split
 
 CATEGORY = "capsule"  # an object category: the harder, MVTec-like case

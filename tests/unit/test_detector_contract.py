@@ -3,13 +3,13 @@
 import pytest
 import torch
 
-from anomaly_core.artifact import ModelArtifact
-from anomaly_core.backbones import TORCHVISION_MODELS
 from anomaly_core.data.datasets import ImageDataset, mvtec_records
 from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector, list_detectors, make_config
-from anomaly_core.evaluate import Calibration, calibrate, predict
-from anomaly_core.fit import fit
+from anomaly_core.features.backbones import TORCHVISION_MODELS
+from anomaly_core.model.artifact import ModelArtifact
+from anomaly_core.training.evaluate import Calibration, calibrate, predict
+from anomaly_core.training.fit import fit
 
 SIZE = 64
 # Small, offline settings; a field only applies to detectors whose config has it.
@@ -51,8 +51,8 @@ def test_registered_detector_fits_scores_and_round_trips(name, data, tmp_path):
 @pytest.mark.parametrize("name", list_detectors())
 def test_registered_detector_fits_and_scores_tiled_and_round_trips(name, tmp_path):
     # Tiling works for every detector: two tiles side by side, each at the detector's input size
-    from anomaly_core.scoring import Scorer
-    from anomaly_core.tiling import TiledDetector, Tiling
+    from anomaly_core.detectors.tiling import TiledDetector, Tiling
+    from anomaly_core.scoring.scorer import Scorer
     from tests.helpers import TensorImages
 
     torch.manual_seed(0)

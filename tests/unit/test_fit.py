@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from anomaly_core.detectors import build_detector
 from anomaly_core.detectors.base import AnomalyOutput, Detector, DetectorConfig
-from anomaly_core.fit import (
+from anomaly_core.training.fit import (
     bind_device,
     fit,
     load_training_state,

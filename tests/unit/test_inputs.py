@@ -1,4 +1,4 @@
-"""The Arrow input list (anomaly_core.inputs): folder listing page by page, manifests, S3
+"""The Arrow input list (anomaly_core.scoring.inputs): folder listing page by page, manifests, S3
 Inventory reports and date-partitioned listing, on local folders and a real S3 protocol server
 (moto on loopback)."""
 
@@ -16,7 +16,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from anomaly_core import inputs, storage
+from anomaly_core.scoring import inputs, storage
 from anomaly_core.storage import StorageError
 
 EXT = [".png", "jpg"]

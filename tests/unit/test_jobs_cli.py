@@ -34,7 +34,7 @@ def test_train_rejects_a_malformed_set_flag(tmp_path):
 
 
 def test_score_with_a_missing_model_names_it(tmp_path):
-    from anomaly_core.artifact import ArtifactError
+    from anomaly_core.model.artifact import ArtifactError
 
     with pytest.raises(ArtifactError, match="nothing/model.json"):
         score.main(["--model", str(tmp_path / "nothing"), "--input", str(tmp_path),

@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from anomaly_core import metrics
+from anomaly_core.training import metrics
 
 
 def brute_force_aupro(masks, maps, fpr_limit=0.3):

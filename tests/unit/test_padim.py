@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import anomaly_core.detectors.padim as padim
 from anomaly_core.detectors import build_detector, make_config
 from anomaly_core.detectors.base import Detector, DetectorConfig
-from anomaly_core.fit import fit
+from anomaly_core.training.fit import fit
 from tests.helpers import TensorImages, free_port
 
 TINY = dict(backbone="resnet18", weights="random", image_size=64, n_features=24)

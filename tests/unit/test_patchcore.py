@@ -7,14 +7,14 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from anomaly_core import metrics
-from anomaly_core.backbones import imagenet_weights_available
-from anomaly_core.coreset import StreamingCoreset
 from anomaly_core.data.datasets import ImageDataset, mvtec_records
 from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector
-from anomaly_core.evaluate import predict
-from anomaly_core.fit import fit
+from anomaly_core.features.backbones import imagenet_weights_available
+from anomaly_core.features.coreset import StreamingCoreset
+from anomaly_core.training import metrics
+from anomaly_core.training.evaluate import predict
+from anomaly_core.training.fit import fit
 from tests.helpers import TensorImages, free_port
 
 GIB = 1 << 30

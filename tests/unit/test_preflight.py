@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from anomaly_core.backbones import WeightsUnavailableError, check_weights
+from anomaly_core.features.backbones import WeightsUnavailableError, check_weights
 from jobs import preflight
 from jobs.preflight import PreflightError, placement_problem
 
@@ -22,7 +22,7 @@ def test_uncached_imagenet_weights_name_the_cache_file_and_how_to_pre_seed(empty
         check_weights("wide_resnet50_2", "imagenet")
     message = str(err.value)
     assert str(empty_hub) in message and "wide_resnet50_2-" in message
-    assert "python -m anomaly_core.weights download" in message
+    assert "python -m anomaly_core.features.weights download" in message
 
 
 def test_offline_mobilenet_package_and_cached_files_resolve(empty_hub):

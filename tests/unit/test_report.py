@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from anomaly_core.runs import ScoreRun, commit_part, finish
-from anomaly_core.schema import utc_now
-from anomaly_core.scoring import encode_png
+from anomaly_core.scoring.runs import ScoreRun, commit_part, finish
+from anomaly_core.scoring.schema import utc_now
+from anomaly_core.scoring.scorer import encode_png
 from jobs import report
 
 ROWS, FILES = 20_000, 10

@@ -1,4 +1,4 @@
-"""The scored index (anomaly_core/scored_index.py): the incremental state of nightly runs gives
+"""The scored index (anomaly_core/scoring/index.py): the incremental state of nightly runs gives
 the same answer as the full scan of the results, reads only what can match tonight's images,
 stays logarithmic in files, and survives a crash at any point."""
 
@@ -10,9 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from anomaly_core import runs, scored_index, storage
-from anomaly_core.schema import parquet_bytes, partition_path
-from anomaly_core.scored_index import STATE_FILE, ScoredIndex
+from anomaly_core.scoring import runs, scored_index, storage
+from anomaly_core.scoring.index import STATE_FILE, ScoredIndex
+from anomaly_core.scoring.schema import parquet_bytes, partition_path
 
 T0 = datetime(2025, 1, 1, 2, 0, tzinfo=UTC)
 TS = pa.timestamp("us", tz="UTC")

@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Subset
 
-from anomaly_core import scoring
-from anomaly_core.artifact import ModelArtifact
-from anomaly_core.backbones import batchnorm_folded
 from anomaly_core.data.datasets import prepare_image
 from anomaly_core.detectors import build_detector
-from anomaly_core.evaluate import Calibration
-from anomaly_core.fit import fit
-from anomaly_core.precision import resolve_precision
-from anomaly_core.scoring import Scorer, decode_png, encode_png, render_maps
+from anomaly_core.features.backbones import batchnorm_folded
+from anomaly_core.features.precision import resolve_precision
+from anomaly_core.model.artifact import ModelArtifact
+from anomaly_core.scoring import scorer as scoring
+from anomaly_core.scoring.scorer import Scorer, decode_png, encode_png, render_maps
+from anomaly_core.training.evaluate import Calibration
+from anomaly_core.training.fit import fit
 from tests.helpers import TensorImages, random_images
 
 
@@ -105,7 +105,7 @@ MIN_RANK_CORRELATION, MAX_AUROC_CHANGE = 0.999, 0.002
 def test_fp16_networks_keep_scores_within_the_tolerance_of_float32(name, synthetic):
     from scipy.stats import spearmanr
 
-    from anomaly_core.metrics import image_auroc
+    from anomaly_core.training.metrics import image_auroc
     from tests.helpers import synthetic_split
 
     train, test = synthetic_split(synthetic("capsule", 96, 40, 24, 6), "capsule", 96)
@@ -130,7 +130,7 @@ def test_bf16_nearest_neighbour_products_keep_patchcore_within_the_tolerance(syn
     # "bfloat16" forces them here on any CPU (slowly where emulated).
     from scipy.stats import spearmanr
 
-    from anomaly_core.metrics import image_auroc, pixel_auroc
+    from anomaly_core.training.metrics import image_auroc, pixel_auroc
     from tests.helpers import synthetic_split
 
     train, test = synthetic_split(synthetic("capsule", 96, 40, 24, 6), "capsule", 96)

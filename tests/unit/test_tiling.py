@@ -1,16 +1,16 @@
-"""Tiling (anomaly_core/tiling.py): exact stitching, any detector through its tiles, the
+"""Tiling (anomaly_core/detectors/tiling.py): exact stitching, any detector through its tiles, the
 artifact's round trip."""
 
 import numpy as np
 import pytest
 import torch
 
-from anomaly_core.artifact import ModelArtifact
 from anomaly_core.detectors import build_detector
-from anomaly_core.evaluate import Calibration
-from anomaly_core.fit import fit
-from anomaly_core.scoring import Scorer
-from anomaly_core.tiling import TiledDetector, Tiling, cut, input_size, stitch
+from anomaly_core.detectors.tiling import TiledDetector, Tiling, cut, input_size, stitch
+from anomaly_core.model.artifact import ModelArtifact
+from anomaly_core.scoring.scorer import Scorer
+from anomaly_core.training.evaluate import Calibration
+from anomaly_core.training.fit import fit
 from tests.helpers import TensorImages
 
 
@@ -71,7 +71,7 @@ def test_a_tiled_detector_scores_each_tile_and_takes_the_highest(tiled_padim):
 
 
 def test_tiles_made_float_a_few_at_a_time_score_as_all_at_once(tiled_padim, monkeypatch):
-    import anomaly_core.tiling as tiling_module
+    import anomaly_core.detectors.tiling as tiling_module
 
     images = (torch.rand(2, 3, 64, 96) * 255).round().to(torch.uint8)
     with torch.no_grad():
@@ -147,7 +147,7 @@ def test_own_positions_are_refused_for_a_detector_that_learns_one_network():
                                           ((300, 300), (1000, 999)), ((96, 144), (96, 144))])
 def test_large_masks_rendered_in_strips_match_the_whole_map_rendered_at_once(source, size,
                                                                             monkeypatch):
-    from anomaly_core import scoring
+    from anomaly_core.scoring import scorer as scoring
 
     maps = torch.rand(1, *source) * 2
     calibration = Calibration(1.0, 1.0, 0.0, 2.0, "test")
@@ -170,8 +170,8 @@ def test_an_8000_px_mask_and_heatmap_render_without_a_float_copy_of_the_whole_ma
 
     code = """
 import resource, torch
-from anomaly_core.evaluate import Calibration
-from anomaly_core.scoring import render_maps
+from anomaly_core.training.evaluate import Calibration
+from anomaly_core.scoring.scorer import render_maps
 maps = torch.rand(1, 4000, 4000)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 masks, heats = render_maps(maps, [(8000, 8000)], Calibration(1.0, 1.0, 0.0, 2.0, "test"))

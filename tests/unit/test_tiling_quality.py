@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from anomaly_core.data.datasets import ImageDataset, mvtec_records
 from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector
-from anomaly_core.fit import fit
-from anomaly_core.metrics import image_auroc, pixel_auroc
-from anomaly_core.tiling import TiledDetector, Tiling
+from anomaly_core.detectors.tiling import TiledDetector, Tiling
+from anomaly_core.training.fit import fit
+from anomaly_core.training.metrics import image_auroc, pixel_auroc
 
 SIZE, TILE, RESIZED = 768, 128, 256
 # Measured (seed 0, 6 training images, 6 good + 8 defective test images): PaDiM image AUROC

@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from anomaly_core.detectors import build_detector
-from anomaly_core.fit import fit
+from anomaly_core.training.fit import fit
 from tests.helpers import TensorImages, free_port
 
 GIB = 1 << 30

@@ -2,8 +2,8 @@
 
 import torch
 
-from anomaly_core.backbones import FeatureExtractor
-from anomaly_core.weights import main
+from anomaly_core.features.backbones import FeatureExtractor
+from anomaly_core.features.weights import main
 
 
 def test_download_to_a_bucket_then_jobs_load_from_it(s3_bucket, s3_endpoint, capsys):

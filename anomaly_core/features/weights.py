@@ -1,7 +1,7 @@
 """Pre-seed pretrained weights for air-gapped clusters: download once, store in a bucket or volume.
 
-    python -m anomaly_core.weights download --backbone wide_resnet50_2 --to s3://bucket/weights/
-    python -m anomaly_core.weights list
+    python -m anomaly_core.features.weights download --backbone wide_resnet50_2 --to s3://bucket/weights/
+    python -m anomaly_core.features.weights list
 
 Jobs then read them with `--set weights=s3://bucket/weights/<file>` (or mount the folder as
 $TORCH_HOME/hub/checkpoints and keep `weights=imagenet`).
@@ -15,7 +15,7 @@ import sys
 import tempfile
 
 from anomaly_core import storage
-from anomaly_core.backbones import (
+from anomaly_core.features.backbones import (
     TORCHVISION_MODELS,
     _check_hash,
     cached_weights_path,
@@ -47,7 +47,7 @@ def download(backbone: str, destination: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m anomaly_core.weights", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m anomaly_core.features.weights", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("download", help="download ImageNet weights once and store them")
     d.add_argument("--backbone", action="append", required=True, help="repeatable")

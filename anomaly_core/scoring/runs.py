@@ -34,9 +34,9 @@ import pyarrow.dataset as pads
 import pyarrow.ipc as ipc
 
 from anomaly_core import storage
-from anomaly_core.inputs import INPUT_SCHEMA, list_inputs
-from anomaly_core.schema import parquet_bytes, partition_path, score_table, utc_now
-from anomaly_core.scored_index import INDEX_DIR, ScoredIndex
+from anomaly_core.scoring.index import INDEX_DIR, ScoredIndex
+from anomaly_core.scoring.inputs import INPUT_SCHEMA, list_inputs
+from anomaly_core.scoring.schema import parquet_bytes, partition_path, score_table, utc_now
 
 RUNS_DIR = "_runs"
 
@@ -146,7 +146,7 @@ def open_run(
 ) -> ScoreRun:
     """Start a run, or resume it when its input list was already frozen. The input is a folder
     or prefix, a manifest, or an S3 Inventory report filtered to a prefix; with `since` and
-    `date_prefix` only the date folders from `since` on (anomaly_core.inputs)."""
+    `date_prefix` only the date folders from `since` on (anomaly_core.scoring.inputs)."""
     now = utc_now()
     day = f"{now:%Y-%m-%d}"
     what = "|".join(str(x) for x in (source, ",".join(extensions), inventory, since, date_prefix)
@@ -170,7 +170,7 @@ def open_run(
                          since=since, date_prefix=date_prefix, today=now.date())
     if incremental:
         # Only what can match tonight's images is read: time and memory follow tonight's
-        # inputs, not the history (anomaly_core/scored_index.py).
+        # inputs, not the history (anomaly_core/scoring/index.py).
         done = model_index(output, model, model_version).lookup(inputs["uri"])
         joined = inputs.drop_columns(["prev_etag"]).join(
             done.rename_columns(["uri", "prev_etag"]), keys="uri", join_type="left outer"

@@ -25,18 +25,18 @@ import torch
 
 import anomaly_core
 from anomaly_core import storage
-from anomaly_core.artifact_info import (  # model.json without torch; re-exported here
+from anomaly_core.detectors import build_detector
+from anomaly_core.detectors.base import AnomalyOutput, Detector, load_weights
+from anomaly_core.detectors.tiling import input_size, tiled, tiling_of
+from anomaly_core.errors import ArtifactError
+from anomaly_core.model.calibration import Calibration
+from anomaly_core.model.info import (  # model.json without torch; re-exported here
     FORMAT,
     MODEL_FILE,
     SCHEMA_VERSION,
     ArtifactInfo,
     read_metadata,
 )
-from anomaly_core.calibration import Calibration
-from anomaly_core.detectors import build_detector
-from anomaly_core.detectors.base import AnomalyOutput, Detector, load_weights
-from anomaly_core.errors import ArtifactError
-from anomaly_core.tiling import input_size, tiled, tiling_of
 
 WEIGHTS_FILE = "weights.safetensors"
 CACHE_ENV = "RAY_ANOMALY_CACHE"

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from anomaly_core import metrics
-from anomaly_core.calibration import Calibration
 from anomaly_core.detectors.base import Detector
+from anomaly_core.model.calibration import Calibration
+from anomaly_core.training import metrics
 
 NORMAL_QUANTILE = 0.99
 # Pixels: a normal image has tens of thousands, so the pixel threshold is a far higher quantile

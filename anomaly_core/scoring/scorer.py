@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from anomaly_core.artifact import ModelArtifact
-from anomaly_core.backbones import batchnorm_folded
 from anomaly_core.data.datasets import to_unit_float
 from anomaly_core.data.decode import read_image
 from anomaly_core.detectors.base import AnomalyOutput
-from anomaly_core.evaluate import Calibration
-from anomaly_core.precision import compute_precision, resolve_precision
+from anomaly_core.features.backbones import batchnorm_folded
+from anomaly_core.features.precision import compute_precision, resolve_precision
+from anomaly_core.model.artifact import ModelArtifact
+from anomaly_core.training.evaluate import Calibration
 
 __all__ = ["Scorer", "decode_png", "encode_png", "outputs", "read_image", "render_maps"]
 
@@ -33,7 +33,7 @@ class Scorer:
 
     Images cross to the device as uint8 (from pinned memory, without blocking, on the calling
     thread's own CUDA stream, so two threads overlap one batch's copy with another's compute)
-    and become floats there; the networks run in 16 bits when asked (anomaly_core.precision
+    and become floats there; the networks run in 16 bits when asked (anomaly_core.features.precision
     says which parts; "auto" is each detector's GPU precision), channels_last, with BatchNorms
     folded into the convolutions (backbones.batchnorm_folded: the artifact's detector keeps its
     own layers), optionally compiled.

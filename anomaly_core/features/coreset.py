@@ -35,7 +35,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from anomaly_core.precision import low_precision_dtype
+from anomaly_core.features.precision import low_precision_dtype
 
 log = logging.getLogger(__name__)
 

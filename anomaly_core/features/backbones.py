@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from anomaly_core.errors import WeightsUnavailableError
-from anomaly_core.precision import network_autocast, network_output
+from anomaly_core.features.precision import network_autocast, network_output
 
 TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "mobilenet_v2")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -373,7 +373,7 @@ def check_weights(backbone: str, weights: str) -> str:
             return f"imagenet ({url})"
         raise WeightsUnavailableError(
             f"ImageNet weights for {backbone} are not in the cache ({cached_weights_path(backbone)}) "
-            f"and {url} cannot be reached from here. Pre-seed them: `python -m anomaly_core.weights "
+            f"and {url} cannot be reached from here. Pre-seed them: `python -m anomaly_core.features.weights "
             f"download --backbone {backbone} --to DIR_OR_S3` on a machine with access, then put the "
             f"file into {os.path.dirname(cached_weights_path(backbone))}/ on every node (or set "
             "TORCH_HOME), or pass --set weights=/path/or/s3/uri/of/the/file.pth"

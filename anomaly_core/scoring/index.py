@@ -80,7 +80,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from anomaly_core import storage
-from anomaly_core.schema import utc_now
+from anomaly_core.scoring.schema import utc_now
 
 INDEX_DIR = "_index"
 STATE_FILE = "index.json"

@@ -1,5 +1,5 @@
 """What a driver reads of an artifact: model.json alone, checked, without torch (a job's driver
-starts in a moment and never loads the weights; anomaly_core.artifact loads them)."""
+starts in a moment and never loads the weights; anomaly_core.model.artifact loads them)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from anomaly_core import storage
-from anomaly_core.calibration import Calibration
 from anomaly_core.errors import ArtifactError
+from anomaly_core.model.calibration import Calibration
 
 FORMAT = "ray-anomaly-model"
 SCHEMA_VERSION = 1

@@ -1,0 +1,1 @@
+"""What detectors are built from: pretrained backbones, nearest neighbours and coresets, precision."""

@@ -1,0 +1,1 @@
+"""The trained model as stored: ModelArtifact (model.json + weights), model.json alone, calibration."""
