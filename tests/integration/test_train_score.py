@@ -7,11 +7,12 @@ import numpy as np
 import pyarrow.dataset as pads
 import pytest
 
+from anomaly_core import storage
 from anomaly_core.data.datasets import mvtec_records
 from anomaly_core.data.synthetic import generate
 from anomaly_core.model.artifact import ModelArtifact
 from anomaly_core.scoring.schema import COLUMNS
-from anomaly_core.training import metrics, storage
+from anomaly_core.training import metrics
 from jobs import score, train
 
 SIZE = 96

@@ -335,7 +335,8 @@ print("torch" in sys.modules)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "False"
     # the same types wherever they are imported from
-    from anomaly_core.model import backbones, errors
+    from anomaly_core import errors
+    from anomaly_core.features import backbones
     from anomaly_core.model import info as artifact_info
     assert artifact_info.ArtifactInfo is ArtifactInfo and backbones.WeightsUnavailableError \
         is errors.WeightsUnavailableError and errors.ArtifactError is ArtifactError

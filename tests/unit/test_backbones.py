@@ -6,7 +6,8 @@ import shutil
 import pytest
 import torch
 
-from anomaly_core.features import backbones, storage
+from anomaly_core import storage
+from anomaly_core.features import backbones
 from anomaly_core.features.backbones import FeatureExtractor, WeightsUnavailableError
 
 

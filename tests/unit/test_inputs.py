@@ -16,7 +16,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from anomaly_core.scoring import inputs, storage
+from anomaly_core import storage
+from anomaly_core.scoring import inputs
 from anomaly_core.storage import StorageError
 
 EXT = [".png", "jpg"]

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 
-from anomaly_core.scoring import runs, storage
+from anomaly_core import storage
+from anomaly_core.scoring import runs
 from anomaly_core.scoring.schema import utc_now
 
 N = 40

@@ -10,7 +10,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from anomaly_core.scoring import runs, scored_index, storage
+from anomaly_core import storage
+from anomaly_core.scoring import index as scored_index
+from anomaly_core.scoring import runs
 from anomaly_core.scoring.index import STATE_FILE, ScoredIndex
 from anomaly_core.scoring.schema import parquet_bytes, partition_path
 
