@@ -430,17 +430,23 @@ def manifest_commands() -> list[tuple[str, str]]:
 
 
 def doc_commands() -> list[tuple[str, str]]:
-    """(where, command) for every `python -m jobs.X ...` in the README's code blocks."""
-    path = REPO / "README.md"
-    if not path.is_file():
-        return []
-    blocks = re.findall(r"```[a-z]*\n(.*?)```", path.read_text(), flags=re.S)
+    """(where, command) for every `python -m jobs.X ...` in README.md's and docs/*.md's code blocks.
+
+    Named `<file> command N`, N counted per file. A command continued over lines with `\\` is
+    joined first; `--help` lines are left out (they parse by exiting).
+    """
     out = []
-    for block in blocks:
-        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
-            match = re.search(r"python -m jobs\.\w+.*", line)
-            if match and "--help" not in line:
-                out.append((f"README.md command {len(out)}", match.group()))
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        if not path.is_file():
+            continue
+        blocks = re.findall(r"```[\w-]*\n(.*?)```", path.read_text(), flags=re.S)
+        n = 0
+        for block in blocks:
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+                match = re.search(r"python -m jobs\.\w+.*", line)
+                if match and "--help" not in line:
+                    out.append((f"{rel(path)} command {n}", match.group()))
+                    n += 1
     return out
 
 
