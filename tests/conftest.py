@@ -57,6 +57,18 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[key] = value
 
 
+@pytest.fixture(autouse=True)
+def _endpoint_flag_stays_in_its_test() -> Iterator[None]:
+    """A job's --s3-endpoint sets AWS_ENDPOINT_URL_S3 for its whole process, as it should; a job
+    run in-process by one test must not point the next test at its endpoint."""
+    before = os.environ.get("AWS_ENDPOINT_URL_S3")
+    yield
+    if before is None:
+        os.environ.pop("AWS_ENDPOINT_URL_S3", None)
+    else:
+        os.environ["AWS_ENDPOINT_URL_S3"] = before
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint: str) -> str:
     """A fresh, empty, uniquely named bucket on the moto server, as s3://<name>."""
