@@ -1,5 +1,6 @@
 """The walking skeleton end to end on a local Ray: synthetic data -> Ray Train fit -> Ray Data
-scoring -> Parquet -> image and pixel AUROC read back from the Parquet rows -> an HTML report.
+scoring -> Parquet -> an HTML report, and the report's image and pixel AUROC read back from the
+Parquet rows.
 
     python -m jobs.demo [--workdir demo_output] [--category capsule] [--detector padim]
 
@@ -16,8 +17,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-
-import numpy as np
 
 from jobs.common import log, run_job, setup_logging
 
@@ -53,41 +52,6 @@ def choose_backbone(detector: str) -> tuple[str, str]:
     )
 
 
-def evaluate_parquet(output: str, data: str, category: str) -> dict[str, float]:
-    """Join the Parquet rows with the synthetic ground truth and compute the metrics."""
-    import pyarrow.dataset as pads
-
-    from anomaly_core.data.datasets import mvtec_records
-    from anomaly_core.data.decode import decode_mask, load_image
-    from anomaly_core.scoring.scorer import decode_png
-    from anomaly_core.training import metrics
-
-    rows = pads.dataset(output, format="parquet", partitioning="hive").to_table().to_pylist()
-    by_uri = {r["uri"]: r for r in rows}
-    records = mvtec_records(data, category, "test")
-    missing = [r.uri for r in records if r.uri not in by_uri]
-    if missing:
-        raise SystemExit(f"{len(missing)} test images have no score row, e.g. {missing[0]}")
-    labels = np.array([r.label for r in records])
-    scores = np.array([by_uri[r.uri]["score"] for r in records])
-    heatmaps, masks = [], []
-    for r in records:
-        heatmaps.append(decode_png(by_uri[r.uri]["heatmap_png"]).astype(np.float32))
-        if r.mask_uri:
-            with open(r.mask_uri, "rb") as f:
-                masks.append(decode_mask(f.read(), r.mask_uri))
-        else:
-            masks.append(np.zeros(load_image(r.uri).shape[:2], dtype=bool))
-    predicted = np.array([by_uri[r.uri]["is_anomalous"] for r in records])
-    return {
-        "image_auroc": metrics.image_auroc(labels, scores),
-        "pixel_auroc": metrics.pixel_auroc(np.stack(masks), np.stack(heatmaps)),
-        "accuracy_at_threshold": float((predicted == (labels == 1)).mean()),
-        "test_images": len(records),
-        "defective": int(labels.sum()),
-    }
-
-
 @contextlib.contextmanager
 def output_to(path: str) -> Iterator[None]:
     """Send this process's stdout and stderr, and so Ray's logs, its progress bars and the lines
@@ -117,6 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
     from anomaly_core.data.synthetic import generate
+    from anomaly_core.report.labels import evaluate_run
     from jobs import report, score, train
 
     start = time.perf_counter()
@@ -146,7 +111,12 @@ def main(argv: list[str] | None = None) -> dict:
         ])
         page = report.main(["--scores", scores, "--labels", data,
                             "--out", os.path.join(work, "report")])
-    result = evaluate_parquet(scores, data, args.category)
+    # The report's own metrics: the run's rows against the synthetic labels.
+    table = evaluate_run(scores, data, scored["run_id"])
+    result = next(r for r in table if r["category"] == args.category and r["defect"] == "all")
+    if result["images"] != scored["inputs"]:
+        raise SystemExit(f"{scored['inputs'] - result['images']} of {scored['inputs']} test images "
+                         f"have no heatmap in run {scored['run_id']}: see its rows under {scores}")
     wall = time.perf_counter() - start
     print("\n=== demo result ===")
     print(f"detector      {args.detector}, backbone {why}")
@@ -154,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"scored        {scored['rows']} images ({scored['errors']} errors), {scored['images_per_s']} images/s")
     print(f"image AUROC   {result['image_auroc']:.3f}   (0.5 = chance, 1.0 = every defect ranked above every good part)")
     print(f"pixel AUROC   {result['pixel_auroc']:.3f}   (same, per pixel, from the 8-bit heatmaps in the Parquet rows)")
-    print(f"accuracy      {result['accuracy_at_threshold']:.3f}   at the threshold calibrated on held-out normal images")
+    print(f"accuracy      {result['accuracy']:.3f}   at the threshold calibrated on held-out normal images")
     print(f"model         {model}")
     print(f"scores        {scored['partition']}")
     print(f"report        {page}")

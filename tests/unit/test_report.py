@@ -1,15 +1,19 @@
-"""jobs.report on its own (no Ray): many rows read without their images, per-day numbers, errors,
-and the flags. The page in a browser is tested with a real scoring run (integration)."""
+"""jobs.report and anomaly_core.report on their own (no Ray): many rows read without their images,
+per-day numbers, errors, captions, the labelled metrics and the flags. The page in a browser is
+tested with a real scoring run (integration)."""
 
 import json
+import re
 import time
 
 import numpy as np
 import pytest
 
-from anomaly_core.scoring.runs import ScoreRun, commit_part, finish
+from anomaly_core.report import labels, load
+from anomaly_core.scoring.runs import ScoreRun, finish, publish_part, stage_part
 from anomaly_core.scoring.schema import utc_now
 from anomaly_core.scoring.scorer import encode_png
+from anomaly_core.training import metrics
 from jobs import report
 
 ROWS, FILES = 20_000, 10
@@ -34,7 +38,7 @@ def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: 
                        mask_png=mask)
         rows.append(row)
     for k in range(files):
-        commit_part(run, rows[k::files])
+        publish_part(run, stage_part(run, rows[k::files]))
     calibration = {"threshold": 1.2, "pixel_threshold": 0.5,
                    "normal_scores": sorted(rng.normal(1.0, 0.1, 200).tolist())}
     return finish(run, {"total": 1.0}, {"calibration": calibration, "model_uri": "/m"})
@@ -48,7 +52,7 @@ def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, mon
     write_run(out, 50, 1, day="2026-09-01", run_id="r-old")  # before the last 30 days
     write_run(out, ROWS, FILES)
     opened, read = [], []
-    real_read = report.read_pngs
+    real_read = load.read_pngs
 
     def counting_read(fs, rows, uris):
         result = real_read(fs, rows, uris)
@@ -56,7 +60,7 @@ def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, mon
         return result
 
     monkeypatch.setattr(decode, "load_image", lambda uri, **_: opened.append(uri) or 1 / 0)
-    monkeypatch.setattr(report, "read_pngs", counting_read)
+    monkeypatch.setattr(load, "read_pngs", counting_read)
     start = time.perf_counter()
     page = report.main(["--scores", out, "--out", str(tmp_path / "report"), "--top", "10",
                         "--sample", "5"])
@@ -85,7 +89,7 @@ def test_per_day_counts_and_rates():
 
     rows = pd.DataFrame({"dt": ["d1", "d1", "d1", "d2"], "error": [None, None, "x", None],
                          "is_anomalous": [True, False, None, False]})
-    days = report.day_counts(rows)
+    days = load.day_counts(rows)
     assert days.loc["d1"].tolist() == [2, 1, 1, 0.5] and days.loc["d2"].tolist() == [1, 0, 0, 0.0]
 
 
@@ -101,6 +105,68 @@ def test_a_folder_without_runs_and_bad_flags_say_what_to_do(tmp_path, capsys):
 
 
 def test_label_key_matches_a_copy_of_the_same_test_image():
-    assert report.label_key("s3://b/copy/capsule/test/crack/001.png") == "capsule/test/crack/001.png"
-    assert report.label_key("/data/mvtec/capsule/test/crack/001.png") == "capsule/test/crack/001.png"
-    assert json.loads(json.dumps(report.LIGHT_COLUMNS)) == report.LIGHT_COLUMNS
+    assert labels.label_key("s3://b/copy/capsule/test/crack/001.png") == "capsule/test/crack/001.png"
+    assert labels.label_key("/data/mvtec/capsule/test/crack/001.png") == "capsule/test/crack/001.png"
+    assert json.loads(json.dumps(load.LIGHT_COLUMNS)) == load.LIGHT_COLUMNS
+
+
+def test_captions_name_the_image_below_the_input_root(tmp_path):
+    out = str(tmp_path / "scores")
+    write_run(out, 30, 1)  # source /nowhere, images /nowhere/000000.png ...
+    page = report.main(["--scores", out, "--out", str(tmp_path / "report"), "--top", "3",
+                        "--sample", "0"])
+    text = open(page).read()
+    captions = re.findall(r"<figcaption>([^<]*)<br>", text)
+    assert len(captions) == 3 and all(re.fullmatch(r"\d{6}\.png", c) for c in captions), captions
+    assert 'title="/nowhere/' in text and "Image paths are below /nowhere." in text
+
+
+def test_the_input_root_is_the_source_else_the_images_common_folder():
+    uris = ["s3://b/plant/2026/11/30/a.png", "s3://b/plant/2026/12/01/b.png"]
+    assert load.input_root("s3://b/plant/", uris) == "s3://b/plant"
+    # A manifest's run: its source is the list, not a folder of the images.
+    assert load.input_root("s3://b/lists/tonight.csv", uris) == "s3://b/plant/2026"
+    assert load.input_root(None, ["/data/x/a.png"]) == "/data/x"
+    assert load.relative(uris[1], "s3://b/plant/2026") == "12/01/b.png"
+    assert load.relative("/elsewhere/c.png", "s3://b/plant") == "/elsewhere/c.png"
+
+
+def test_labelled_metrics_are_those_of_the_heatmaps_at_the_size_the_run_wrote_them():
+    """The report's and the demo's one measure: pixel metrics of 8-bit heatmaps at their own
+    size, as metrics.pixel_auroc and metrics.aupro give them on the stacked maps."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows, pngs, truth, masks, heats = [], {}, {}, {}, []
+    for i in range(10):
+        defect = "good" if i < 5 else "crack"
+        uri = f"/copy/capsule/test/{defect}/{i:03d}.png"
+        mask = np.zeros((48, 64), dtype=bool)
+        heat = rng.integers(0, 120, (48, 64))
+        if defect == "crack":
+            mask[10 + i:20 + i, 5:9 + i] = True
+            mask[40:44, 50:60] = i % 2 == 0  # a second region on some
+            heat[mask] += 100 + 10 * i
+        heat = heat.astype(np.uint8)
+        heats.append(heat)
+        mask_uri = f"/labels/capsule/ground_truth/crack/{i:03d}_mask.png" if defect != "good" else None
+        if mask_uri:  # the true mask at twice the heatmap's size: resized to it, nearest
+            masks[mask_uri] = mask.repeat(2, axis=0).repeat(2, axis=1)
+        truth[labels.label_key(uri)] = {"category": "capsule", "defect": defect,
+                                        "label": int(defect != "good"), "mask_uri": mask_uri}
+        rows.append({"uri": uri, "score": float(heat.max()), "is_anomalous": heat.max() > 200})
+        pngs[uri] = {"heatmap_png": encode_png(heat), "mask_png": None}
+    images = labels.labelled_images(pd.DataFrame(rows), truth, pngs, masks.__getitem__)
+    table, groups = labels.metrics_table(images)
+    assert [(r["defect"], r["images"], r["defective"]) for r in table] == [("all", 10, 5),
+                                                                          ("crack", 10, 5)]
+    stacked = np.stack([m[::2, ::2] for m in masks.values()])
+    stacked = np.concatenate([np.zeros((5, 48, 64), dtype=bool), stacked])
+    expected = {"pixel_auroc": metrics.pixel_auroc(stacked, np.stack(heats)),
+                "aupro": metrics.aupro(stacked, np.stack(heats)),
+                "image_auroc": metrics.image_auroc([r["label"] for r in truth.values()],
+                                                   [r["score"] for r in rows]),
+                "accuracy": np.mean([r["is_anomalous"] == (i >= 5) for i, r in enumerate(rows)])}
+    for key, value in expected.items():
+        assert table[0][key] == pytest.approx(value, abs=1e-12), key
+    assert list(groups) == ["capsule"]
