@@ -1,13 +1,14 @@
 """Artifact load memory: peak resident memory of a fresh process that loads a large PaDiM
 artifact and scores a few images, against the weights file's size. Prints a table.
 
-    python bench/artifact_load.py [--size 4.96] [--old] [--dir DIR] [--keep]
+    python -m bench.artifact_load [--size 4.96] [--dir DIR] [--keep]
 
 The artifact is PaDiM on wide_resnet50_2 (random backbone weights) at 256 px with its fitted
 statistics set to random values of the fitted shape: mean [4096, d], inv_covariance
 [4096, d, d], d = 550 (the paper's setting, a 4.96 GB file) or fewer to reach `--size` GB.
-Creating it, loading it, and the baselines each run in their own fresh process; peak RSS is
-that process's VmHWM, which counts the mapped weights' page-cache pages once touched.
+Creating it, loading it, and building the detector alone (the baseline) each run in their own
+fresh process; peak RSS is that process's VmHWM, which counts the mapped weights' page-cache
+pages once touched.
 """
 
 from __future__ import annotations
@@ -17,25 +18,15 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import bench_artifact, last_json, proc_status_bytes, run_fresh
 
 POSITIONS = 64 * 64  # wide_resnet50_2's layer1 grid at 256 px
 PAPER_FEATURES = 550
 GB = 1e9
-
-
-def status_bytes(field: str) -> int:
-    """A /proc/self/status memory field (VmHWM, VmRSS, RssFile, RssAnon) in bytes."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
 
 
 def n_features(size_gb: float) -> int:
@@ -49,8 +40,6 @@ def create(path: str, d: int) -> dict:
     import torch
 
     from anomaly_core.detectors import build_detector
-    from anomaly_core.model.artifact import ModelArtifact
-    from anomaly_core.training.evaluate import Calibration
 
     torch.manual_seed(0)
     detector = build_detector("padim", weights="random", image_size=256, n_features=d)
@@ -59,34 +48,8 @@ def create(path: str, d: int) -> dict:
     detector.mean = torch.empty(POSITIONS, d).normal_(0, 1, generator=gen)
     detector.inv_covariance = torch.empty(POSITIONS, d, d).normal_(0, 1e-3, generator=gen)
     start = time.perf_counter()
-    ModelArtifact(detector, Calibration(10.0, 10.0, 0.0, 20.0, "bench")).save(path)
+    bench_artifact(detector).save(path)
     return {"save_s": time.perf_counter() - start}
-
-
-def old_load(path: str):
-    """The former ModelArtifact.load: whole file as bytes, tensors from them, copied into buffers."""
-    import hashlib
-
-    import torch
-    from safetensors.torch import load
-
-    from anomaly_core import storage
-    from anomaly_core.detectors import build_detector
-    from anomaly_core.model.artifact import ArtifactInfo, ModelArtifact
-
-    info = ArtifactInfo.read(path)
-    data = storage.read_bytes(os.path.join(path, "weights.safetensors"))
-    assert hashlib.sha256(data).hexdigest()[:12] == info.model_version
-    state = load(data)
-    detector = build_detector(info.name, **dict(info.config, weights="random"))
-    for key, tensor in state.items():
-        owner_name, _, attr = key.rpartition(".")
-        owner = detector.get_submodule(owner_name) if owner_name else detector
-        buf = owner._buffers.get(attr)
-        if buf is not None and buf.shape != tensor.shape:
-            owner._buffers[attr] = torch.empty_like(tensor)
-    detector.load_state_dict(state, strict=True)
-    return ModelArtifact(detector, info.calibration, model_version=info.model_version)
 
 
 def measure(path: str, mode: str, images: int) -> dict:
@@ -94,15 +57,16 @@ def measure(path: str, mode: str, images: int) -> dict:
     import torch
 
     from anomaly_core.detectors import build_detector
-    from anomaly_core.model.artifact import ArtifactInfo, ModelArtifact
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.model.info import ArtifactInfo
 
     info = ArtifactInfo.read(path)
     batch = torch.rand(images, 3, *info.input_size, generator=torch.Generator().manual_seed(1))
     start = time.perf_counter()
     if mode == "build":
         build_detector(info.name, **dict(info.config, weights="random"))
-        return {"load_s": time.perf_counter() - start, "peak": status_bytes("VmHWM")}
-    artifact = ModelArtifact.load(path) if mode == "new" else old_load(path)
+        return {"load_s": time.perf_counter() - start, "peak": proc_status_bytes("VmHWM")}
+    artifact = ModelArtifact.load(path)
     load_s = time.perf_counter() - start
     times = []
     for _ in range(2):  # the first call also faults the mapped weights in from the page cache
@@ -113,18 +77,18 @@ def measure(path: str, mode: str, images: int) -> dict:
     return {
         "load_s": load_s,
         "predict_s": times,
-        "peak": status_bytes("VmHWM"),
-        "rss_file": status_bytes("RssFile"),
-        "rss_anon": status_bytes("RssAnon"),
+        "peak": proc_status_bytes("VmHWM"),
+        "rss_file": proc_status_bytes("RssFile"),
+        "rss_anon": proc_status_bytes("RssAnon"),
     }
 
 
 def run_child(*args: str) -> dict:
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", *args],
-                         capture_output=True, text=True)
+    """One step in a fresh process (`--child`): its JSON."""
+    out = run_fresh("bench.artifact_load", "--child", *args)
     if out.returncode != 0:
         sys.exit(f"child {args} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return last_json(out.stdout)
 
 
 def main() -> None:
@@ -132,8 +96,6 @@ def main() -> None:
     p.add_argument("--size", type=float, default=4.96,
                    help="target weights size in GB (4.96: the paper's 550 channels, the most)")
     p.add_argument("--images", type=int, default=2, help="images scored after the load")
-    p.add_argument("--old", action="store_true",
-                   help="also measure the former read-bytes load (needs about 3x the size free)")
     p.add_argument("--dir", help="where to write the artifact (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the artifact afterwards")
     p.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -151,9 +113,7 @@ def main() -> None:
         made = run_child("create", path, str(d))
         size = os.path.getsize(os.path.join(path, "weights.safetensors"))
         rows = [("build only (imports, detector, no weights)", run_child("build", path))]
-        rows.append(("ModelArtifact.load (mmap)", run_child("new", path)))
-        if args.old:
-            rows.append(("former load (bytes, tensors, buffers)", run_child("old", path)))
+        rows.append(("ModelArtifact.load (mmap)", run_child("load", path)))
     finally:
         if not args.keep:
             shutil.rmtree(root if not args.dir else path, ignore_errors=True)
@@ -165,8 +125,6 @@ def main() -> None:
         predict = ", ".join(f"{t:.1f}" for t in r["predict_s"]) if "predict_s" in r else "-"
         print(f"| {name} | {size / GB:.2f} | {r['peak'] / GB:.2f} | {r['peak'] / size:.2f} | "
               f"{r['load_s']:.1f} | {predict} |")
-    if not args.old:
-        print(f"former load, computed: about 3 x file + build = {(3 * size + rows[0][1]['peak']) / GB:.1f} GB")
 
 
 if __name__ == "__main__":

@@ -10,8 +10,8 @@ Model, per detector at its defaults (random weights: speed does not depend on th
   uint8 batches already on the device through the Scorer (floats made there), fp32, and the
   16-bit precisions on a GPU.
 
-    python bench/ceilings.py [--images 600] [--source-size 512] [--detectors all] [--out F]
-    python bench/ceilings.py --smoke      # a few small images and two small detectors (CI)
+    python -m bench.ceilings [--images 600] [--source-size 512] [--detectors all] [--out F]
+    python -m bench.ceilings --smoke      # a few small images and two small detectors (CI)
 """
 
 from __future__ import annotations
@@ -19,26 +19,24 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
+    CALIBRATION,
     DETECTORS,
+    bench_artifact,
     cuda_available,
     detector_at_defaults,
     image_set,
     machine,
-    parse_sets,
     print_table,
+    synchronizer,
     write_json,
 )
+from jobs.common import parse_overrides
 
-CALIBRATION = {"threshold": 1.0, "pixel_threshold": 1.0, "min": 0.0, "max": 2.0,
-               "method": "bench", "pixel_min": 0.0, "pixel_max": 2.0}
 RUN = {"run_id": "bench", "output": "/tmp/bench", "model": "bench", "model_version": "v",
        "day": "2026-01-01", "source": "bench", "incremental": False, "created_at": "bench"}
 
@@ -51,8 +49,8 @@ _RENDERED: list = []
 def _init_worker(model_size: int, height: int, width: int) -> None:
     import torch
 
+    from anomaly_core.model.calibration import Calibration
     from anomaly_core.scoring.scorer import render_maps
-    from anomaly_core.training.evaluate import Calibration
 
     torch.set_num_threads(1)
     masks, heats = render_maps(torch.from_numpy(raw_maps(8, model_size)), [(height, width)] * 8,
@@ -61,7 +59,7 @@ def _init_worker(model_size: int, height: int, width: int) -> None:
 
 
 def _decode(paths: list[str], size: int) -> int:
-    from jobs.score import read_images
+    from anomaly_core.scoring.rows import read_images
 
     batch = {"uri": paths, "etag": [""] * len(paths), "prev_etag": [""] * len(paths)}
     out = read_images(batch, (size, size), 10**9, None)
@@ -85,8 +83,10 @@ def raw_maps(n: int, size: int, seed: int = 0):
 def _rows(n: int, model_size: int, height: int, width: int, rendered: bool = False) -> int:
     import numpy as np
 
+    from anomaly_core.model.calibration import Calibration
+    from anomaly_core.scoring.rows import make_rows
+    from anomaly_core.scoring.runs import RunAttempt
     from anomaly_core.scoring.schema import parquet_bytes, score_table
-    from jobs.score import make_rows
 
     batch = {"uri": [f"/bench/{i}.png" for i in range(n)], "etag": ["e"] * n, "error": [""] * n,
              "size_bytes": [1] * n, "width": [width] * n, "height": [height] * n,
@@ -96,7 +96,7 @@ def _rows(n: int, model_size: int, height: int, width: int, rendered: bool = Fal
         batch.update(mask_u8=[m for m, _ in pairs], heat_u8=[h for _, h in pairs])
     else:
         batch["raw_map"] = raw_maps(n, model_size)
-    rows = make_rows(batch, RUN, CALIBRATION, None)
+    rows = make_rows(batch, RunAttempt(**RUN, attempt="bench"), Calibration(**CALIBRATION), None)
     return len(rows) if parquet_bytes(score_table(rows)) else 0
 
 
@@ -114,7 +114,8 @@ def cpu_ceilings(paths: list[str], model_size: int, source_size: int, cores: int
     # Not fork: the caller may hold threads (Ray, torch) that a forked child would inherit. A
     # forkserver imports the stages once; each worker is a cheap fork of it.
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["jobs.score", "anomaly_core.scoring.scorer", "anomaly_core.scoring.schema"])
+    context.set_forkserver_preload(["anomaly_core.scoring.rows", "anomaly_core.scoring.scorer",
+                                    "anomaly_core.scoring.schema"])
     with ProcessPoolExecutor(cores, mp_context=context, initializer=_init_worker,
                              initargs=(model_size, source_size, source_size)) as pool:
         warm = [(paths[:1], model_size)] * cores  # imports and first-call costs out of the timing
@@ -139,17 +140,15 @@ def model_ceiling(detector, device: str, precision: str, batch_size: int,
     (the model actor's work under jobs.score --render-on-device)."""
     import torch
 
-    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.model.calibration import Calibration
     from anomaly_core.scoring.scorer import Scorer, render_maps
-    from anomaly_core.training.evaluate import Calibration
 
     size = detector.config.image_size
-    scorer = Scorer(ModelArtifact(detector, Calibration(**CALIBRATION)), device=device,
-                    precision=precision)
+    scorer = Scorer(bench_artifact(detector), device=device, precision=precision)
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g)
     images = images.to(device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     calibration = Calibration(**CALIBRATION)
@@ -197,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.set = ["image_size=64", "backbone=resnet18", *args.set]
     precisions = (args.precisions.split(",") if args.precisions
                   else ["fp32", "fp16", "bf16"] if args.device.startswith("cuda") else ["fp32"])
-    sets = parse_sets(args.set)
+    sets = parse_overrides(args.set)
 
     work = tempfile.mkdtemp(prefix="bench-ceilings-")
     paths = image_set(work, args.images, args.source_size, args.format)

@@ -1,7 +1,7 @@
 """Checkpoint size per gradient detector: what fit() reports for a checkpoint (training_state and
 optimizer state) against the full state_dict. Prints a table.
 
-    python bench/checkpoint_size.py [--batch-size 2] [--threads 1]
+    python -m bench.checkpoint_size [--batch-size 2] [--threads 1]
 
 Each detector at its default options and input size, random weights (sizes do not depend on
 the values), after one optimizer step so the optimizer state exists. "checkpoint" is the state
@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.train_throughput import CASES as TRAIN_CASES  # noqa: E402
+from bench.common import TRAIN_CASES, backbone_text, options_text
 
 MB = 1e6
 
@@ -84,18 +80,13 @@ def main() -> None:
     args = p.parse_args()
     import torch
 
-    from anomaly_core.detectors import make_config
-
     torch.set_num_threads(args.threads)
     print(f"{'detector':<12}{'options':<24}{'backbone':<10}{'px':>4}{'trained/params':>20}"
           f"{'state_dict MB':>15}{'training MB':>13}{'optim MB':>10}{'ckpt MB':>9}"
           f"{'before MB':>11}{'ckpt/state_dict':>17}")
     for name, options in CASES:
         m = measure(name, options, args.batch_size)
-        config = make_config(name, **options)
-        backbone = "-" if name == "autoencoder" and not config.transfer_learning else config.backbone
-        shown = ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
-        print(f"{name:<12}{shown:<24}{backbone:<10}{m['size']:>4}"
+        print(f"{name:<12}{options_text(options):<24}{backbone_text(name, options):<10}{m['size']:>4}"
               f"{m['trained']:>10,}/{m['params']:>10,}{m['full'] / MB:>14.2f}"
               f"{m['training'] / MB:>13.2f}{m['optimizer'] / MB:>10.2f}"
               f"{m['checkpoint'] / MB:>9.2f}{m['before'] / MB:>11.2f}"

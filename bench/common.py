@@ -1,5 +1,5 @@
-"""What the benchmarks share: the environment, an image set, detectors at their defaults, the
-table they print and the JSON they write."""
+"""What the benchmarks share: the environment, image sets, detectors at their defaults and as
+artifacts, fresh processes to measure in, the table they print and the JSON they write."""
 
 from __future__ import annotations
 
@@ -7,18 +7,35 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+# The repository root: `python -m bench.<name>` and `python -m jobs.<name>` run from here.
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
 
 DETECTORS = ("autoencoder", "padim", "patchcore", "vit_knn", "fastflow", "stpm", "simplenet")
 RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            "HF_HUB_OFFLINE": "1"}
+# The calibration of the benches' artifacts: scores and maps in [0, 2], thresholds at 1. Speed
+# does not depend on it; it only has to be one that rows and masks can be made with.
+CALIBRATION = {"threshold": 1.0, "pixel_threshold": 1.0, "min": 0.0, "max": 2.0,
+               "method": "bench", "pixel_min": 0.0, "pixel_max": 2.0}
+# The training benchmarks' cases: every detector at its defaults, and the options that change
+# what trains.
+TRAIN_CASES = [
+    ("autoencoder", {}),
+    ("autoencoder", {"transfer_learning": True}),
+    ("fastflow", {}),
+    ("fastflow", {"train_backbone": False}),
+    ("stpm", {}),
+    ("simplenet", {}),
+    ("padim", {}),
+    ("patchcore", {}),
+]
 
 
 def set_env() -> None:
@@ -41,6 +58,21 @@ def cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What a timing calls before reading the clock: waits for a GPU's queued work, or nothing."""
+    import torch
+
+    return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+
+def bench_artifact(detector):
+    """`detector` as a ModelArtifact with CALIBRATION, as the Scorer and the jobs take it."""
+    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.model.calibration import Calibration
+
+    return ModelArtifact(detector, Calibration(**CALIBRATION))
 
 
 def _link(src: str, dst: str) -> None:
@@ -78,6 +110,30 @@ def image_set(folder: str, n: int, size: int, fmt: str = "png", distinct: int = 
     return paths
 
 
+def write_split(folder: str, size: int, n_train: int, n_test: int) -> None:
+    """A synthetic capsule tree in `folder`: n_train good images to fit on; n_test // 2 good
+    and n_test // 8 (at least one) defective ones, with masks, to test on."""
+    from anomaly_core.data.synthetic import generate
+
+    generate(folder, categories=["capsule"], size=size, n_train=n_train,
+             n_test_good=n_test // 2, n_test_defect=max(1, n_test // 8))
+
+
+def load_split(folder: str, size: int):
+    """The tree of write_split as float tensors: (train images [N,3,s,s], test images, test
+    labels, test masks)."""
+    import torch
+
+    from tests.helpers import synthetic_split
+
+    train, test = synthetic_split(folder, "capsule", size)
+    x = torch.stack([train[i]["image"] for i in range(len(train))])
+    items = [test[i] for i in range(len(test))]
+    return (x, torch.stack([t["image"] for t in items]),
+            torch.tensor([int(t["label"]) for t in items]),
+            torch.stack([t["mask"] for t in items]) > 0.5)
+
+
 def detector_at_defaults(name: str, device: str, fit_images: int, sets: dict[str, Any]):
     """A detector at its defaults (plus `sets`), random weights (speed and memory do not depend
     on their values), fitted on `fit_images` synthetic images when it is a memory detector."""
@@ -98,16 +154,47 @@ def detector_at_defaults(name: str, device: str, fit_images: int, sets: dict[str
     return detector.to(device).eval()
 
 
-def parse_sets(items: list[str]) -> dict[str, Any]:
-    """--set key=value (JSON values where they parse) into config overrides."""
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+def options_text(options: dict[str, Any]) -> str:
+    """A case's options as a table shows them: key=value,... or "defaults"."""
+    return ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+
+
+def backbone_text(name: str, options: dict[str, Any]) -> str:
+    """The backbone a case trains with, "-" for the autoencoder's own convolutions."""
+    from anomaly_core.detectors import make_config
+
+    config = make_config(name, **options)
+    return "-" if name == "autoencoder" and not config.transfer_learning else config.backbone
+
+
+def proc_status_bytes(field: str, pid: int | str = "self") -> int | None:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM, RssFile, RssAnon) in bytes; None
+    where there is none (not Linux, or the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def module_command(module: str, *args: str) -> list[str]:
+    """`python -m <module> <args>` with this interpreter; run it with cwd=REPO."""
+    return [sys.executable, "-m", module, *args]
+
+
+def run_fresh(module: str, *args: str, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`python -m <module> <args>` in a fresh process from the repository root, its output
+    captured as text: a measurement of its own (its imports and memory are not this one's)."""
+    return subprocess.run(module_command(module, *args), cwd=REPO, capture_output=True,
+                          text=True, **kwargs)
+
+
+def last_json(stdout: str) -> Any:
+    """The JSON a child printed as its last line."""
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
@@ -131,4 +218,3 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2, default=str)
     print(f"\nwrote {path}")
-

@@ -6,8 +6,8 @@ the end), side by side in one run.
 PaDiM: peak RSS against the size of its statistics (a mean and a d x d sum per feature-map
 position, in accumulate_dtype) at several image sizes, at the paper's defaults.
 
-    python bench/fit_memory.py [--images 100,1000,5000] [--image-size 64] [--budget-mb 64]
-    python bench/fit_memory.py --detector padim [--sizes 128,224,256] [--images 32]
+    python -m bench.fit_memory [--images 100,1000,5000] [--image-size 64] [--budget-mb 64]
+    python -m bench.fit_memory --detector padim [--sizes 128,224,256] [--images 32]
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import last_json, proc_status_bytes, run_fresh
 
 MODES = {"streaming": "ours: streaming, bounded", "all-in-memory": "all patches, one coreset"}
 DEFAULTS = {  # per detector: --images, --backbone, --batch-size
@@ -31,25 +30,9 @@ DEFAULTS = {  # per detector: --images, --backbone, --batch-size
 GB = 1e9
 
 
-def run_child(cmd: list[str]) -> dict:
-    """One measurement in a fresh process: the JSON its last output line holds."""
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def rss_mb() -> float:
-    """Current resident set size of this process, MB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def status_bytes(key: str) -> int:
-    """A byte count from /proc/self/status (VmRSS, VmHWM)."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
+def run_child(*args: str) -> dict:
+    """One measurement in a fresh process (`--child`): the JSON its last output line holds."""
+    return last_json(run_fresh("bench.fit_memory", "--child", *args, check=True).stdout)
 
 
 def reset_peak() -> None:
@@ -83,12 +66,12 @@ def padim_child(args: argparse.Namespace) -> None:
     stats = detector.fit_state_bytes(detector.config)
     data = Images(args.n, args.image_size)
     reset_peak()
-    before = status_bytes("VmRSS")
+    before = proc_status_bytes("VmRSS")
     start = time.perf_counter()
     fit(detector, data, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
-    peak = status_bytes("VmHWM")
-    after = status_bytes("VmRSS")
+    peak = proc_status_bytes("VmHWM")
+    after = proc_status_bytes("VmRSS")
     reset_peak()
     start = time.perf_counter()
     detector(data.images[: args.batch_size])
@@ -103,7 +86,7 @@ def padim_child(args: argparse.Namespace) -> None:
                 "rss_before": before,
                 "peak_rss": peak,
                 "rss_after": after,
-                "score_peak_rss": status_bytes("VmHWM"),
+                "score_peak_rss": proc_status_bytes("VmHWM"),
                 "fit_s": seconds,
                 "score_s": score_s,
             }
@@ -115,24 +98,11 @@ def padim_main(args: argparse.Namespace) -> None:
     """Each image size in a fresh process; a table of peak RSS against the statistics' size."""
     rows = []
     for size in [int(s) for s in args.sizes.split(",")]:
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--child",
-            "--detector",
-            "padim",
-            "--n",
-            args.images,
-            "--image-size",
-            str(size),
-            "--backbone",
-            args.backbone,
-            "--weights",
-            args.weights,
-            "--batch-size",
-            str(args.batch_size),
-        ]
-        result = run_child(cmd)
+        result = run_child(
+            "--detector", "padim", "--n", args.images, "--image-size", str(size),
+            "--backbone", args.backbone, "--weights", args.weights,
+            "--batch-size", str(args.batch_size),
+        )
         rows.append((size, result))
         print(f"  {size} px: {result}", file=sys.stderr, flush=True)
     print(
@@ -174,7 +144,7 @@ def child(args: argparse.Namespace) -> None:
     )
     records = mvtec_records(args.data, "capsule", "train")[: args.n]
     dataset = ImageDataset(records, (args.image_size, args.image_size))
-    before = rss_mb()
+    before = proc_status_bytes("VmRSS") / 2**20
     start = time.perf_counter()
     fit(detector, dataset, batch_size=args.batch_size)
     seconds = time.perf_counter() - start
@@ -248,30 +218,12 @@ def main() -> None:
     rows = []
     for n in sizes:
         for mode in MODES:
-            cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--child",
-                "--mode",
-                mode,
-                "--n",
-                str(n),
-                "--data",
-                data,
-                "--image-size",
-                str(args.image_size),
-                "--budget-mb",
-                str(args.budget_mb),
-                "--ratio",
-                str(args.ratio),
-                "--backbone",
-                args.backbone,
-                "--weights",
-                args.weights,
-                "--batch-size",
-                str(args.batch_size),
-            ]
-            result = run_child(cmd)
+            result = run_child(
+                "--mode", mode, "--n", str(n), "--data", data,
+                "--image-size", str(args.image_size), "--budget-mb", str(args.budget_mb),
+                "--ratio", str(args.ratio), "--backbone", args.backbone,
+                "--weights", args.weights, "--batch-size", str(args.batch_size),
+            )
             rows.append((n, mode, result))
             print(f"  {n} images, {mode}: {result}", file=sys.stderr, flush=True)
     print(

@@ -2,8 +2,8 @@
 (`python -m jobs.train --use-gpu`, `python -m jobs.score --use-gpu`) and print peak GPU memory,
 fit time and scoring images/s per detector. Writes the table as JSON too.
 
-    python bench/gpu_check.py [--detectors padim,stpm] [--out gpu_check.json]
-    python bench/gpu_check.py --cpu --set image_size=64 --train 8 --test 4   # dry run, no GPU
+    python -m bench.gpu_check [--detectors padim,stpm] [--out gpu_check.json]
+    python -m bench.gpu_check --cpu --set image_size=64 --train 8 --test 4   # dry run, no GPU
 
 ImageNet weights are used where they resolve on this machine, random weights otherwise (speed
 and memory do not depend on the weights' values); the table says which. Each job runs in its own
@@ -17,15 +17,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-DETECTORS = ("autoencoder", "padim", "patchcore", "vit_knn", "fastflow", "stpm", "simplenet")
+from bench.common import DETECTORS, REPO, module_command, set_env
 
 
 class GpuMemoryPeak:
@@ -63,7 +59,8 @@ def weights_option(name: str) -> tuple[str, list[str]]:
     """(what the fit uses, extra flags): --set weights=random where the detector's pretrained
     weights do not resolve here."""
     from anomaly_core.detectors import detector_class, make_config
-    from anomaly_core.features.backbones import WeightsUnavailableError, check_weights
+    from anomaly_core.errors import WeightsUnavailableError
+    from anomaly_core.features.backbones import check_weights
 
     needed = detector_class(name).pretrained_weights(make_config(name))
     for backbone, weights in needed:
@@ -79,7 +76,7 @@ def run_job(argv: list[str], timeout: float, log_path: str) -> tuple[int, float]
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            code = subprocess.run([sys.executable, "-m", *argv], cwd=REPO, stdout=log,
+            code = subprocess.run(module_command(*argv), cwd=REPO, stdout=log,
                                   stderr=subprocess.STDOUT, timeout=timeout).returncode
         except subprocess.TimeoutExpired:
             code = 124
@@ -138,10 +135,7 @@ def main() -> None:
     p.add_argument("--cpu", action="store_true", help="dry run without --use-gpu")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_check.json"))
     args = p.parse_args()
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    set_env()
     from anomaly_core.data.synthetic import generate
 
     work = tempfile.mkdtemp(prefix="gpu-check-")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The scoring-speed measurements (issue "Speed") in one run on a GPU machine, each step with its
-# own timeout, each writing JSON and a log under $OUT; prints each step's table.
+# own timeout, each writing JSON and a log under $OUT; prints each step's table. Each step is
+# `python -m bench.<name>`, run from the repository root.
 #
 # Here, once:  ../shared/tools/gpu-wheels --anomalib .whl      (ray 2.60 + anomalib, git-ignored)
 # There:       bash bench/gpu_run.sh                             (with .whl carried)
@@ -54,10 +55,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 if [[ $steps == *" gpu_tests "* || -z "${STEPS:-}" ]]; then  # the GPU-only tests, output here only
     echo "== gpu_tests"; timeout 120 "$py" -m pytest -q -x -p no:cacheprovider tests/unit/test_scoring.py 2>&1 | tail -4
 fi
-step ceilings 120 "$py" bench/ceilings.py "${ceil[@]}" --out "$OUT/ceilings.json"
-step score_throughput 170 "$py" bench/score_throughput.py "${score[@]}" --out "$OUT/score_throughput.json"
-step vs_anomalib 230 "$py" bench/vs_anomalib.py "${vs[@]}" --out "$OUT/vs_anomalib.json" ${VS_ARGS:-}
-step train_input 100 "$py" bench/train_throughput.py "${train[@]}"
-step tiled 120 "$py" bench/tiled_throughput.py "${tiled[@]}" --out "$OUT/tiled_throughput.json"
-step train_layouts 90 "$py" bench/train_throughput.py "${layouts[@]}" --out "$OUT/train_layouts.json"
-step knn_products 60 "$py" bench/knn_products.py "${knn[@]}" --out "$OUT/knn_products.json"
+step ceilings 120 "$py" -m bench.ceilings "${ceil[@]}" --out "$OUT/ceilings.json"
+step score_throughput 170 "$py" -m bench.score_throughput "${score[@]}" --out "$OUT/score_throughput.json"
+step vs_anomalib 230 "$py" -m bench.vs_anomalib "${vs[@]}" --out "$OUT/vs_anomalib.json" ${VS_ARGS:-}
+step train_input 100 "$py" -m bench.train_throughput "${train[@]}"
+step tiled 120 "$py" -m bench.tiled_throughput "${tiled[@]}" --out "$OUT/tiled_throughput.json"
+step train_layouts 90 "$py" -m bench.train_throughput "${layouts[@]}" --out "$OUT/train_layouts.json"
+step knn_products 60 "$py" -m bench.knn_products "${knn[@]}" --out "$OUT/knn_products.json"

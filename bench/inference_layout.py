@@ -6,28 +6,27 @@ Each variant is its own detector instance with the same weights (channels_last c
 detector's parameters in place); memory detectors share one fitted set of statistics. Random
 weights: speed does not depend on their values.
 
-    python bench/inference_layout.py [--detectors all] [--batch-size 16] [--rounds 6] [--out F]
-    python bench/inference_layout.py --smoke      # tiny, one small detector (CI)
+    python -m bench.inference_layout [--detectors all] [--batch-size 16] [--rounds 6] [--out F]
+    python -m bench.inference_layout --smoke      # tiny, one small detector (CI)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     DETECTORS,
+    bench_artifact,
     cuda_available,
     detector_at_defaults,
     machine,
-    parse_sets,
     print_table,
+    synchronizer,
     write_json,
 )
+from jobs.common import parse_overrides
 
 # (name, channels_last, fold_batchnorm); the last is the Scorer's default
 VARIANTS = (("nchw", False, False), ("channels_last", True, False),
@@ -38,24 +37,20 @@ def compare(name: str, args: argparse.Namespace, sets: dict) -> dict:
     """images/s of each variant for one detector, and the largest relative score change."""
     import torch
 
-    from anomaly_core.model.artifact import ModelArtifact
     from anomaly_core.scoring.scorer import Scorer
-    from anomaly_core.training.evaluate import Calibration
-    from bench.ceilings import CALIBRATION
 
     torch.manual_seed(0)
     fitted = detector_at_defaults(name, args.device, args.fit_images, sets)
     scorers = {}
     for variant, channels_last, fold in VARIANTS:
         detector = fitted if variant == "nchw" else _same_as(fitted, sets, args.device)
-        scorers[variant] = Scorer(ModelArtifact(detector, Calibration(**CALIBRATION)),
-                                  device=args.device, precision="fp32",
+        scorers[variant] = Scorer(bench_artifact(detector), device=args.device, precision="fp32",
                                   channels_last=channels_last, fold_batchnorm=fold)
     size = fitted.config.image_size
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 256, (args.batch_size, 3, size, size), dtype=torch.uint8,
                           generator=g).to(args.device)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(args.device)
     scores = {v: s(batch).score for v, s in scorers.items()}  # warm-up, and the scores
     spent = dict.fromkeys(scorers, 0.0)
     for _ in range(args.rounds):
@@ -105,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.detectors, args.batch_size, args.rounds, args.fit_images = "padim", 2, 1, 4
         args.set = ["image_size=64", "backbone=resnet18", *args.set]
-    sets = parse_sets(args.set)
+    sets = parse_overrides(args.set)
     rows = []
     for name in args.detectors.split(","):
         try:

@@ -9,29 +9,29 @@ pixel AUROC; between the two: the image scores' rank correlation, the share of p
 that are the same (the bf16 products found the exact nearest neighbour), and the largest ratio
 of a patch distance to float32's.
 
-    python bench/knn_products.py [--train 64] [--test 64] [--size 256] [--batch-size 16]
+    python -m bench.knn_products [--train 64] [--test 64] [--size 256] [--batch-size 16]
         [--rounds 4] [--set backbone=resnet18 ...] [--device cuda] [--out F]
-    python bench/knn_products.py --smoke    # CI: tiny, resnet18, does it run
+    python -m bench.knn_products --smoke    # CI: tiny, resnet18, does it run
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     cuda_available,
+    load_split,
     machine,
-    parse_sets,
     print_table,
     set_env,
+    synchronizer,
     write_json,
+    write_split,
 )
+from jobs.common import parse_overrides
 
 SETTINGS = ("float32", "bfloat16")
 
@@ -55,26 +55,23 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from scipy.stats import spearmanr
 
-    from anomaly_core.data.synthetic import generate
     from anomaly_core.detectors import build_detector
-    from anomaly_core.features.coreset import cpu_bf16_products
+    from anomaly_core.features.knn import cpu_bf16_products
     from anomaly_core.training.fit import fit
     from anomaly_core.training.metrics import image_auroc, pixel_auroc
-    from bench.vs_anomalib import load_split
     from tests.helpers import TensorImages
 
     data = tempfile.mkdtemp(prefix="bench-knn-products-")
-    generate(data, categories=["capsule"], size=args.size, n_train=args.train,
-             n_test_good=args.test // 2, n_test_defect=max(1, args.test // 8))
+    write_split(data, args.size, args.train, args.test)
     train, images, labels, masks = load_split(data, args.size)
     labels, masks = labels.numpy(), masks.numpy()
     torch.manual_seed(0)
     detector = build_detector("patchcore", image_size=args.size, weights="random",
-                              **parse_sets(args.set))
+                              **parse_overrides(args.set))
     fit(detector, TensorImages(train), batch_size=args.batch_size, seed=0, device=args.device)
     detector.to(args.device).eval()
     images = images.to(args.device)
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(args.device)
     batches = images.split(args.batch_size)
     spent = {s: {"knn": 0.0, "forward": 0.0} for s in SETTINGS}
     outputs, patches = {}, {}

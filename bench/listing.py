@@ -1,12 +1,10 @@
-"""Building the scoring input list at scale: anomaly_core.scoring.inputs.list_inputs (pages straight into
-Arrow) against the list as it was built before (old_list_inputs below: Python lists of every URI), on the same
-keys. Prints a table and writes JSON.
+"""Building the scoring input list at scale: anomaly_core.scoring.inputs.list_inputs (listing
+pages straight into Arrow) on each kind of input. Prints a table and writes JSON.
 
-  s3 listing     --keys objects in one bucket of a moto S3 server on loopback, listed through
-                 storage.list_objects (boto3, pages of 1000) by each implementation.
-  manifest       a --keys-row manifest of URIs, as Parquet and as CSV, read by each.
-  inventory      a --keys-row S3 Inventory report (gzip CSV with URL-encoded keys, and Parquet),
-                 read by the new one only (the old one has no inventory support).
+  s3 listing     --listing-keys objects in one bucket of a moto S3 server on loopback, listed
+                 through storage.list_objects (boto3, pages of 1000).
+  manifest       a --keys-row manifest of URIs, as Parquet and as CSV.
+  inventory      a --keys-row S3 Inventory report (gzip CSV with URL-encoded keys, and Parquet).
 
 How the keys get into S3: uploading a million objects over HTTP would take far longer than
 listing them, so the moto server runs in this process (ThreadedMotoServer shares moto's global
@@ -20,16 +18,15 @@ the client. By default the bench therefore replaces the backend's list_objects_v
 process) with one that bisects a sorted index of the key names: same XML, same pagination
 tokens, O(page) per page, as real S3. --stock-moto keeps moto as it is (use it at <= 100k).
 Even indexed, moto takes ~0.3-0.5 s to write one 1000-key page (2-3k keys/s on 2 cores), so a
-1M-key listing takes 6-8 minutes per implementation and the S3 rows mostly time moto; hence
+1M-key listing takes 6-8 minutes and the S3 rows mostly time moto; hence
 --listing-keys (e.g. 100000) apart from --keys (the manifests and reports, cheap at 1M).
 
 Each measurement runs in a fresh Python process (the server stays in this one), so its wall
-time and peak RSS (ru_maxrss) are its own; "base MB" is that process's RSS after its imports,
+time and peak RSS (VmHWM) are its own; "base MB" is that process's RSS after its imports,
 before the listing, and "delta MB" = peak - base.
 
-    python bench/listing.py [--keys 1000000] [--listing-keys 100000] [--repeat 2]
-        [--stock-moto] [--skip-old]
-    python bench/listing.py --smoke   # CI: 2,000 keys, does it run
+    python -m bench.listing [--keys 1000000] [--listing-keys 100000] [--repeat 2] [--stock-moto]
+    python -m bench.listing --smoke   # CI: 500 keys, does it run
 """
 
 from __future__ import annotations
@@ -41,73 +38,18 @@ import hashlib
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import REPO, print_table, write_json  # noqa: E402
+from bench.common import last_json, print_table, proc_status_bytes, run_fresh, write_json
 
 BUCKET = f"bench-listing-{os.getpid()}"
 PREFIX = "images/"
 FAKE_AWS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
             "AWS_REGION": "us-east-1"}
 
-
-
-def old_list_inputs(
-    source: str, *, extensions: list[str], manifest: bool = False
-):
-    """The list as this repository built it before anomaly_core.scoring.inputs (kept here to compare):
-    Python lists of every URI, then one Arrow table."""
-    import io
-
-    import pyarrow as pa
-    import pyarrow.compute as pc
-    import pyarrow.csv as pacsv
-
-    from anomaly_core import storage
-    from anomaly_core.scoring.inputs import INPUT_SCHEMA
-
-    if manifest:
-        data = storage.read_bytes(source)
-        try:
-            if source.lower().endswith(".csv"):
-                table = pacsv.read_csv(io.BytesIO(data))
-            else:
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(io.BytesIO(data))
-        except pa.ArrowInvalid as exc:
-            raise ValueError(f"manifest {source} is not a readable Parquet/CSV file ({exc})") from exc
-        if "uri" not in table.column_names:
-            raise ValueError(f"manifest {source} has no `uri` column; its columns: {table.column_names}")
-        n = table.num_rows
-        columns = {
-            "uri": table["uri"].cast(pa.string()),
-            "size_bytes": table["size_bytes"].cast(pa.int64()) if "size_bytes" in table.column_names
-            else pa.nulls(n, pa.int64()),
-            "etag": table["etag"].cast(pa.string()) if "etag" in table.column_names
-            else pa.nulls(n, pa.string()),
-            "prev_etag": pa.nulls(n, pa.string()),
-        }
-        table = pa.table(columns, schema=INPUT_SCHEMA)
-        duplicates = table.num_rows - len(pc.unique(table["uri"]))
-        if duplicates:
-            raise ValueError(f"manifest {source} lists {duplicates} URIs more than once; dedupe it")
-        return table
-    uris, sizes, etags = [], [], []
-    for page in storage.list_objects(source, extensions=extensions):
-        for uri, size, etag in page:
-            uris.append(uri)
-            sizes.append(size)
-            etags.append(etag)
-    return pa.table(
-        [uris, sizes, etags, pa.nulls(len(uris), pa.string())], schema=INPUT_SCHEMA
-    )
 
 def key_name(i: int) -> str:
     """Keys like images/2024-05-01/cam07/000123456.png; a few with spaces and non-ASCII."""
@@ -228,40 +170,33 @@ def write_manifests(folder: str, n: int) -> dict[str, str]:
     return out
 
 
-def measure(impl: str, what: str, path: str, endpoint: str, in_process: bool) -> dict:
+def measure(what: str, path: str, endpoint: str, in_process: bool) -> dict:
     """One list_inputs call in a fresh process (or in this one: --smoke, no memory figures)."""
     if in_process:
-        row = child(impl, what, path, endpoint)
+        row = child(what, path, endpoint)
         return {**row, "base_mb": None, "peak_mb": None, "delta_mb": None}
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", impl, what, path, endpoint,
-           BUCKET]
-    env = {**FAKE_AWS, **os.environ}
-    done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    done = run_fresh("bench.listing", "--child", what, path, endpoint, BUCKET,
+                     env={**FAKE_AWS, **os.environ})
     if done.returncode != 0:
-        return {"impl": impl, "input": what, "error": done.stderr.strip().splitlines()[-1:]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        return {"input": what, "error": done.stderr.strip().splitlines()[-1:]}
+    return last_json(done.stdout)
 
 
 # -- the client side (a fresh process) -------------------------------------------------------
 
 
-def child(impl: str, what: str, path: str, endpoint: str) -> dict:
-    from anomaly_core.scoring import inputs
+def child(what: str, path: str, endpoint: str) -> dict:
+    from anomaly_core.scoring.inputs import list_inputs
 
     def rss_mb() -> float:
         # VmHWM: this process image's peak RSS. ru_maxrss would carry over the peak of the
         # forked server process (Linux keeps it across exec).
-        try:
-            with open("/proc/self/status") as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        peak = proc_status_bytes("VmHWM")
+        if peak is None:
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        return peak / 2**20
 
     base = rss_mb()
-    fn = inputs.list_inputs if impl == "new" else old_list_inputs
     os.environ["AWS_ENDPOINT_URL"] = endpoint  # where storage finds the S3 server
     kwargs: dict = {"extensions": [".png"]}
     source = path
@@ -270,10 +205,10 @@ def child(impl: str, what: str, path: str, endpoint: str) -> dict:
     elif what.startswith("inventory"):
         kwargs["inventory"], source = path, f"s3://{BUCKET}/{PREFIX}"
     t0 = time.perf_counter()
-    table = fn(source, **kwargs)
+    table = list_inputs(source, **kwargs)
     wall = time.perf_counter() - t0
     peak = rss_mb()
-    return {"impl": impl, "input": what, "rows": table.num_rows, "wall_s": wall,
+    return {"input": what, "rows": table.num_rows, "wall_s": wall,
             "keys_per_s": table.num_rows / wall, "base_mb": base, "peak_mb": peak,
             "delta_mb": peak - base, "table_mb": table.nbytes / 2**20}
 
@@ -287,12 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--stock-moto", action="store_true",
                    help="moto's own O(N)-per-page listing (default: an indexed one, see above)")
     p.add_argument("--repeat", type=int, default=1,
-                   help="measure each N times, old and new in turn; keep the fastest")
-    p.add_argument("--skip-old", action="store_true", help="time the new list_inputs only")
+                   help="measure each input N times in turn; keep the fastest")
     p.add_argument("--smoke", action="store_true",
                    help="500 keys, measured in this process (CI: does it run)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "listing.json"))
-    p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         BUCKET = args.child.pop()
@@ -311,16 +245,13 @@ def main(argv: list[str] | None = None) -> dict:
         upload_s = fill_bucket(endpoint, listing_keys, fast_listing=not args.stock_moto)
         work = tempfile.mkdtemp(prefix="bench-listing-")
         files = write_manifests(work, args.keys)
-        impls = ["new"] if args.skip_old else ["new", "old"]
-        jobs = [(impl, "s3_listing", f"s3://{BUCKET}/{PREFIX}") for impl in impls]
-        jobs += [(impl, what, files[what]) for what in ("manifest_parquet", "manifest_csv")
-                 for impl in impls]
-        jobs += [("new", what, files[what]) for what in ("inventory_csv", "inventory_parquet")]
-        runs: dict[tuple, list[dict]] = {}
+        jobs = [("s3_listing", f"s3://{BUCKET}/{PREFIX}")]
+        jobs += [(what, files[what]) for what in
+                 ("manifest_parquet", "manifest_csv", "inventory_csv", "inventory_parquet")]
+        runs: dict[str, list[dict]] = {}
         for _ in range(args.repeat):
-            for impl, what, path in jobs:
-                runs.setdefault((impl, what), []).append(
-                    measure(impl, what, path, endpoint, args.smoke))
+            for what, path in jobs:
+                runs.setdefault(what, []).append(measure(what, path, endpoint, args.smoke))
         rows = []
         for tries in runs.values():
             best = min(tries, key=lambda r: r.get("wall_s", float("inf")))
@@ -333,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nS3 listing of {listing_keys:,} keys (moto listing: "
           f"{'stock' if args.stock_moto else 'indexed'}; keys put into moto in {upload_s:.1f} s, "
           f"not timed); manifests and inventory reports of {args.keys:,} rows\n")
-    print_table(rows, [("input", "input"), ("impl", "impl"), ("rows", "rows"),
+    print_table(rows, [("input", "input"), ("rows", "rows"),
                        ("wall_s", "wall s"), ("tries_s", "each try s"), ("keys_per_s", "keys/s"), ("base_mb", "base MB"),
                        ("peak_mb", "peak MB"), ("delta_mb", "delta MB"),
                        ("table_mb", "table MB"), ("error", "error")])

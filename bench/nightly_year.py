@@ -1,5 +1,5 @@
 """A year of nightly incremental runs: planning with the scored index
-(anomaly_core/scoring/index.py) against the full scan of the results (runs.scored_index), as
+(anomaly_core/scoring/index.py) against the full scan of the results (runs.scan_history), as
 history grows. Prints a table and writes JSON.
 
 Each night lists `--per-night` new images (s3://plant/line{l:02d}/{date}/img{i:07d}.png over 20
@@ -7,7 +7,7 @@ lines) plus `--relist` x per-night images of the last `--relist-days` nights lis
 prefix that keeps a few days; `--relist-changed` of them with a new etag), then:
   plan     tonight's lookup, and the join that says what to score (an image is skipped when its
            latest error-free scoring has tonight's etag). New: ScoredIndex.lookup every night.
-           Old: runs.scored_index (lists and reads every row ever written) every `--old-every`
+           Old: runs.scan_history (lists and reads every row ever written) every `--old-every`
            nights (it grows linearly) and on the last night. Both answers are checked against
            the bench's own bookkeeping (a wrong plan stops the bench).
   record   the images planned are "scored": (a) their rows go to one Parquet part file under the
@@ -29,9 +29,9 @@ seconds are measured inside that process (no start-up). The results and the inde
 files (a tmp folder): on S3 both would add request latency, the old scan one GET per part file,
 the index a few per index file.
 
-    python bench/nightly_year.py [--nights 365] [--per-night 100000] [--old-every 30]
+    python -m bench.nightly_year [--nights 365] [--per-night 100000] [--old-every 30]
         [--relist 0.1] [--relist-days 7] [--relist-changed 0.1] [--work DIR] [--out FILE]
-    python bench/nightly_year.py --smoke   # CI: 6 nights x 2000 images, the old scan every 2nd
+    python -m bench.nightly_year --smoke   # CI: 6 nights x 2000 images, the old scan every 2nd
 """
 
 from __future__ import annotations
@@ -50,13 +50,11 @@ from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime, timedelta
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from bench.common import print_table, write_json  # noqa: E402
+from bench.common import print_table, write_json
 
 MODEL, VERSION, LINES = "padim", "v1", 20
 START = datetime(2025, 1, 1, 1, 0, tzinfo=UTC)
@@ -79,7 +77,7 @@ def plan_in_this_process(kind: str, output: str, tonight_file: str) -> dict:
             done = index.lookup(tonight["uri"])
             stats = index.last_lookup
         else:
-            done = runs.scored_index(output, MODEL, VERSION)
+            done = runs.scan_history(output, MODEL, VERSION).select(["uri", "etag"])
         joined = tonight.join(done.rename_columns(["uri", "prev_etag"]), keys="uri",
                               join_type="left outer")
         same = pc.fill_null(pc.equal(joined["etag"], joined["prev_etag"]), False)
@@ -133,7 +131,7 @@ def _record(output: str, index, day: datetime, scored: pa.Table, name: str) -> f
     return time.perf_counter() - start
 
 
-def _plan(kind: str, output: str, tonight_file: str) -> dict:
+def plan_in_fresh_process(kind: str, output: str, tonight_file: str) -> dict:
     """A planning in a fresh process (see the module docstring), forked from a server process
     that only imported the modules (no import time, nothing of this process's)."""
     ctx = multiprocessing.get_context("forkserver")
@@ -214,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
 
             row = {"night": night + 1, "history_rows": history, "tonight": tonight.num_rows,
                    "index_files": len(index.files()) if index.exists() else 0}
-            new = _plan("new", output, tonight_file)
+            new = plan_in_fresh_process("new", output, tonight_file)
             if new["todo"] != expected:
                 raise AssertionError(f"night {night + 1}: the index plans {new['todo']} images, "
                                      f"{expected} expected")
@@ -222,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                        rg_read=new.get("lookup_row_groups_read"), rg=new.get("lookup_row_groups"),
                        rows_read=new.get("lookup_rows_read"), new_detail=new)
             if (night + 1) % args.old_every == 0 or night == args.nights - 1:
-                old = _plan("old", output, tonight_file)
+                old = plan_in_fresh_process("old", output, tonight_file)
                 if old["todo"] != expected:
                     raise AssertionError(f"night {night + 1}: the full scan plans {old['todo']} "
                                          f"images, {expected} expected")

@@ -7,34 +7,29 @@ History: --history rows in the index (anomaly_core/scoring/index.py) of one mode
 a day-batch at a time as finished runs add them (merges included; the time is printed, not the
 point). Tonight: --tonight images of a new day plus 10 % of them re-listed from the last day (a
 tenth of those with a new etag). Planning = the lookup plus the join that says what to score,
-measured as bench/nightly_year.py measures it: in a fresh process forked from one that only
+measured as bench.nightly_year measures it: in a fresh process forked from one that only
 imported the modules, after a warm-up on a tiny index, peak RSS growth with the system allocator.
-The full scan (runs.scored_index) is not run here: at this size it needs the whole history in
-memory (bench/nightly_year.py compares the two as history grows).
+The full scan (runs.scan_history) is not run here: at this size it needs the whole history in
+memory (bench.nightly_year compares the two as history grows).
 
-    python bench/one_night.py [--history 100000000] [--tonight 1000000] [--per-day 1000000]
-    python bench/one_night.py --smoke      # 200,000 rows of history, 20,000 tonight (CI)
+    python -m bench.one_night [--history 100000000] [--tonight 1000000] [--per-day 1000000]
+    python -m bench.one_night --smoke      # 200,000 rows of history, 20,000 tonight (CI)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
-
-from bench.common import machine, print_table, write_json  # noqa: E402
-from bench.nightly_year import MODEL, VERSION, _plan  # noqa: E402
-
-START = datetime(2025, 1, 1, 1, 0, tzinfo=UTC)
+from bench.common import machine, print_table, write_json
+from bench.nightly_year import MODEL, START, VERSION, plan_in_fresh_process
 
 
 def day_uris(day: int, n: int, offset: int = 0) -> pa.Array:
@@ -99,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name, output in (("no history", empty), (f"{args.history:,} rows", full)):
         # the same listing for both nights: day `days` (the one after the history)
-        plan = _plan("new", output, tonight_file(work, days, args.tonight, args.per_day))
+        plan = plan_in_fresh_process("new", output, tonight_file(work, days, args.tonight, args.per_day))
         rows.append({"history": name, "tonight": args.tonight + (args.tonight // 10),
                      "plan_s": plan["seconds"], "peak_mb": plan["peak_mb"],
                      "todo": plan["todo"], "row_groups_read": plan.get("lookup_row_groups_read"),

@@ -7,10 +7,10 @@ cluster's would be). Measured from the job's own log and output: planning (manif
 input list frozen, pending computed: the job's "plan" log line), the input blocks handed to
 Ray Data, the first part file published in the partition (from the job's start), and the
 driver's peak RSS until then; then the job is stopped (scoring a million images is not the
-point). The block counts of the old chunking (64 rows a block) are printed beside the new.
+point).
 
-    python bench/plan_million.py [--inputs 1000000] [--out F]
-    python bench/plan_million.py --smoke      # 2,000 inputs (CI)
+    python -m bench.plan_million [--inputs 1000000] [--out F]
+    python -m bench.plan_million --smoke      # 2,000 inputs (CI)
 """
 
 from __future__ import annotations
@@ -20,18 +20,18 @@ import glob
 import os
 import re
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     REPO,
+    bench_artifact,
     detector_at_defaults,
     image_set,
     machine,
+    module_command,
     print_table,
+    proc_status_bytes,
     set_env,
     write_json,
 )
@@ -57,11 +57,8 @@ def make_inputs(work: str, n: int, per_folder: int = 10_000) -> str:
 
 
 def peak_rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        return float("nan")
+    peak = proc_status_bytes("VmHWM", pid)
+    return float("nan") if peak is None else peak / 2**20
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -77,24 +74,21 @@ def main(argv: list[str] | None = None) -> dict:
     set_env()
     import ray
 
-    from anomaly_core.model.artifact import ModelArtifact
-    from anomaly_core.training.evaluate import Calibration
-    from bench.ceilings import CALIBRATION
-
     work = tempfile.mkdtemp(prefix="bench-plan-")
     start = time.perf_counter()
     manifest = make_inputs(work, args.inputs)
     made_s = time.perf_counter() - start
     model = os.path.join(work, "model")
     detector = detector_at_defaults("padim", "cpu", 4, {"backbone": "resnet18", "image_size": 64})
-    ModelArtifact(detector, Calibration(**CALIBRATION)).save(model)
+    bench_artifact(detector).save(model)
     del detector
 
     ray.init(include_dashboard=False, num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1")
     out = os.path.join(work, "scores")
-    cmd = [sys.executable, "-m", "jobs.score", "--model", model, "--manifest", manifest,
-           "--output", out, "--batch-size", "16", "--rows-per-file", "16",
-           "--address", ray.get_runtime_context().gcs_address, *args.job_args.split()]
+    cmd = module_command("jobs.score", "--model", model, "--manifest", manifest,
+                         "--output", out, "--batch-size", "16", "--rows-per-file", "16",
+                         "--address", ray.get_runtime_context().gcs_address,
+                         *args.job_args.split())
     log_path = os.path.join(work, "job.log")
     started = time.perf_counter()
     with open(log_path, "w") as log:
@@ -115,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     plan = re.search(r"planned in ([\d.]+) s", text)
     row = {"inputs": args.inputs, "plan_s": float(plan.group(1)) if plan else None,
            "blocks": int(m.group(1)) if (m := re.search(r"in (\d+) blocks", text)) else None,
-           "old_blocks": -(-args.inputs // 64), "first_rows_s": first_rows,
+           "first_rows_s": first_rows,
            "driver_peak_mb": peak}
     if first_rows is None:
         print(text[-3000:])
@@ -123,7 +117,6 @@ def main(argv: list[str] | None = None) -> dict:
           f"{os.cpu_count()} CPUs; first rows from the job's start (process start, Ray connect, "
           "plan, actor start)")
     print_table([row], [("inputs", "inputs"), ("plan_s", "plan s"), ("blocks", "blocks"),
-                        ("old_blocks", "blocks before (64 rows)"),
                         ("first_rows_s", "first rows s"), ("driver_peak_mb", "driver peak MB")])
     result = {"machine": machine(), "args": vars(args), "result": row}
     write_json(args.out, result)

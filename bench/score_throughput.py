@@ -1,7 +1,7 @@
 """The scoring job (jobs/score.py on Ray Data) against the node's ceilings, on the same images
 and model, in one run. Prints a table and writes JSON.
 
-  ceilings  CPU (decode + rows on all cores, bench/ceilings.py) and model (uint8 batches on the
+  ceilings  CPU (decode + rows on all cores, bench.ceilings) and model (uint8 batches on the
             device, the job's precision). Where the job renders the maps in the model actor
             (--render-on-device, its default on a GPU) the rows ceiling leaves rendering out
             and the model ceiling includes it.
@@ -13,30 +13,29 @@ and model, in one run. Prints a table and writes JSON.
   steady    images/s after the first part file came out (start-up and pipeline fill left out),
             and its fraction of the bound.
 
-    python bench/score_throughput.py [--images 6000] [--source-size 256] [--detector padim]
+    python -m bench.score_throughput [--images 6000] [--source-size 256] [--detector padim]
         [--set backbone=mobilenet_v2 --set image_size=128] [--num-actors 1] [--use-gpu]
-    python bench/score_throughput.py --smoke   # CI: a few images, does it run
+        [--address RAY_ADDRESS]
+    python -m bench.score_throughput --smoke   # CI: a few images, does it run
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.ceilings import cpu_ceilings, model_ceiling  # noqa: E402
-from bench.common import (  # noqa: E402
+from bench.ceilings import cpu_ceilings, model_ceiling
+from bench.common import (
+    bench_artifact,
     detector_at_defaults,
     image_set,
     machine,
-    parse_sets,
     print_table,
     set_env,
     write_json,
 )
+from jobs.common import parse_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--ceiling-images", type=int, default=2000,
                    help="images the CPU ceilings are timed on (the first of the set): a rate "
                         "needs no more, and the GPU run's 24,000 would take minutes")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster to run the job on (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--smoke", action="store_true", help="a few small images (CI)")
     p.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "score_throughput.json"))
     args = p.parse_args(argv)
@@ -66,9 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
         args.images, args.source_size, args.batch_size, args.rows_per_file = 24, 96, 8, 8
         args.set = ["backbone=resnet18", "image_size=64"]
     set_env()
-    from anomaly_core.model.artifact import ModelArtifact
-    from anomaly_core.training.evaluate import Calibration
-    from bench.ceilings import CALIBRATION
     from jobs import score
     from jobs.common import init_ray
 
@@ -76,9 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     work = tempfile.mkdtemp(prefix="bench-score-")
     paths = image_set(os.path.join(work, "data"), args.images, args.source_size, args.format)
     detector = detector_at_defaults(args.detector, device, 64 if not args.smoke else 4,
-                                    parse_sets(args.set))
+                                    parse_overrides(args.set))
     model = os.path.join(work, "model")
-    ModelArtifact(detector, Calibration(**CALIBRATION)).save(model)
+    bench_artifact(detector).save(model)
     size = detector.config.image_size
 
     cpu = cpu_ceilings(paths[:args.ceiling_images], size, args.source_size, args.cores,
@@ -97,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
                                0.0 if args.smoke else 10.0,
                                (args.source_size,) * 2 if rendered else None)
     del detector
-    init_ray(None)
+    init_ray(args.address)
     summary = score.main(job_argv)
     job = summary["images_per_s"]
     timings = summary["timings_s"]

@@ -2,25 +2,31 @@
 high-resolution working size, through the Scorer as the score job's actor runs them (uint8
 images in, tiles to float a tile batch at a time, maps stitched). Prints a table, writes JSON.
 
-    python bench/tiled_throughput.py [--detectors padim,patchcore] [--size 2048] [--tile 256]
+    python -m bench.tiled_throughput [--detectors padim,patchcore] [--size 2048] [--tile 256]
         [--stride 256] [--model-size 256] [--positions shared|own] [--images 2] [--device cpu]
 
 Besides speed: the row stage of one image at its own size (mask and heatmap rendered from the
 stitched map, PNG-encoded), and how far resident memory rises (sampled) while scoring and
 while rendering, above what the model and the images already hold.
-    python bench/tiled_throughput.py --smoke     # small sizes (CI)
+    python -m bench.tiled_throughput --smoke     # small sizes (CI)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import cuda_available, machine, parse_sets, print_table, write_json  # noqa: E402
+from bench.common import (
+    CALIBRATION,
+    bench_artifact,
+    cuda_available,
+    machine,
+    print_table,
+    synchronizer,
+    write_json,
+)
+from jobs.common import parse_overrides
 
 
 def measure(name: str, args, sets: dict) -> dict:
@@ -28,11 +34,9 @@ def measure(name: str, args, sets: dict) -> dict:
 
     from anomaly_core.detectors import build_detector
     from anomaly_core.detectors.tiling import TiledDetector, Tiling
-    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.model.calibration import Calibration
     from anomaly_core.scoring.scorer import Scorer, encode_png, render_maps
-    from anomaly_core.training.evaluate import Calibration
     from anomaly_core.training.fit import fit
-    from bench.ceilings import CALIBRATION
     from tests.helpers import TensorImages
 
     torch.manual_seed(0)
@@ -46,12 +50,12 @@ def measure(name: str, args, sets: dict) -> dict:
     start = time.perf_counter()
     fit(detector, TensorImages(train), batch_size=1, device=args.device)
     fit_s = time.perf_counter() - start
-    scorer = Scorer(ModelArtifact(detector, Calibration(**CALIBRATION)), device=args.device)
+    scorer = Scorer(bench_artifact(detector), device=args.device)
     images = torch.randint(0, 256, (args.images, 3, args.size, args.size), dtype=torch.uint8,
                            generator=g)
     del train
     scorer(images[:1])  # warm-up
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(args.device)
     sync()
     with RssPeak() as scoring:
         start = time.perf_counter()
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in args.detectors.split(","):
         try:
-            rows.append(measure(name, args, parse_sets(args.set)))
+            rows.append(measure(name, args, parse_overrides(args.set)))
         except Exception as exc:  # one detector failing keeps the others' numbers
             rows.append({"detector": name, "error": f"{type(exc).__name__}: {exc}"[:300]})
     print(f"\ntiled scoring on {args.device}, defaults{' + ' + ','.join(args.set) if args.set else ''}"

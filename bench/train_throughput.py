@@ -1,19 +1,19 @@
 """Training throughput per worker: images/s of each detector's training step (gradient family) or
 observe step (memory family) in one process, all in one run. Prints a table.
 
-    python bench/train_throughput.py [--image-size 128] [--batch-size 16] [--steps 6] [--threads 1]
+    python -m bench.train_throughput [--image-size 128] [--batch-size 16] [--steps 6] [--threads 1]
 
 One thread by default: a Ray Train worker with --cpus-per-worker 1 gets one core. Backbones use
 random weights: the cost does not depend on the weights' values.
 
-    python bench/train_throughput.py --input-pipelines [--detector stpm] [--images 256]
+    python -m bench.train_throughput --input-pipelines [--detector stpm] [--images 256]
         [--source-size 512] [--workers 1] [--epochs 2] [--use-gpu]
 
 runs jobs.train on the same image files with each input pipeline (each worker's own DataLoader,
 or Ray Data decode tasks streaming uint8 shards) and prints rank 0's training images/s in the
 last epoch and the job's wall time.
 
-    python bench/train_throughput.py --layouts [--threads 2] [--rounds 5] [--steps 2]
+    python -m bench.train_throughput --layouts [--threads 2] [--rounds 5] [--steps 2]
         [--device cuda] [--precision bf16] [--detector stpm] [--out layouts.json]
 
 times the gradient-family detectors' training steps in NCHW and in channels_last (jobs.train
@@ -25,12 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import machine, print_table, write_json  # noqa: E402
+from bench.common import (
+    TRAIN_CASES,
+    backbone_text,
+    image_set,
+    machine,
+    options_text,
+    print_table,
+    set_env,
+    synchronizer,
+    write_json,
+)
 
 
 def make_step(name: str, options: dict, size: int, batch: int, *, device: str = "cpu",
@@ -80,13 +87,11 @@ def layouts(args: argparse.Namespace) -> list[dict]:
     """Training steps of the gradient-family detectors in NCHW and channels_last (jobs.train
     --channels-last), timed alternately in `args.rounds` rounds of `args.steps` steps each, so
     both layouts see the same machine. One row per case with both rates and their ratio."""
-    import torch
-
     from anomaly_core.detectors import detector_class
 
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(args.device)
     rows = []
-    for name, options in CASES:
+    for name, options in TRAIN_CASES:
         if detector_class(name).family == "memory" or (args.detector and name != args.detector):
             continue  # the memory family runs no gradient steps
         steps = {cl: make_step(name, options, args.image_size, args.batch_size,
@@ -104,8 +109,8 @@ def layouts(args: argparse.Namespace) -> list[dict]:
                 sync()
                 spent[cl] += time.perf_counter() - start
         done = args.rounds * args.steps * args.batch_size
-        row = {"detector": name, "options": ",".join(f"{k}={v}" for k, v in options.items())
-               or "defaults", "nchw": done / spent[False], "channels_last": done / spent[True]}
+        row = {"detector": name, "options": options_text(options), "nchw": done / spent[False],
+               "channels_last": done / spent[True]}
         row["channels_last_x"] = row["channels_last"] / row["nchw"]
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -117,23 +122,10 @@ def layouts(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-CASES = [
-    ("autoencoder", {}),
-    ("autoencoder", {"transfer_learning": True}),
-    ("fastflow", {}),
-    ("fastflow", {"train_backbone": False}),
-    ("stpm", {}),
-    ("simplenet", {}),
-    ("padim", {}),
-    ("patchcore", {}),
-]
-
-
 def input_pipelines(args: argparse.Namespace) -> list[dict]:
     """jobs.train with each --input-pipeline on the same files; one row each."""
     import tempfile
 
-    from bench.common import image_set, set_env
     from jobs import train
     from jobs.common import init_ray
 
@@ -196,16 +188,12 @@ def main(argv: list[str] | None = None) -> dict:
         return result
     import torch
 
-    from anomaly_core.detectors import make_config
-
     torch.set_num_threads(args.threads)
     print(f"{'detector':<14}{'options':<26}{'backbone':<18}{'images/s':>10}")
-    for name, options in CASES:
+    for name, options in TRAIN_CASES:
         rate = measure(name, options, args.image_size, args.batch_size, args.steps)
-        config = make_config(name, **options)
-        backbone = "-" if name == "autoencoder" and not config.transfer_learning else config.backbone
-        shown = ",".join(f"{k}={v}" for k, v in options.items()) or "defaults"
-        print(f"{name:<14}{shown:<26}{backbone:<18}{rate:>10.1f}", flush=True)
+        print(f"{name:<14}{options_text(options):<26}{backbone_text(name, options):<18}"
+              f"{rate:>10.1f}", flush=True)
     return {}
 
 

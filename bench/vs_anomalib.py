@@ -10,10 +10,10 @@ extra (`pip install anomalib==2.7.0`), never a runtime dependency; its lightning
 used, only the torch models with the training steps of their lightning modules (PaDiM Gaussian
 fit, PatchCore k-center-greedy coreset at 0.1, FastFlow Adam 1e-3 on its loss, STFPM SGD 0.4).
 
-    python bench/vs_anomalib.py [--detectors padim,patchcore,fastflow,stpm] [--train 64]
+    python -m bench.vs_anomalib [--detectors padim,patchcore,fastflow,stpm] [--train 64]
         [--test 64] [--size 256] [--batch-size 16] [--epochs 1] [--rounds 10] [--device cuda]
         [--profile]
-    python bench/vs_anomalib.py --smoke     # CI: tiny, resnet18, does it run
+    python -m bench.vs_anomalib --smoke     # CI: tiny, resnet18, does it run
 """
 
 from __future__ import annotations
@@ -25,38 +25,25 @@ import os
 import resource
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from bench.common import (  # noqa: E402
-    REPO,
+from bench.common import (
+    bench_artifact,
     cuda_available,
+    load_split,
     machine,
     print_table,
+    run_fresh,
     set_env,
+    synchronizer,
     write_json,
+    write_split,
 )
 
 DETECTORS = ("padim", "patchcore", "fastflow", "stpm")
 IMPLS = ("ours", "anomalib")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def load_split(data: str, size: int):
-    """(train images [N,3,s,s], test images, test labels, test masks) as float tensors."""
-    import torch
-
-    from tests.helpers import synthetic_split
-
-    train, test = synthetic_split(data, "capsule", size)
-    x = torch.stack([train[i]["image"] for i in range(len(train))])
-    items = [test[i] for i in range(len(test))]
-    return (x, torch.stack([t["image"] for t in items]),
-            torch.tensor([int(t["label"]) for t in items]),
-            torch.stack([t["mask"] for t in items]) > 0.5)
 
 
 def ours(name: str, config: dict):
@@ -195,7 +182,7 @@ def child(impl: str, name: str, args: argparse.Namespace) -> list[dict]:
         del mine
         fit_anomalib(name, model, train, args.batch_size, args.epochs, device)
         forward = anomalib_forward(model, device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     sync()
     fit_s = time.perf_counter() - start
     if args.save:  # for the alternating timing (race) of the two fitted models
@@ -232,14 +219,10 @@ def runner(model, forward, impl: str, precision: str, test, device: str):
     import torch
 
     from anomaly_core.features.precision import LOW_DTYPES
-    from anomaly_core.model.artifact import ModelArtifact
     from anomaly_core.scoring.scorer import Scorer
-    from anomaly_core.training.evaluate import Calibration
-    from bench.ceilings import CALIBRATION
 
     if impl == "ours":  # the test files are PNGs: x * 255 is exact
-        scorer = Scorer(ModelArtifact(model, Calibration(**CALIBRATION)), device=device,
-                        precision=precision)
+        scorer = Scorer(bench_artifact(model), device=device, precision=precision)
 
         def run(x):
             out = scorer(x)
@@ -264,7 +247,7 @@ def timed(model, forward, impl: str, precision: str, test, labels, masks, args) 
 
     device = args.device
     run, test = runner(model, forward, impl, precision, test, device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     scores, maps = [], []
     with torch.no_grad():
         for i in range(0, len(test), args.batch_size):
@@ -297,7 +280,7 @@ def profiled(run, batch, calls: int, device: str, top: int = 6) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = synchronizer(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with torch.no_grad():
         run(batch)
@@ -340,7 +323,7 @@ def race(name: str, paths: dict[str, str], args: argparse.Namespace) -> dict[str
     _, test, _, _ = load_split(args.data, args.size)
     models = {impl: torch.load(path, map_location=device, weights_only=False).eval()
               for impl, path in paths.items()}
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync = synchronizer(device)
     out = {}
     for precision in args.precisions.split(","):
         runs = {}
@@ -420,14 +403,11 @@ def main(argv: list[str] | None = None) -> dict:
         print("RESULT " + json.dumps(race(args.race, paths, args)), flush=True)
         return {}
     set_env()
-    from anomaly_core.data.synthetic import generate
-
     work = tempfile.mkdtemp(prefix="bench-vs-anomalib-")
     data = os.path.join(work, "data")
-    generate(data, categories=["capsule"], size=args.size, n_train=args.train,
-             n_test_good=args.test // 2, n_test_defect=max(1, args.test // 8))
+    write_split(data, args.size, args.train, args.test)
     rows = []
-    base = [sys.executable, os.path.abspath(__file__), "--data", data, "--size", str(args.size),
+    base = ["--data", data, "--size", str(args.size),
             "--batch-size", str(args.batch_size), "--epochs", str(args.epochs), "--weights",
             args.weights, "--seconds", str(args.seconds), "--rounds", str(args.rounds),
             "--device", args.device, "--precisions", args.precisions]
@@ -436,8 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
     def in_child(extra: list[str], what: dict):
         """A child process's RESULT, or `what` with the reason it gave none."""
         try:
-            done = subprocess.run(base + extra, cwd=REPO, capture_output=True, text=True,
-                                  timeout=args.timeout)
+            done = run_fresh("bench.vs_anomalib", *base, *extra, timeout=args.timeout)
             lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
             return (json.loads(lines[-1][7:]) if lines else
                     {**what, "error": done.stderr.strip()[-300:]})

@@ -15,8 +15,12 @@ import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-
+from anomaly_core.config import ScoringConfig
+from anomaly_core.model.calibration import Calibration
+from anomaly_core.model.info import ArtifactInfo  # model.json only, without torch
+from anomaly_core.scoring import runs
+from anomaly_core.scoring.model_stage import ModelStage
+from anomaly_core.scoring.rows import read_images, write_part
 from jobs.common import (
     JobFailed,
     add_cluster_flags,
@@ -28,9 +32,6 @@ from jobs.common import (
     use_storage_flags,
 )
 from jobs.preflight import check_nodes, check_replicas, check_resources
-
-TEXT_COLUMNS = ("uri", "etag", "error")
-INT_COLUMNS = ("size_bytes", "width", "height")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -112,197 +113,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_images(batch: dict, size: tuple[int, int], max_pixels: int,
-                keep_jpeg: bool = False) -> dict:
-    """CPU task: bytes -> decoded, resized image per row; failures keep the row with `error`.
-    With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their bytes in `jpeg`."""
-    from anomaly_core.data.decode import read_image  # torch-free: the task starts in a moment
+class ScoringActor(ModelStage):
+    """The model stage as a Ray Data actor: the artifact loaded once, its Ray node in each row."""
 
-    rows = [
-        read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,
-                   max_pixels=max_pixels, keep_jpeg=keep_jpeg)
-        for uri, etag, prev in zip(batch["uri"], batch["etag"], batch["prev_etag"])
-    ]
-    blank = np.zeros((3, *size), dtype=np.uint8)
-    # Ray turns an all-None column into floats; carry "" and -1 for missing, nulls again in rows.
-    out = {k: [r[k] or "" for r in rows] for k in TEXT_COLUMNS}
-    out.update({k: [r[k] or -1 for r in rows] for k in INT_COLUMNS})
-    out["skipped"] = np.array([r["skipped"] for r in rows])
-    out["image"] = np.stack([blank if r["image"] is None else r["image"] for r in rows])
-    out["jpeg"] = [r["jpeg"] or b"" for r in rows]
-    return out
-
-
-class ScoringActor:
-    """Loads the artifact once, then runs the model on each batch of uint8 images.
-
-    With more than one call in flight (--batches-in-flight, threads) each thread has its own
-    CUDA stream, so one batch's host-to-device copy overlaps another's compute.
-    """
-
-    def __init__(self, model_uri: str, use_gpu: bool, precision: str,
-                 compile: bool, render_on_device: bool, mask_size,
-                 model_threads: int | None = None) -> None:
+    def __init__(self, config: ScoringConfig) -> None:
         import ray
-        import torch
 
-        from anomaly_core.detectors.tiling import map_size
-        from anomaly_core.model.artifact import ModelArtifact
-        from anomaly_core.scoring.scorer import Scorer
-
-        self.node = ray.get_runtime_context().get_node_id()
-        device = "cuda" if use_gpu else "cpu"
-        if model_threads and not use_gpu:  # Ray set OMP_NUM_THREADS from the actor's CPUs
-            torch.set_num_threads(model_threads)
-        artifact = ModelArtifact.load(model_uri, device=device)
-        self.calibration, self.input_size = artifact.calibration, artifact.input_size
-        self.map_size = map_size(artifact.detector)  # the stitched map's when tiled
-        self.scorer = Scorer(artifact, device=device, precision=precision, compile=compile)
-        self.render_on_device, self.mask_size = render_on_device, mask_size
-
-    def __call__(self, batch: dict) -> dict:
-        with self.scorer.streamed():  # this thread's copies, model and rendering on its stream
-            return self._score(batch)
-
-    def _score(self, batch: dict) -> dict:
-        from anomaly_core.scoring.scorer import render_maps
-
-        n = len(batch["uri"])
-        out = {k: v for k, v in batch.items() if k not in ("image", "jpeg")}
-        images = self.decode_on_device(batch, out)
-        ok = [i for i, (e, s) in enumerate(zip(out["error"], batch["skipped"])) if not e and not s]
-        scores = np.full(n, np.nan, dtype=np.float32)
-        if self.render_on_device:  # mask and heatmap at output size, uint8, made on the device
-            masks, heats = [b""] * n, [b""] * n
-        else:
-            maps = np.zeros((n, *self.map_size), dtype=np.float32)
-        if ok:
-            result = self.scorer(images[ok])
-            scores[ok] = result.score.cpu().numpy()
-            if self.render_on_device:
-                sizes = [output_size(batch, i, self.mask_size) for i in ok]
-                for i, m, h in zip(ok, *render_maps(result.map, sizes, self.calibration)):
-                    masks[i], heats[i] = m.tobytes(), h.tobytes()
-            else:
-                maps[ok] = result.map.cpu().numpy()
-        if self.render_on_device:
-            out.update(mask_u8=masks, heat_u8=heats)
-        else:
-            out["raw_map"] = maps
-        out.update(raw_score=scores, model_node=[self.node] * n)
-        return out
+        super().__init__(config, node=ray.get_runtime_context().get_node_id())
 
 
-    def decode_on_device(self, batch: dict, out: dict):
-        """The batch's images on the device, the JPEGs the decode tasks left (--gpu-decode)
-        decoded there; a JPEG that fails gets its row's `error` in `out`."""
-        images = batch["image"]
-        jpegs = [i for i, data in enumerate(batch.get("jpeg", [])) if len(data)]
-        if not jpegs:
-            return images
-        images = self.scorer.to_device(np.ascontiguousarray(images))
-        decoded = self.scorer.decode_jpegs([bytes(batch["jpeg"][i]) for i in jpegs],
-                                           self.input_size)
-        out["error"] = list(out["error"])
-        for i, image in zip(jpegs, decoded):
-            if isinstance(image, str):
-                out["error"][i] = f"{batch['uri'][i]}: {image}"
-            else:
-                images[i] = image
-        return images
-
-
-def output_size(batch: dict, i: int, mask_size) -> tuple[int, int]:
-    """(height, width) of row i's mask and heatmap: --mask-size, else the image's own size."""
-    return tuple(mask_size) if mask_size else (int(batch["height"][i]), int(batch["width"][i]))
-
-
-def make_rows(batch: dict, run: dict, calibration: dict, mask_size) -> list[dict]:
-    """Raw outputs -> schema rows (PNG mask and heatmap, normalized score); no Ray needed."""
-    import torch
-
-    from anomaly_core.scoring.runs import ScoreRun
-    from anomaly_core.scoring.schema import utc_now
-    from anomaly_core.scoring.scorer import outputs, render_maps
-    from anomaly_core.training.evaluate import Calibration
-
-    score_run, cal, now, rows = ScoreRun(**run), Calibration(**calibration), utc_now(), []
-    for i in range(len(batch["uri"])):
-        if batch["skipped"][i]:
-            continue
-        row = {k: batch[k][i] for k in (*TEXT_COLUMNS, *INT_COLUMNS)}
-        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
-        row = {k: None if v in ("", -1) else v for k, v in row.items()}
-        row.update(model_version=score_run.model_version, scored_at=now, run_id=score_run.run_id)
-        if row["error"] is None:
-            size = output_size(batch, i, mask_size)
-            if "raw_map" in batch:
-                # A copy: Ray hands the batch over read-only, which torch.from_numpy warns of.
-                raw = torch.tensor(batch["raw_map"][i][None])
-                (mask,), (heat,) = render_maps(raw, [size], cal)
-            else:  # rendered by the model actor (--render-on-device)
-                mask = np.frombuffer(batch["mask_u8"][i], np.uint8).reshape(size)
-                heat = np.frombuffer(batch["heat_u8"][i], np.uint8).reshape(size)
-            row.update(outputs(float(batch["raw_score"][i]), mask, heat, cal))
-        rows.append(row)
-    return rows
-
-
-def write_rows(batch: dict, run: dict, calibration: dict, mask_size) -> dict:
-    """CPU task: raw outputs -> schema rows -> one part file in the attempt's staging folder
-    (the driver publishes it); returns the counts and the staged file."""
+def write_rows(batch: dict, run: runs.RunAttempt, calibration: Calibration, mask_size) -> dict:
+    """CPU task: the row stage (anomaly_core.scoring.rows.write_part), and where it ran."""
     import ray
 
-    from anomaly_core.scoring.runs import ScoreRun, stage_part
-
-    rows = make_rows(batch, run, calibration, mask_size)
-    staged = stage_part(ScoreRun(**run), rows)
-    errors = sum(r["error"] is not None for r in rows)
-    return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors],
-            "staged": [staged or ""],
-            "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))],
+    return {**write_part(batch, run, calibration, mask_size),
             "rows_node": [ray.get_runtime_context().get_node_id()]}
-
-
-class Progress:
-    """A log line every few seconds: done/total, images/s, ETA."""
-
-    def __init__(self, total: int, every: float) -> None:
-        self.total, self.every, self.done, self.errors = total, every, 0, 0
-        self.start = self.last = time.perf_counter()
-        self.first: float | None = None  # seconds until the first rows came out
-
-    def update(self, images: int, errors: int) -> None:
-        self.done += images
-        self.errors += errors
-        now = time.perf_counter()
-        if self.first is None:
-            self.first = now - self.start
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate else float("inf")
-            log.info("scored %d/%d images (%.0f%%), %d errors, %.1f images/s, ETA %.0f s",
-                     self.done, self.total, 100 * self.done / max(self.total, 1), self.errors, rate, eta)
-
-
-def input_blocks(todo, cpus: float, batch_size: int, per_cpu: int = 4, max_rows: int = 1024) -> list:
-    """The input list as blocks for Ray Data: a few per CPU of the cluster, each at least a batch
-    and at most `max_rows` images. Not one per few rows (a million inputs were 15,625 blocks of
-    64), and not a few huge ones either: a decode task holds its CPU until its whole block is
-    decoded, so blocks of 100,000 images starve the row tasks of a small cluster for minutes
-    (measured: no first rows after 150 s with 8 blocks of 125,000 on 2 CPUs)."""
-    n = todo.num_rows
-    size = min(max(-(-n // (per_cpu * max(int(cpus), 1))), batch_size), max(max_rows, batch_size))
-    return [todo.slice(i, size) for i in range(0, n, size)]
 
 
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
     use_storage_flags(args)
-    from anomaly_core.model.info import ArtifactInfo  # model.json only, without torch
-    from anomaly_core.scoring.runs import finish, open_run, pending, publish_part
 
     t0 = time.perf_counter()
     # Fail before any work when the model, the input or the output cannot be used. The driver
@@ -312,13 +143,13 @@ def main(argv: list[str] | None = None) -> dict:
         init_ray(args.address)
         check_nodes([args.input, args.manifest, args.output, args.model])
     extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
-    run = open_run(
+    run = runs.open_run(
         source=args.input or args.manifest, manifest=bool(args.manifest), output=args.output,
         inventory=args.inventory, since=args.since, date_prefix=args.date_prefix,
         model=info.name, model_version=info.model_version, extensions=extensions,
         incremental=args.incremental, run_id=args.run_id,
     )
-    todo = pending(run)
+    todo = runs.pending(run)
     t_plan = time.perf_counter() - t0
     log.info("run %s (%s): %d images listed, %d to score; model %s@%s; rows to %s; options %s",
              run.run_id, "resumed" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
@@ -349,26 +180,22 @@ def main(argv: list[str] | None = None) -> dict:
         # after 150 s of a 100,000-image run on 2 CPUs; 22 s without it, same images/s).
         context.op_resource_reservation_enabled = False
         t1 = time.perf_counter()
-        blocks = input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
+        blocks = runs.input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
         log.info("planned in %.2f s; %d inputs to Ray Data in %d blocks", t_plan, todo.num_rows,
                  len(blocks))
+        config = ScoringConfig.from_args(args, info.input_size)
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             read_images, batch_size=args.batch_size, fn_kwargs={
-                "size": info.input_size, "max_pixels": args.max_pixels,
-                "keep_jpeg": args.gpu_decode},
+                "size": config.input_size, "max_pixels": config.max_pixels,
+                "keep_jpeg": config.keep_jpeg},
             # A memory reservation the model actor does not have keeps Ray Data from fusing
             # decoding into the actor (it fuses maps with equal resources): decoding scales
             # out on CPU tasks, the actor only runs the model.
             num_cpus=args.decode_cpus, memory=decode_memory,
         )
         ds = ds.map_batches(
-            ScoringActor,
-            fn_constructor_kwargs={
-                "model_uri": args.model, "use_gpu": args.use_gpu,
-                "precision": args.precision, "compile": args.compile,
-                "render_on_device": args.render_on_device, "mask_size": args.mask_size,
-                "model_threads": args.model_threads},
+            ScoringActor, fn_constructor_args=(config,),
             compute=ray.data.ActorPoolStrategy(
                 size=args.num_actors, max_concurrent_calls_per_actor=args.batches_in_flight,
                 enable_true_multi_threading=args.batches_in_flight > 1),
@@ -376,19 +203,19 @@ def main(argv: list[str] | None = None) -> dict:
             num_cpus=args.cpus_per_actor,
             num_gpus=1 if args.use_gpu else 0,
         )
-        run_fields = run.describe()
         ds = ds.map_batches(write_rows, batch_size=args.rows_per_file, fn_kwargs={
-            "run": run_fields, "calibration": info.calibration.to_dict(),
-            "mask_size": args.mask_size})
-        progress = Progress(todo.num_rows, args.progress_every)
+            "run": run.describe(), "calibration": info.calibration,
+            "mask_size": config.mask_size})
+        progress = runs.Progress(todo.num_rows, args.progress_every)
         # Only this driver publishes staged part files, each after its task returned: a
         # straggler of a killed attempt never writes where readers look (anomaly_core.scoring.runs).
         with ThreadPoolExecutor(8) as publisher:
             published = []
             for counts in ds.iter_rows():
                 if counts["staged"]:
-                    published.append(publisher.submit(publish_part, run, counts["staged"]))
-                progress.update(counts["images"], counts["errors"])
+                    published.append(publisher.submit(runs.publish_part, run, counts["staged"]))
+                if line := progress.update(counts["images"], counts["errors"]):
+                    log.info(line)
                 nodes["model"].update(n for n in counts["model_node"].split(",") if n)
                 nodes["rows"].add(counts["rows_node"])
             for future in published:
@@ -399,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         t_score, t_first, stages = 0.0, None, []
     # first_rows: from the dataset's creation to the first part file (actors' start included)
-    summary = finish(run, {"plan": t_plan, "first_rows": t_first, "score": t_score,
+    summary = runs.finish(run, {"plan": t_plan, "first_rows": t_first, "score": t_score,
                            "total": time.perf_counter() - t0},
                      {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
                       # the Ray nodes that ran the model actors and wrote the rows

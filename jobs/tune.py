@@ -1,4 +1,4 @@
-"""Sweep a detector's hyperparameters with Ray Tune; every trial runs jobs/train.py's Ray Train fit.
+"""Sweep a detector's hyperparameters with Ray Tune; every trial runs jobs.train's Ray Train fit.
 
     python -m jobs.tune --data DIR_OR_S3 --category capsule --detector simplenet \
         --param noise_std=loguniform:0.03:1.0 --num-samples 8 --output SWEEP_URI
@@ -13,12 +13,21 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from typing import Any
 
 import yaml
 
+from anomaly_core.config import TrainingConfig
 from jobs.common import log, parse_overrides, redacted, run_job, setup_logging, use_storage_flags
-from jobs.train import add_training_flags, detector_options, preflight_training, worker_config
+from jobs.preflight import preflight_training
+from jobs.trainer import (
+    TrainerSettings,
+    add_training_flags,
+    detector_options,
+    make_trainer,
+    train_parser,
+)
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 SEARCHERS = ("random", "grid", "optuna")
@@ -76,8 +85,8 @@ def search_space(params: list[tuple[str, str, list]]) -> dict[str, Any]:
     return {name: make[kind](values) for name, kind, values in params}
 
 
-def run_trial(config: dict, base: dict, trainer_args: dict) -> None:
-    """A Tune trial: jobs/train.py's fit on its own Ray Train workers, metrics sent to Tune.
+def run_trial(params: dict, base: TrainingConfig, settings: TrainerSettings) -> None:
+    """A Tune trial: jobs.train's fit on its own Ray Train workers, metrics sent to Tune.
 
     `base` (with the record lists) arrives by reference through tune.with_parameters. The Ray
     Train run is named after the trial, in the sweep's storage: a retried or restored trial
@@ -86,40 +95,10 @@ def run_trial(config: dict, base: dict, trainer_args: dict) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from jobs.train import make_trainer
-
-    cfg = dict(base)
-    cfg["options"] = {**cfg["options"], **{k: config[k] for k in config["params"]}}
-    args = argparse.Namespace(**trainer_args)
+    config = replace(base, options={**base.options, **{k: params[k] for k in params["params"]}})
     trial = tune.get_context().get_trial_id()
-    trainer = make_trainer(args, cfg, name=f"trial-{trial}", callbacks=[TuneReportCallback()])
+    trainer = make_trainer(settings, config, name=f"trial-{trial}", callbacks=[TuneReportCallback()])
     trainer.fit()
-
-
-def results_table(grid, params: list[str]):
-    """One row per trial: its parameters, the objective of the epoch its fit keeps (the rank),
-    the last epoch's metrics, epochs and wall time."""
-    import pyarrow as pa
-
-    rows = []
-    for result in grid:
-        m = result.metrics or {}
-        cfg = result.config or {}
-        error = str(result.error)[:500] if result.error else m.get("fatal_error")
-        rows.append({
-            "trial_id": m.get("trial_id") or str(result.path).rsplit("/", 1)[-1],
-            "status": "error" if error else "ok",
-            **{f"param_{p}": json.dumps(cfg.get(p)) for p in params},
-            "objective": m.get("kept_objective"),
-            "kept_epoch": m.get("best_epoch", 0 if "kept_objective" in m else None),
-            "last_objective": m.get("objective"),
-            **{k: m.get(k) for k in ("val_image_auroc", "val_pixel_auroc", "val_aupro", "loss")},
-            "epochs": m.get("training_iteration"),
-            "wall_s": m.get("time_total_s"),
-            "error": error,
-        })
-    rows.sort(key=lambda r: (r["objective"] is None, -(r["objective"] or 0.0)))
-    return pa.Table.from_pylist(rows)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -131,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     from anomaly_core import storage
     from anomaly_core.detectors import detector_class, make_config
     from anomaly_core.scoring.schema import parquet_bytes
+    from anomaly_core.training import sweep as sweep_lib
 
     name, fixed = detector_options(args)
     specs = list(args.param)
@@ -141,21 +121,15 @@ def main(argv: list[str] | None = None) -> dict:
         fixed.update(space_file.get("options", {}))
         specs += [f"{k}={v}" for k, v in space_file.get("params", {}).items()]
     params = [parse_param(s) for s in specs]
-    if not params:
-        raise ValueError("nothing to search: pass --param NAME=KIND:ARGS or --space file.yaml")
-    fields = set(make_config(name).__dataclass_fields__)
-    unknown = [p for p, _, _ in params if p not in fields]
-    if unknown:
-        raise ValueError(f"{name} has no option(s) {unknown}; its options: {sorted(fields)}")
-    if args.search == "grid" and any(k not in ("grid", "choice") for _, k, _ in params):
-        raise ValueError("--search grid needs every --param as choice:... or grid:...")
+    sweep_lib.check_params(name, params, args.search)
+    names = [p for p, _, _ in params]
     options = asdict(make_config(name, **fixed))
     args.storage_path = args.storage_path or storage.join(args.output, "tune")
     train, val = preflight_training(args, name, options, args.output)
-    cfg = worker_config(args, name, options, train, val, None)
+    config = TrainingConfig.from_args(args, name, options, train, val, None)
     family = detector_class(name).family
     log.info("sweep %s over %s (%s search, %s), %d trials, objective %s; fixed %s", name,
-             [p for p, _, _ in params], args.search, args.scheduler, args.num_samples,
+             names, args.search, args.scheduler, args.num_samples,
              args.objective, json.dumps(redacted(fixed)))
     from ray import tune
 
@@ -165,10 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     sweep = args.name or f"sweep-{name}"
     storage_uri = args.storage_path
     # Each trial's Ray Train checkpoints live in the sweep's storage, never on a node's disk.
-    trainer_args = {k: getattr(args, k) for k in (
-        "num_workers", "use_gpu", "cpus_per_worker", "max_failures")}
-    trainer_args["storage_path"] = storage.join(storage_uri, f"{sweep}-trials")
-    param_space = {**space, "params": [p for p, _, _ in params]}
+    settings = replace(TrainerSettings.from_args(args),
+                       storage_path=storage.join(storage_uri, f"{sweep}-trials"))
+    param_space = {**space, "params": names}
     searcher = None
     if args.search == "optuna":
         from ray.tune.search.optuna import OptunaSearch
@@ -191,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         storage_fs, storage_path = storage.filesystem(storage_path)
     # The trial itself only waits on its TorchTrainer, whose workers hold the real resources.
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=cfg, trainer_args=trainer_args), {"cpu": 0.01})
+        tune.with_parameters(run_trial, base=config, settings=settings), {"cpu": 0.01})
     experiment = f"{storage_path.rstrip('/')}/{sweep}"
     start = time.perf_counter()
     if tune.Tuner.can_restore(experiment, storage_filesystem=storage_fs):
@@ -205,25 +178,19 @@ def main(argv: list[str] | None = None) -> dict:
                                       storage_filesystem=storage_fs),
         )
     grid = tuner.fit()
-    table = results_table(grid, [p for p, _, _ in params])
+    table = sweep_lib.results_table(grid, names)
     storage.write_bytes(storage.join(args.output, "results.parquet"), parquet_bytes(table))
     rows = table.to_pylist()
     ok = [r for r in rows if r["status"] == "ok" and r["objective"] is not None]
     if not ok:
         raise SystemExit(f"no trial finished with an objective; see {args.output}/results.parquet")
     best = ok[0]
-    best_options = {**fixed, **{p: json.loads(best[f"param_{p}"]) for p, _, _ in params}}
+    best_options = sweep_lib.best_options(best, fixed, names)
     best_config = {"detector": name, "options": best_options,
                    "objective": {args.objective: best["objective"]}, "epochs": args.epochs}
     storage.write_bytes(storage.join(args.output, "best_config.yaml"),
                         yaml.safe_dump(best_config, sort_keys=False).encode())
-    print(f"\nsweep {sweep}: {len(rows)} trials, best objective {best['objective']:.4f}")
-    print(f"{'rank':<5}{'objective':>10}  " + "  ".join(f"{p:>14}" for p, _, _ in params) + f"{'wall_s':>9}")
-    for i, r in enumerate(rows):
-        value = "failed" if r["objective"] is None else f"{r['objective']:.4f}"
-        shown = [_short(json.loads(r["param_" + p])) for p, _, _ in params]
-        print(f"{i + 1:<5}{value:>10}  " + "  ".join(f"{v:>14}" for v in shown)
-              + f"{(r['wall_s'] or 0):>9.1f}")
+    print(sweep_lib.ranking(sweep, rows, names, best["objective"]))
     summary = {"sweep": sweep, "detector": name, "trials": len(rows), "finished": len(ok),
                "best": best, "best_config": best_config, "wall_s": round(time.perf_counter() - start, 1),
                "results": storage.join(args.output, "results.parquet")}
@@ -239,18 +206,12 @@ def main(argv: list[str] | None = None) -> dict:
     return summary
 
 
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
 # Flags whose values reach the retrain otherwise: the best options (--set), or its own output.
 _NOT_COPIED = {"help", "output", "detector", "config", "overrides", "lr", "storage_path"}
 
 
 def _train_argv(args: argparse.Namespace, output: str, best: dict) -> list[str]:
     """jobs.train's argv for the best config, with every training flag the sweep was given."""
-    from jobs.train import parse_args as train_parse_args
-
     argv = ["--output", output, "--detector", best["detector"]]
     probe = argparse.ArgumentParser(add_help=False)
     add_training_flags(probe)
@@ -264,7 +225,7 @@ def _train_argv(args: argparse.Namespace, output: str, best: dict) -> list[str]:
         else:
             argv += [flag, str(value)]
     argv += [x for k, v in best["options"].items() for x in ("--set", f"{k}={json.dumps(v)}")]
-    train_parse_args(argv)  # the same parser the retrain uses: fail here, not after the sweep
+    train_parser().parse_args(argv)  # the retrain's own flags: fail here, not after the sweep
     return argv
 
 

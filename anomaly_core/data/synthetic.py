@@ -292,12 +292,6 @@ _GRAIN_AMOUNT = 0.035
 _GRAIN_STD = 46.2
 
 
-def _upsample(a: np.ndarray, size: int, resample: Image.Resampling) -> np.ndarray:
-    """Resize a 2-D float array to size x size with Pillow (float32 in C), float32."""
-    image = Image.fromarray(np.ascontiguousarray(a, dtype=np.float32), "F")
-    return np.array(image.resize((size, size), resample))
-
-
 def _grain(rng: np.random.Generator, size: int) -> np.ndarray:
     """Uniform noise bytes correlated over ~2 px (bilinear upsampling by two), size x size
     uint8 around 127.5; _GRAIN_STD is its standard deviation."""

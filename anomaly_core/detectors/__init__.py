@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 from typing import Any
 
-from anomaly_core.detectors.base import AnomalyOutput, Detector, DetectorConfig
+from anomaly_core.detectors.base import Detector, DetectorConfig
 
 _REGISTRY: dict[str, type[Detector]] = {}
 
@@ -60,9 +60,6 @@ def build_detector(name: str, **fields: Any) -> Detector:
 
 
 __all__ = [
-    "AnomalyOutput",
-    "Detector",
-    "DetectorConfig",
     "build_detector",
     "detector_class",
     "list_detectors",

@@ -17,13 +17,8 @@ from anomaly_core.detectors.base import (
     upsample,
 )
 from anomaly_core.features.backbones import FeatureExtractor, freeze
-from anomaly_core.features.coreset import (
-    StreamingCoreset,
-    gather_and_reduce,
-    knn,
-    knn_dtype,
-    knn_products,
-)
+from anomaly_core.features.coreset import StreamingCoreset, gather_and_reduce
+from anomaly_core.features.knn import knn, knn_dtype, knn_products
 
 GIB = 1 << 30
 

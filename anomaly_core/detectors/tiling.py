@@ -145,15 +145,6 @@ def coverage(tiling: Tiling, m: int, like: torch.Tensor) -> tuple[torch.Tensor, 
     return counts[0][:, None], counts[1][None, :]
 
 
-def stitch(maps: torch.Tensor, tiling: Tiling) -> torch.Tensor:
-    """One image's tile maps [T,m,m] (tile order of `origins`) into its map [H*m/tile, W*m/tile],
-    averaged where tiles overlap."""
-    rows, cols = coverage(tiling, maps.shape[-1], maps)
-    total = maps.new_zeros(1, len(rows), cols.shape[1])
-    add_tiles(total, maps, tiling, [(0, i) for i in range(len(maps))])
-    return total[0].div_(rows).div_(cols)
-
-
 def _with_buffers(detector: Detector, buffers: dict[str, torch.Tensor]) -> Detector:
     """A shallow copy of `detector` holding `buffers` in place of its own: it shares every
     submodule (the frozen backbone) and parameter; its plain attributes (fit accumulators)

@@ -1,5 +1,6 @@
 """Memory banks that fit on any number of images: greedy k-center coreset, a bounded-memory
-streaming reducer, its merge across torch.distributed ranks, and blocked k-NN search.
+streaming reducer and its merge across torch.distributed ranks (k-NN search against a bank:
+anomaly_core.features.knn).
 
 Method. PatchCore's bank is a greedy k-center (farthest-first) coreset of all training patches,
 ceil(ratio x patches) rows, chosen on a seeded Gaussian projection to 128 dims. The usual
@@ -28,199 +29,17 @@ later; merge-and-reduce for k-center bounds it by the sum of the levels' radii.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 
 import torch
 import torch.distributed as dist
 
-from anomaly_core.features.precision import low_precision_dtype
-
 log = logging.getLogger(__name__)
 
-# Elements of one distance block in knn(): 2**22 float32 values = 16 MiB of scratch on CPU;
-# 2**26 (256 MiB) on a GPU, where each block's ~10 kernel launches, not the scratch, are the
-# cost: PatchCore's 16 x 1,024 patches against a 6,554-row bank are 2 blocks there, not 32.
-DEFAULT_BLOCK = 1 << 22
-GPU_BLOCK = 1 << 26
-# Query rows centred at once in knn(), in distance blocks: 8 blocks (128 MiB as float32).
-QUERY_CHUNK = 8
-LOW_PRECISION = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-KNN_DTYPES = ("auto", "float32", *LOW_PRECISION)
 # Intermediate reductions keep this many times the final bank's share (at most the budget's
 # cap), so the final selection still chooses from a wide pool; more only costs time.
 OVERSAMPLE = 4
-# Extra candidates found in low precision, then re-ranked exactly in float32. With bf16
-# products, 16,384 queries of 1,024 dims against 6,554 bank rows: PatchCore's features
-# (wide_resnet50_2, random weights) missed no true nearest neighbour with 2 or 4 extra
-# (0.4 % with none); clustered Gaussian rows missed 1.2 % with 1, 0.2 % with 2, 0.006 % with
-# 4 (that distance 0.03 % off); 4 costs 7 % more time than none.
-_RERANK_EXTRA = 4
-# knn()'s augmented rows are padded to a multiple of this many columns (GEMM alignment).
-_ALIGN = 16
-
-
-def knn_dtype(name: str) -> str:
-    """A detector's `knn_dtype` setting, checked: auto, float32, float16 or bfloat16."""
-    if name not in KNN_DTYPES:
-        raise ValueError(f"knn_dtype {name!r} is not one of {', '.join(KNN_DTYPES)}")
-    return name
-
-
-def knn_products(setting: str, device: torch.device) -> torch.dtype:
-    """The dtype of knn()'s products for a `knn_dtype` setting on `device`.
-
-    "auto": the 16-bit dtype of a surrounding compute_precision("fp16"/"bf16"), else bfloat16
-    on a CPU that multiplies bf16 natively (AVX512-BF16 or AMX: 4.9x float32's speed on a
-    2-core AMD EPYC, 7.5x on an Intel CPU with AMX), else float32. Low-precision products
-    only choose candidates: their distances are computed again exactly (see knn()).
-    """
-    if setting == "auto":
-        context = low_precision_dtype()
-        if context is not None:
-            return context
-        return torch.bfloat16 if device.type == "cpu" and cpu_bf16_products() else torch.float32
-    return LOW_PRECISION.get(knn_dtype(setting), torch.float32)
-
-
-@functools.cache
-def cpu_bf16_products() -> bool:
-    """Whether this CPU has bfloat16 matrix instructions (Linux /proc/cpuinfo flags).
-
-    Without them bf16 products are emulated, slower than float32 (an AVX2-only AMD EPYC)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f
-                          if line.startswith("flags")), [])
-    except OSError:
-        flags = []
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def _blocks(q: int, m: int, block: int) -> tuple[int, int]:
-    """(query rows, bank rows) per distance block of at most `block` elements."""
-    bank_rows = max(1, min(m, block // max(1, min(q, 1024))))
-    return max(1, min(q, block // bank_rows)), bank_rows
-
-
-def _knn(
-    query: torch.Tensor,
-    bank: torch.Tensor,
-    k: int = 1,
-    *,
-    block: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # knn() without its autocast guard.
-    if bank.ndim != 2 or query.ndim != 2 or query.shape[1] != bank.shape[1]:
-        raise ValueError(
-            f"knn needs query [q,d] and bank [m,d]; got {tuple(query.shape)}, {tuple(bank.shape)}"
-        )
-    m, dim = bank.shape
-    if not 1 <= k <= m:
-        raise ValueError(f"knn k={k} must be in 1..{m} (the bank's size)")
-    q = query.shape[0]
-    if block is None:
-        block = DEFAULT_BLOCK if bank.device.type == "cpu" else GPU_BLOCK
-    low = dtype is not None and dtype != torch.float32
-    products = dtype if low else torch.float32
-    found = min(m, k + _RERANK_EXTRA) if low else k
-    q_rows, b_rows = _blocks(q, m, block)
-    r_rows = max(1, min(q_rows, block // (found * dim)))  # the exact pass gathers found rows each
-    chunk = max(q_rows, QUERY_CHUNK * block // dim)
-    width = -(-(dim + 4) // _ALIGN) * _ALIGN
-    centre = bank.float().mean(0)
-    scale = torch.ones((), device=bank.device)
-    if low:
-        # Unit scale keeps float16 products far from overflow and where its precision is best.
-        # Reduced on the device (Python's max() of tensors would wait for a GPU per block).
-        scale = torch.stack([
-            (bank[bs : bs + b_rows].float() - centre).norm(dim=1).max()
-            for bs in range(0, m, b_rows)
-        ]).max().clamp_min(1e-12)
-
-    def augmented(rows: torch.Tensor, times: float, square_at: int) -> torch.Tensor:
-        # Centred, scaled rows in the products' dtype, with four more columns: queries as
-        # [-2 a, 1, 1, |a|^2 hi, lo], keys as [b, |b|^2 hi, lo, 1, 1], so that one product
-        # is |a - b|^2, accumulated in float32 inside the matmul. The squares are the rounded
-        # rows' own, split in two 16-bit parts: only the distance (small for near rows), not
-        # |a|^2 + |b|^2, is rounded to 16 bits on the way out. bf16 products of PatchCore's
-        # features, whose nearest neighbours lie at 3-6 % of their norms, found every exact
-        # neighbour this way; with the squares added outside the product they missed 10 %.
-        scaled = ((rows.float() - centre) / scale).to(products)
-        out = scaled.new_ones(len(scaled), width)
-        out[:, :dim] = scaled * times
-        out[:, dim + 4 :] = 0
-        square = scaled.float().pow(2).sum(1)
-        hi = square.to(products)
-        out[:, square_at] = hi
-        out[:, square_at + 1] = (square - hi.float()).to(products)
-        return out
-
-    def keys(bs: int) -> torch.Tensor:
-        return augmented(bank[bs : bs + b_rows], 1, dim)
-
-    dists, idxs = [], []
-    # A chunk of queries at a time with the bank's blocks outside its query blocks: each bank
-    # block is centred (and converted) once per chunk, not once per query block, which in 16
-    # bits cost more than the products (CPU, PatchCore's 1,536 dims).
-    for cs in range(0, q, chunk):
-        rows = query[cs : cs + chunk]
-        n = len(rows)
-        probe = augmented(rows, -2, dim + 2)
-        best_d = torch.full((n, found), float("inf"), device=rows.device)
-        best_i = torch.zeros((n, found), dtype=torch.long, device=rows.device)
-        for bs in range(0, m, b_rows):
-            block_keys = keys(bs)
-            for qs in range(0, n, q_rows):
-                qe = min(n, qs + q_rows)
-                d2 = probe[qs:qe] @ block_keys.T  # squared distances
-                if found == 1:  # min() is several times faster than topk() on CPU
-                    d, i = d2.min(dim=1, keepdim=True)
-                else:
-                    d, i = d2.topk(min(found, d2.shape[1]), dim=1, largest=False)
-                d = torch.cat([best_d[qs:qe], d.float()], 1)
-                d, pick = d.topk(found, dim=1, largest=False)
-                best_d[qs:qe] = d
-                best_i[qs:qe] = torch.cat([best_i[qs:qe], i + bs], 1).gather(1, pick)
-        # The products only choose: the found neighbours' distances are computed again from
-        # differences in float32 (and re-ranked, for low precision's extra candidates).
-        for qs in range(0, n, r_rows):
-            near = best_i[qs : qs + r_rows]
-            diff = rows[qs : qs + r_rows].float().unsqueeze(1) - bank[near].float()
-            d, pick = torch.linalg.vector_norm(diff, dim=-1).topk(k, dim=1, largest=False)
-            dists.append(d)
-            idxs.append(near.gather(1, pick))
-    return torch.cat(dists), torch.cat(idxs)
-
-
-@torch.no_grad()
-def knn(
-    query: torch.Tensor,
-    bank: torch.Tensor,
-    k: int = 1,
-    *,
-    block: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean distances [q,k] and indices [q,k] of each query row's k nearest bank rows.
-
-    Candidates come from |a|^2 + |b|^2 - 2 a.b (one product of augmented rows) over blocks of
-    at most `block` elements (default: DEFAULT_BLOCK on CPU, GPU_BLOCK on GPUs), never a full
-    [q,m] matrix; rows are centred on the bank's mean first, which keeps that expansion precise
-    for features with a large common offset. Returned distances are computed again from
-    differences, so a row's distance to itself is 0. dtype float16/bfloat16 runs the products
-    in that precision on scaled rows and re-ranks a few extra candidates in float32: only
-    near-ties may be ordered differently. None: the surrounding compute_precision's, else
-    float32 (knn_products() turns a detector's setting into a dtype).
-    """
-    # Under a caller's bf16 autocast the expansion would lose the distances: precision is
-    # what `dtype` says, or bf16 products (re-ranked in float32) inside compute_precision("bf16").
-    if dtype is None:
-        dtype = low_precision_dtype()
-    with torch.autocast(query.device.type, enabled=False):
-        return _knn(query, bank, k, block=block, dtype=dtype)
 
 
 def random_projection(
@@ -261,13 +80,65 @@ def greedy_coreset(points: torch.Tensor, k: int, *, start: int = 0) -> torch.Ten
     return chosen
 
 
-def exact_coreset(
-    features: torch.Tensor, ratio: float, *, projection_dim: int = 128, seed: int = 0
-) -> torch.Tensor:
-    """The all-in-memory reference: one greedy selection over every row, as PatchCore does."""
-    reducer = StreamingCoreset(ratio, None, projection_dim=projection_dim, seed=seed)
-    reducer.add(features)
-    return reducer.result()
+def _selection_width(dim: int, projection_dim: int) -> int:
+    """Columns greedy runs on: the projection's, or the rows' own (see random_projection)."""
+    return projection_dim if 0 < projection_dim < dim else dim
+
+
+def _scratch_per_row(width: int) -> int:
+    """Bytes a selection needs per row: the projected row and greedy's squared norm, distance
+    and minimum distance, all float32."""
+    return 4 * width + 3 * 4
+
+
+class KCenterSelection:
+    """Which of the held feature rows a reduction keeps: greedy k-center over rows in blocks, on
+    a seeded Gaussian projection, from a seeded random first row; the kept rows in stream order."""
+
+    def __init__(self, dim: int, projection_dim: int, seed: int, device: torch.device) -> None:
+        self.dim = dim
+        self.projection = random_projection(dim, projection_dim, seed, device)
+        self.width = _selection_width(dim, projection_dim)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def scratch_bytes(self, rows: int) -> int:
+        """Scratch of a selection among `rows` rows (the kept rows' copy not included)."""
+        return rows * _scratch_per_row(self.width)
+
+    @torch.no_grad()
+    def select(self, blocks: list[torch.Tensor], keep: int) -> torch.Tensor:
+        """`keep` of the blocks' rows as one block [keep, d] (all of them joined when `keep` is
+        every row). Distances stay float32 under a caller's bf16 autocast (observe())."""
+        with torch.autocast(blocks[0].device.type, enabled=False):
+            return self._select(blocks, keep)
+
+    def _select(self, blocks: list[torch.Tensor], keep: int) -> torch.Tensor:
+        n = sum(len(b) for b in blocks)
+        device, dtype = blocks[0].device, blocks[0].dtype
+        new = torch.empty(keep, self.dim, dtype=dtype, device=device)
+        if keep == n:
+            chosen = torch.arange(n, device=device)
+        else:
+            # Projected rows, filled block by block: never a full copy of the raw rows.
+            points = torch.empty(n, self.width, device=device)
+            at = 0
+            for block in blocks:
+                rows = block.float()
+                points[at : at + len(block)] = (
+                    rows if self.projection is None else rows @ self.projection
+                )
+                at += len(block)
+            start = int(torch.randint(n, (1,), generator=self.generator))
+            # Sorted: rows keep stream order, so the bank's layout does not depend on the start.
+            chosen = greedy_coreset(points, keep, start=start).sort().values
+            del points
+        at = offset = 0
+        for block in blocks:
+            mine = chosen[(chosen >= offset) & (chosen < offset + len(block))] - offset
+            new[at : at + len(mine)] = block[mine]
+            at += len(mine)
+            offset += len(block)
+        return new
 
 
 class StreamingCoreset:
@@ -275,9 +146,10 @@ class StreamingCoreset:
 
     `add(rows)` as batches arrive, `result()` for the bank: ceil(ratio x rows seen) rows, or
     the budget's bank cap (`bank_fraction` of the capacity) if that is fewer. Held rows that
-    reach the capacity are reduced by greedy (see the module docstring). `budget_bytes=None`
-    keeps every row until `result()`: the exact greedy coreset. `peak_bytes` is the most it
-    held at once, selection scratch included; the caller's own batch is not counted.
+    reach the capacity are reduced by a KCenterSelection (see the module docstring).
+    `budget_bytes=None` keeps every row until `result()`: the exact greedy coreset.
+    `peak_bytes` is the most it held at once, selection scratch included; the caller's own
+    batch is not counted.
     """
 
     def __init__(
@@ -300,13 +172,12 @@ class StreamingCoreset:
             raise ValueError(f"{name} bank_fraction={bank_fraction} must be in (0, 1)")
         self.ratio, self.budget, self.name = ratio, budget_bytes, name
         self.projection_dim, self.seed, self.bank_fraction = projection_dim, seed, bank_fraction
-        self.generator = torch.Generator().manual_seed(seed)
         self.rows: list[torch.Tensor] = []  # held feature rows in blocks, in arrival order
         self.seen = 0  # training rows the held ones stand for
         self.peak_bytes = 0
         self.reductions = 0  # forced by the budget, before result()
         self.dim: int | None = None
-        self.projection: torch.Tensor | None = None
+        self.selection: KCenterSelection | None = None  # made with the first rows
         self.capacity: int | None = None  # rows held before a reduction
         self.bank_cap: int | None = None  # rows a reduction keeps, the most the bank holds
 
@@ -326,26 +197,19 @@ class StreamingCoreset:
     def _track(self, extra: int = 0) -> None:
         self.peak_bytes = max(self.peak_bytes, self.held_bytes + extra)
 
-    def _width(self) -> int:
-        return self.dim if self.projection is None else self.projection.shape[1]
-
-    def _scratch_per_row(self) -> int:
-        return 4 * self._width() + 3 * 4  # as bytes_per_row counts it
-
     @staticmethod
     def bytes_per_row(
         dim: int, *, element_size: int = 4, projection_dim: int = 128, bank_fraction: float = 0.25
     ) -> float:
         """Budget bytes one held row costs: a budget of capacity x this holds `capacity` rows."""
-        width = dim if projection_dim <= 0 or projection_dim >= dim else projection_dim
-        # A reduction holds the rows, their scratch (projection and the greedy's squared norm,
-        # distance and minimum distance) and the kept rows' new copy at once.
-        return dim * element_size * (1 + bank_fraction) + 4 * width + 3 * 4
+        # A reduction holds the rows, the selection's scratch and the kept rows' new copy at once.
+        return (dim * element_size * (1 + bank_fraction)
+                + _scratch_per_row(_selection_width(dim, projection_dim)))
 
     def _setup(self, rows: torch.Tensor) -> None:
-        """Fix dimension, projection and capacity from the first rows."""
+        """Fix dimension, selection and capacity from the first rows."""
         self.dim = rows.shape[1]
-        self.projection = random_projection(self.dim, self.projection_dim, self.seed, rows.device)
+        self.selection = KCenterSelection(self.dim, self.projection_dim, self.seed, rows.device)
         if self.budget is None:
             return
         per_row = self.bytes_per_row(
@@ -434,39 +298,10 @@ class StreamingCoreset:
         return self.rows[0]
 
     def _reduce(self, keep: int) -> None:
-        """Greedy selection over all held rows down to `keep` rows (or a join of the blocks)."""
-        # observe() may run under bf16 autocast; the selection's distances stay float32.
-        with torch.autocast(self.rows[0].device.type, enabled=False):
-            self._select(keep)
-
-    def _select(self, keep: int) -> None:
-        n = self.held_rows
-        device, dtype = self.rows[0].device, self.rows[0].dtype
-        new = torch.empty(keep, self.dim, dtype=dtype, device=device)
-        self._track(n * self._scratch_per_row() + new.numel() * new.element_size())
-        if keep == n:
-            chosen = torch.arange(n, device=device)
-        else:
-            # Projected rows, filled block by block: never a full copy of the raw rows.
-            points = torch.empty(n, self._width(), device=device)
-            at = 0
-            for block in self.rows:
-                rows = block.float()
-                points[at : at + len(block)] = (
-                    rows if self.projection is None else rows @ self.projection
-                )
-                at += len(block)
-            start = int(torch.randint(n, (1,), generator=self.generator))
-            # Sorted: rows keep stream order, so the bank's layout does not depend on the start.
-            chosen = greedy_coreset(points, keep, start=start).sort().values
-            del points
-        at = offset = 0
-        for block in self.rows:
-            mine = chosen[(chosen >= offset) & (chosen < offset + len(block))] - offset
-            new[at : at + len(mine)] = block[mine]
-            at += len(mine)
-            offset += len(block)
-        self.rows = [new]
+        """All held rows down to the `keep` the selection chooses (or joined into one block)."""
+        new_bytes = keep * self.dim * self.rows[0].element_size()
+        self._track(self.selection.scratch_bytes(self.held_rows) + new_bytes)
+        self.rows = [self.selection.select(self.rows, keep)]
         self._track()
 
 

@@ -30,7 +30,7 @@ from anomaly_core.detectors.base import AnomalyOutput, Detector, load_weights
 from anomaly_core.detectors.tiling import input_size, tiled, tiling_of
 from anomaly_core.errors import ArtifactError
 from anomaly_core.model.calibration import Calibration
-from anomaly_core.model.info import (  # model.json without torch; re-exported here
+from anomaly_core.model.info import (
     FORMAT,
     MODEL_FILE,
     SCHEMA_VERSION,

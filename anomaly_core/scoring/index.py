@@ -1,13 +1,13 @@
 """What a model version already scored, as a compact sorted index whose lookups read only what
 can match tonight's images: the incremental state of nightly scoring runs.
 
-`runs.scored_index` answers "latest etag per uri among rows scored without error" by reading every
-row ever written (linear in history). This index answers the same question for a given list of
-uris, reading the index's footers (O(files), files = O(log history)) and only the row groups whose
-uri range contains one of those uris.
+The full scan of the results (`runs.scan_history`) answers "latest etag per uri among rows scored
+without error" by reading every row ever written (linear in history). This index answers the same
+question for a given list of uris, reading the index's footers (O(files), files = O(log history))
+and only the row groups whose uri range contains one of those uris.
 
 Layout, under <output>/_index/<model>/<model_version>/ (hidden from readers of the results:
-names starting with "_"; and no "model=" in the path, which `runs.scored_index` would take for a
+names starting with "_"; and no "model=" in the path, which `runs.scan_history` would take for a
 results partition and read):
     index.json                 the state: the current data files, oldest first, with row counts
     delta-<name>-<id>.parquet  one added batch (a run's rows), named after the caller's name
@@ -56,7 +56,7 @@ Re-adding a name whose batch was already merged adds its rows again as a new del
 unchanged (same uri, same scored_at) and the copies collapse at the next merge. Always add a
 batch's complete rows (e.g. all rows of a run, again after a resume).
 
-Lookup: sort tonight's uris once; per data file (a few threads) open it for random access, read
+Lookup (IndexLookup): sort tonight's uris once; per data file (a few threads) open it for random access, read
 the footer, keep the row groups whose [min uri, max uri] contains one of tonight's uris (numpy
 searchsorted over the sorted uris), read those (uri, etag, scored_at), keep tonight's uris among
 them, then keep the latest scored_at per uri across files. Memory and time: tonight's uris plus
@@ -128,9 +128,39 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]", "_", name)[:80]
 
 
+def _merge_sorted(files: list[pq.ParquetFile]) -> Iterable[pa.Table]:
+    """A k-way streaming merge of files sorted by uri, in sorted chunks with the latest
+    scored_at per uri (ties: the earlier file): one batch of each file held at a time."""
+    batches = [f.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=SCHEMA.names) for f in files]
+    buffers: list[pa.Table | None] = [None] * len(files)
+    while True:
+        for i, source in enumerate(batches):
+            while source is not None and (buffers[i] is None or buffers[i].num_rows == 0):
+                batch = next(source, None)
+                if batch is None:
+                    batches[i] = source = None
+                else:
+                    buffers[i] = pa.Table.from_batches([batch]).cast(SCHEMA)
+        live = [b for b in buffers if b is not None and b.num_rows]
+        if not live:
+            return
+        # Every input's later rows sort after its buffer's last uri, so every row up to the
+        # smallest of those last uris is here now: emit them, keep the rest.
+        bound = min(b["uri"][-1].as_py() for b in live)
+        parts = []
+        for i, b in enumerate(buffers):
+            if b is None or b.num_rows == 0:
+                continue
+            take = pc.sum(pc.less_equal(b["uri"], bound)).as_py() or 0
+            parts.append(b.slice(0, take))
+            buffers[i] = b.slice(take)
+        yield _latest(pa.concat_tables(parts))
+
+
 class ScoredIndex:
     """The latest etag per uri that one model version scored without error, under
-    <output>/_index/<model>/<model_version>/."""
+    <output>/_index/<model>/<model_version>/: its data files and the state that lists them,
+    batches added with size-tiered compaction; lookups read through IndexLookup."""
 
     def __init__(self, output: str, model: str, model_version: str, *, row_group_rows: int = ROW_GROUP_ROWS,
                  fanin: int = FANIN):
@@ -169,6 +199,15 @@ class ScoredIndex:
         """The current data files, oldest first: {"file", "rows", "name"} (name: the batch's
         name for a delta, None for a merged file)."""
         return self._state()["files"]
+
+    def open_file(self, file: str):
+        """A listed data file for random access: its footer and chosen row groups only."""
+        uri = self._uri(file)
+        fs, path = storage.filesystem(uri)
+        try:
+            return fs.open_input_file(path)
+        except OSError as exc:
+            raise storage.storage_error(exc, uri, "read") from exc
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -218,43 +257,15 @@ class ScoredIndex:
                    if i not in members[:-1]]
 
     def _merge(self, entries: list[dict[str, Any]]) -> dict[str, Any]:
-        """A k-way streaming merge of sorted files into one, latest scored_at per uri."""
+        """Several files merged into one, latest scored_at per uri."""
         file = f"merged-{uuid.uuid4().hex[:16]}.parquet"
-        readers = [self._open(e["file"]) for e in reversed(entries)]  # newest first: wins ties
+        readers = [self.open_file(e["file"]) for e in reversed(entries)]  # newest first: wins ties
         try:
-            files = [pq.ParquetFile(f) for f in readers]
-            n = self._write(file, self._merged_chunks(files))
+            n = self._write(file, _merge_sorted([pq.ParquetFile(f) for f in readers]))
         finally:
             for f in readers:
                 f.close()
         return {"file": file, "rows": n, "name": None}
-
-    @staticmethod
-    def _merged_chunks(files: list[pq.ParquetFile]) -> Iterable[pa.Table]:
-        batches = [f.iter_batches(batch_size=MERGE_BATCH_ROWS, columns=SCHEMA.names) for f in files]
-        buffers: list[pa.Table | None] = [None] * len(files)
-        while True:
-            for i, source in enumerate(batches):
-                while source is not None and (buffers[i] is None or buffers[i].num_rows == 0):
-                    batch = next(source, None)
-                    if batch is None:
-                        batches[i] = source = None
-                    else:
-                        buffers[i] = pa.Table.from_batches([batch]).cast(SCHEMA)
-            live = [b for b in buffers if b is not None and b.num_rows]
-            if not live:
-                return
-            # Every input's later rows sort after its buffer's last uri, so every row up to the
-            # smallest of those last uris is here now: emit them, keep the rest.
-            bound = min(b["uri"][-1].as_py() for b in live)
-            parts = []
-            for i, b in enumerate(buffers):
-                if b is None or b.num_rows == 0:
-                    continue
-                take = pc.sum(pc.less_equal(b["uri"], bound)).as_py() or 0
-                parts.append(b.slice(0, take))
-                buffers[i] = b.slice(take)
-            yield _latest(pa.concat_tables(parts))
 
     def _write(self, file: str, chunks: Iterable[pa.Table]) -> int:
         """Write sorted chunks as one Parquet file of whole row groups; returns its rows. Not
@@ -294,37 +305,45 @@ class ScoredIndex:
 
     # -- reading -----------------------------------------------------------------------------
 
-    def _open(self, file: str):
-        uri = self._uri(file)
-        fs, path = storage.filesystem(uri)
-        try:
-            return fs.open_input_file(path)  # random access: footer and chosen row groups only
-        except OSError as exc:
-            raise storage.storage_error(exc, uri, "read") from exc
-
     def lookup(self, uris: Any) -> pa.Table:
         """(uri, etag) of the latest scoring of each of `uris` (any order, any iterable or Arrow
-        array of strings) that is in the index, sorted by uri."""
-        keys = _sorted_uris(uris)
-        if len(keys) == 0:
-            self.last_lookup = {"uris": 0, "files": 0, "row_groups": 0, "row_groups_read": 0,
-                                "rows_read": 0}
+        array of strings) that is in the index, sorted by uri; `last_lookup` says what it read."""
+        lookup = IndexLookup(self, uris)
+        found = lookup.run()
+        self.last_lookup = lookup.stats
+        return found
+
+
+class IndexLookup:
+    """One lookup of a list of uris in a ScoredIndex: the uris sorted once, then per listed data
+    file (a few threads) its footer and only the row groups whose uri range holds one of them.
+    `stats`: the files, row groups and rows it read."""
+
+    def __init__(self, index: ScoredIndex, uris: Any) -> None:
+        self.index = index
+        self.keys = _sorted_uris(uris)
+        self.sorted_keys = self.keys.to_numpy(zero_copy_only=False)
+        self.stats = {"uris": len(self.keys), "files": 0, "row_groups": 0, "row_groups_read": 0,
+                      "rows_read": 0}
+
+    def run(self) -> pa.Table:
+        """(uri, etag) of the latest scoring of each uri found, sorted by uri."""
+        if len(self.keys) == 0:
             return _empty().select(["uri", "etag"])
         try:
-            return self._lookup(self._state()["files"], keys)
+            return self._read(self.index.files())
         except storage.StorageError:
             # A file the state listed was merged away and swept meanwhile: read the state again.
-            return self._lookup(self._state()["files"], keys)
+            return self._read(self.index.files())
 
-    def _lookup(self, files: list[dict[str, Any]], keys: pa.Array) -> pa.Table:
-        sorted_keys = keys.to_numpy(zero_copy_only=False)
+    def _read(self, files: list[dict[str, Any]]) -> pa.Table:
         newest_first = [e["file"] for e in reversed(files)]
         threads = max(1, min(LOOKUP_THREADS, len(newest_first)))
         with ThreadPoolExecutor(threads) as pool:
-            results = list(pool.map(lambda f: self._matches(f, keys, sorted_keys), newest_first))
-        stats = {"uris": len(keys), "files": len(newest_first), "row_groups": 0,
+            results = list(pool.map(self._matches, newest_first))
+        stats = {"uris": len(self.keys), "files": len(newest_first), "row_groups": 0,
                  "row_groups_read": 0, "rows_read": 0}
-        self.last_lookup = stats
+        self.stats = stats
         parts = []
         for table, counts in results:
             parts.append(table)
@@ -334,8 +353,11 @@ class ScoredIndex:
             return _empty().select(["uri", "etag"])
         return _latest(pa.concat_tables(parts)).select(["uri", "etag"])
 
-    def _matches(self, file: str, keys: pa.Array, sorted_keys: np.ndarray):
-        f = self._open(file)
+    def _matches(self, file: str) -> tuple[pa.Table, dict[str, int]]:
+        """The rows of one data file whose uri is looked up, reading only the row groups whose
+        [min uri, max uri] holds one (numpy searchsorted over the sorted uris)."""
+        keys, sorted_keys = self.keys, self.sorted_keys
+        f = self.index.open_file(file)
         try:
             pf = pq.ParquetFile(f, pre_buffer=True)
             meta = pf.metadata
@@ -362,7 +384,7 @@ class ScoredIndex:
                 candidates = keys.slice(int(lo[g]), int(hi[g] - lo[g]))
                 parts.append(table.filter(pc.is_in(table["uri"], value_set=candidates)))
         except OSError as exc:
-            raise storage.storage_error(exc, self._uri(file), "read") from exc
+            raise storage.storage_error(exc, self.index._uri(file), "read") from exc
         finally:
             f.close()
         table = pa.concat_tables(parts) if parts else _empty()

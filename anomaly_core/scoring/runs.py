@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -39,6 +40,35 @@ from anomaly_core.scoring.inputs import INPUT_SCHEMA, list_inputs
 from anomaly_core.scoring.schema import parquet_bytes, partition_path, score_table, utc_now
 
 RUNS_DIR = "_runs"
+
+
+@dataclass(frozen=True)
+class RunAttempt:
+    """One start of a run as its row tasks see it: what the run is and this attempt, without
+    the input list (small and frozen: it travels to every task). run.json keeps all but
+    `attempt`."""
+
+    run_id: str
+    output: str
+    model: str
+    model_version: str
+    day: str  # YYYY-MM-DD of the partition the run writes
+    source: str
+    incremental: bool
+    created_at: str
+    attempt: str  # this start of the run: its tasks stage part files under this name
+
+    @property
+    def partition(self) -> str:
+        return partition_path(self.output, self.model, datetime.strptime(self.day, "%Y-%m-%d"))
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.output, RUNS_DIR, self.run_id)
+
+    @property
+    def staging(self) -> str:
+        return storage.join(self.run_dir, "staging", self.attempt)
 
 
 @dataclass
@@ -61,21 +91,19 @@ class ScoreRun:
 
     @property
     def partition(self) -> str:
-        return partition_path(self.output, self.model, datetime.strptime(self.day, "%Y-%m-%d"))
+        return self.describe().partition
 
     @property
     def run_dir(self) -> str:
-        return storage.join(self.output, RUNS_DIR, self.run_id)
+        return self.describe().run_dir
 
     @property
     def staging(self) -> str:
-        return storage.join(self.run_dir, "staging", self.attempt)
+        return self.describe().staging
 
-    def describe(self) -> dict[str, Any]:
-        """What the run is, and this attempt (run.json keeps the run's part only)."""
-        keep = ("run_id", "output", "model", "model_version", "day", "source", "incremental",
-                "created_at", "attempt")
-        return {k: getattr(self, k) for k in keep}
+    def describe(self) -> RunAttempt:
+        """What the run is, and this attempt: what its row tasks receive."""
+        return RunAttempt(**{k: getattr(self, k) for k in RunAttempt.__dataclass_fields__})
 
 
 def new_attempt() -> str:
@@ -92,7 +120,7 @@ def default_run_id(day: str, model_version: str, source: str, incremental: bool)
 def scan_history(output: str, model: str, model_version: str) -> pa.Table:
     """(uri, etag, scored_at) of the latest error-free scoring of every image by this model
     version, read from every part file under `output`: linear in history. Used once per output
-    and model, to fill the index (scored_index.ScoredIndex) of results written before it."""
+    and model, to fill the index (index.ScoredIndex) of results written before it."""
     empty = pa.table({"uri": pa.array([], pa.string()), "etag": pa.array([], pa.string()),
                       "scored_at": pa.array([], pa.timestamp("us", tz="UTC"))})
     if not storage.exists(output):
@@ -113,12 +141,6 @@ def scan_history(output: str, model: str, model_version: str) -> pa.Table:
     first = pc.not_equal(uris.slice(1), uris.slice(0, len(uris) - 1))
     keep = pa.concat_arrays([pa.array([True]), first])
     return rows.filter(keep)
-
-
-def scored_index(output: str, model: str, model_version: str) -> pa.Table:
-    """(uri, etag) of every image this model version already scored without error, any run, by
-    the full scan (how incremental runs planned before the index; kept to compare with it)."""
-    return scan_history(output, model, model_version).select(["uri", "etag"])
 
 
 def model_index(output: str, model: str, model_version: str) -> ScoredIndex:
@@ -184,7 +206,7 @@ def open_run(
         writer.write_table(inputs)
     # The input list first, run.json second: run.json's presence means the list is complete.
     storage.write_bytes(inputs_uri, sink.getvalue().to_pybytes())
-    meta = {k: v for k, v in run.describe().items() if k != "attempt"}
+    meta = {k: v for k, v in asdict(run.describe()).items() if k != "attempt"}
     storage.write_bytes(meta_uri, json.dumps(meta, indent=2).encode())
     return run
 
@@ -228,7 +250,44 @@ def pending(run: ScoreRun) -> pa.Table:
     return inputs.filter(pc.and_(keep, pc.invert(unchanged)))
 
 
-def stage_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
+def input_blocks(todo: pa.Table, cpus: float, batch_size: int, per_cpu: int = 4,
+                 max_rows: int = 1024) -> list[pa.Table]:
+    """The input list as blocks for Ray Data: a few per CPU of the cluster, each at least a batch
+    and at most `max_rows` images. Not one per few rows (a million inputs were 15,625 blocks of
+    64), and not a few huge ones either: a decode task holds its CPU until its whole block is
+    decoded, so blocks of 100,000 images starve the row tasks of a small cluster for minutes
+    (measured: no first rows after 150 s with 8 blocks of 125,000 on 2 CPUs)."""
+    n = todo.num_rows
+    size = min(max(-(-n // (per_cpu * max(int(cpus), 1))), batch_size), max(max_rows, batch_size))
+    return [todo.slice(i, size) for i in range(0, n, size)]
+
+
+class Progress:
+    """A run's progress: done/total, images/s, ETA, as a line every few seconds."""
+
+    def __init__(self, total: int, every: float) -> None:
+        self.total, self.every, self.done, self.errors = total, every, 0, 0
+        self.start = self.last = time.perf_counter()
+        self.first: float | None = None  # seconds until the first rows came out
+
+    def update(self, images: int, errors: int) -> str | None:
+        """Count a part file's images and errors; returns the line to log when one is due."""
+        self.done += images
+        self.errors += errors
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now - self.start
+        if now - self.last < self.every and self.done != self.total:
+            return None
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        eta = (self.total - self.done) / rate if rate else float("inf")
+        return (f"scored {self.done}/{self.total} images "
+                f"({100 * self.done / max(self.total, 1):.0f}%), {self.errors} errors, "
+                f"{rate:.1f} images/s, ETA {eta:.0f} s")
+
+
+def stage_part(run: ScoreRun | RunAttempt, rows: list[dict[str, Any]]) -> str | None:
     """A row task's part file, written atomically into its attempt's staging folder; its name is
     a digest of its URIs (same rows, same name). Returns its URI (None for no rows)."""
     if not rows:
@@ -250,12 +309,6 @@ def publish_part(run: ScoreRun, staged: str) -> str:
     uri = storage.join(run.partition, f"part-{run.run_id}-{run.attempt}-{name[len('part-'):]}")
     storage.move(staged, uri)
     return uri
-
-
-def commit_part(run: ScoreRun, rows: list[dict[str, Any]]) -> str | None:
-    """Stage and publish one part file (for callers without a driver/task split)."""
-    staged = stage_part(run, rows)
-    return publish_part(run, staged) if staged else None
 
 
 def _attempt_of(run: ScoreRun, uri: str) -> str:
@@ -282,7 +335,7 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
     n_rows = len(errors)
     n_errors = n_rows - errors.null_count
     summary = {
-        **run.describe(),
+        **asdict(run.describe()),
         "inputs": run.inputs.num_rows,
         "rows": n_rows,
         "scored": n_rows - n_errors,

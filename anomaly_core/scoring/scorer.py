@@ -23,7 +23,7 @@ from anomaly_core.detectors.base import AnomalyOutput
 from anomaly_core.features.backbones import batchnorm_folded
 from anomaly_core.features.precision import compute_precision, resolve_precision
 from anomaly_core.model.artifact import ModelArtifact
-from anomaly_core.training.evaluate import Calibration
+from anomaly_core.model.calibration import Calibration
 
 __all__ = ["Scorer", "decode_png", "encode_png", "outputs", "read_image", "render_maps"]
 

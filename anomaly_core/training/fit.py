@@ -6,7 +6,6 @@ Ray Train's worker function and Ray Tune's trials call `fit`; nothing else train
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import random
 import time
@@ -169,11 +168,6 @@ def load_training_state(detector: nn.Module, state: Mapping[str, torch.Tensor]) 
         )
     result = detector.load_state_dict(dict(state), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys  # checked above
-
-
-def steps_per_epoch(n_images: int, batch_size: int, world_size: int = 1) -> int:
-    """Optimizer steps per epoch on each rank: the data is split (padded) evenly over ranks."""
-    return math.ceil(math.ceil(n_images / world_size) / batch_size)
 
 
 class _TrainingStep(nn.Module):

@@ -162,8 +162,8 @@ def test_scoring_runs_actors_and_tasks_on_both_nodes(cluster, padim_model):
 
 
 def test_a_local_path_one_node_does_not_see_stops_the_job_before_any_work(cluster):
+    from anomaly_core.training.preflight import PreflightError
     from jobs import score
-    from jobs.preflight import PreflightError
 
     if not _can_unshare():
         pytest.skip("no mount namespaces here: every local path is visible from both nodes")

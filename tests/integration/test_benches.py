@@ -1,36 +1,50 @@
 """The benchmarks in their smoke mode (a few tiny images), so they cannot rot: each runs end to
-end, prints its table and writes its JSON with numbers in it."""
+end as `python -m bench.<name>` from the repository root, prints its table and writes its JSON
+with numbers in it."""
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("ray_cluster")
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _positive(value) -> bool:
     return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
-def test_ceilings_smoke(tmp_path):
-    from bench import ceilings
+def run_bench(name: str, out: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    """`python -m bench.<name> <args> --out <out>` in a fresh process; the JSON it wrote."""
+    done = subprocess.run([sys.executable, "-m", f"bench.{name}", *args, "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-4000:])
+    assert f"wrote {out}" in done.stdout  # the table came first
+    return json.loads(out.read_text())
 
-    out = tmp_path / "ceilings.json"
-    result = ceilings.main(["--smoke", "--out", str(out)])
+
+def test_ceilings_smoke(tmp_path):
+    result = run_bench("ceilings", tmp_path / "ceilings.json", "--smoke")
     cpu = result["cpu"]
     assert all(_positive(cpu[k]) for k in ("decode", "rows", "cpu", "rows_rendered", "cpu_rendered"))
     assert cpu["cpu"] < min(cpu["decode"], cpu["rows"])
     assert cpu["cpu_rendered"] < min(cpu["decode"], cpu["rows_rendered"])
     assert [m["detector"] for m in result["models"]] == ["padim", "stpm"]
     assert all(_positive(m.get("images_per_s")) for m in result["models"]), result["models"]
-    assert json.loads(out.read_text())["machine"]["cpus"] >= 1
+    assert result["machine"]["cpus"] >= 1
 
 
+@pytest.mark.usefixtures("ray_cluster")
 def test_score_throughput_smoke(tmp_path):
-    from bench import score_throughput
+    import ray
 
-    result = score_throughput.main(["--smoke", "--out", str(tmp_path / "score.json")])
+    result = run_bench("score_throughput", tmp_path / "score.json", "--smoke",
+                       env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
     row = result["result"]
     assert all(_positive(row[k]) for k in ("cpu", "model", "bound", "job", "of_bound"))
     # the job ran decoding in its own tasks, apart from the model actor
@@ -38,9 +52,7 @@ def test_score_throughput_smoke(tmp_path):
 
 
 def test_vs_anomalib_smoke(tmp_path):
-    from bench import vs_anomalib
-
-    result = vs_anomalib.main(["--smoke", "--profile", "--out", str(tmp_path / "vs.json")])
+    result = run_bench("vs_anomalib", tmp_path / "vs.json", "--smoke", "--profile")
     rows = {r["impl"]: r for r in result["rows"]}
     assert set(rows) == {"ours", "anomalib"}, result["rows"]
     for row in rows.values():
@@ -55,20 +67,18 @@ def test_vs_anomalib_smoke(tmp_path):
 
 
 def test_inference_layout_smoke(tmp_path):
-    from bench import inference_layout
+    from bench.inference_layout import VARIANTS
 
-    result = inference_layout.main(["--smoke", "--out", str(tmp_path / "layout.json")])
+    result = run_bench("inference_layout", tmp_path / "layout.json", "--smoke")
     assert [r["detector"] for r in result["rows"]] == ["padim"]
     for row in result["rows"]:
         assert "error" not in row, row
-        assert all(_positive(row[v]) for v, _, _ in inference_layout.VARIANTS)
+        assert all(_positive(row[v]) for v, _, _ in VARIANTS)
         assert row["max_score_change"] < 1e-4  # layouts and folding change only rounding
 
 
 def test_knn_products_smoke(tmp_path):
-    from bench import knn_products
-
-    result = knn_products.main(["--smoke", "--out", str(tmp_path / "knn.json")])
+    result = run_bench("knn_products", tmp_path / "knn.json", "--smoke")
     assert [r["products"] for r in result["rows"]] == ["float32", "bfloat16"]
     for row in result["rows"]:
         assert _positive(row["knn_s_per_batch"]) and _positive(row["images_per_s"]), row
@@ -78,10 +88,7 @@ def test_knn_products_smoke(tmp_path):
 
 
 def test_nightly_year_smoke(tmp_path):
-    from bench import nightly_year
-
-    out = tmp_path / "nightly.json"
-    result = nightly_year.main(["--smoke", "--out", str(out)])
+    result = run_bench("nightly_year", tmp_path / "nightly.json", "--smoke")
     nights = result["nights"]  # the bench itself checks both plans against its bookkeeping
     assert [n["night"] for n in nights] == [1, 2, 3, 4, 5, 6]
     assert [n["night"] for n in nights if "old_s" in n] == [2, 4, 6]
@@ -91,26 +98,28 @@ def test_nightly_year_smoke(tmp_path):
     last = nights[-1]
     assert last["history_rows"] > 10000 and 1 <= last["index_files"] <= 3
     assert 0 < last["rg_read"] <= last["rg"]
-    assert json.loads(out.read_text())["nights"][-1]["todo"] == last["todo"]
 
 
 def test_listing_smoke(tmp_path):
-    from bench import listing
-
-    result = listing.main(["--smoke", "--out", str(tmp_path / "listing.json")])
-    rows = {(r["input"], r["impl"]): r for r in result["rows"]}
-    assert set(rows) == {("s3_listing", "new"), ("s3_listing", "old"),
-                         ("manifest_parquet", "new"), ("manifest_parquet", "old"),
-                         ("manifest_csv", "new"), ("manifest_csv", "old"),
-                         ("inventory_csv", "new"), ("inventory_parquet", "new")}
+    result = run_bench("listing", tmp_path / "listing.json", "--smoke")
+    rows = {r["input"]: r for r in result["rows"]}
+    assert set(rows) == {"s3_listing", "manifest_parquet", "manifest_csv", "inventory_csv",
+                         "inventory_parquet"}
     for row in rows.values():
         assert "error" not in row and row["rows"] == 500 and _positive(row["wall_s"]), row
 
 
-def test_tiled_throughput_smoke(tmp_path):
-    from bench import tiled_throughput
+def test_listing_measures_each_input_in_a_fresh_process_of_the_bench(tmp_path):
+    # Without --smoke each measurement re-runs the bench (`python -m bench.listing --child`).
+    result = run_bench("listing", tmp_path / "listing.json", "--keys", "200")
+    assert len(result["rows"]) == 5
+    for row in result["rows"]:
+        assert "error" not in row and row["rows"] == 200, row
+        assert row["peak_mb"] >= row["base_mb"] > 0, row
 
-    result = tiled_throughput.main(["--smoke", "--out", str(tmp_path / "tiled.json")])
+
+def test_tiled_throughput_smoke(tmp_path):
+    result = run_bench("tiled_throughput", tmp_path / "tiled.json", "--smoke")
     for row in result["rows"]:
         assert "error" not in row, row
         assert row["tiles_per_image"] == 9 and row["map"] == "128x128"
@@ -118,11 +127,9 @@ def test_tiled_throughput_smoke(tmp_path):
 
 
 def test_train_layouts_smoke(tmp_path):
-    from bench import train_throughput
-
-    result = train_throughput.main([
-        "--layouts", "--detector", "stpm", "--image-size", "32", "--batch-size", "2", "--steps",
-        "1", "--rounds", "1", "--out", str(tmp_path / "layouts.json")])
+    result = run_bench("train_throughput", tmp_path / "layouts.json", "--layouts", "--detector",
+                       "stpm", "--image-size", "32", "--batch-size", "2", "--steps", "1",
+                       "--rounds", "1")
     [row] = result["rows"]
     assert row["detector"] == "stpm"
     assert _positive(row["nchw"]) and _positive(row["channels_last"]) and _positive(row["channels_last_x"])

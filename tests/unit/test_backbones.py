@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from anomaly_core import storage
+from anomaly_core.errors import WeightsUnavailableError
 from anomaly_core.features import backbones
-from anomaly_core.features.backbones import FeatureExtractor, WeightsUnavailableError
+from anomaly_core.features.backbones import FeatureExtractor
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Subset
 
 from anomaly_core.detectors import build_detector
-from anomaly_core.training.evaluate import Calibration, calibrate
+from anomaly_core.model.calibration import Calibration
+from anomaly_core.training.evaluate import calibrate
 from anomaly_core.training.fit import fit
 from tests.helpers import mask_quality, synthetic_split
 

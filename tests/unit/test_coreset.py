@@ -1,4 +1,4 @@
-"""Greedy k-center coreset, the bounded-memory streaming reducer, its cross-rank merge, chunked k-NN."""
+"""Greedy k-center coreset, the bounded-memory streaming reducer and its cross-rank merge."""
 
 import math
 
@@ -7,13 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from anomaly_core.features.coreset import (
-    StreamingCoreset,
-    exact_coreset,
-    gather_and_reduce,
-    greedy_coreset,
-    knn,
-)
+from anomaly_core.features.coreset import StreamingCoreset, gather_and_reduce, greedy_coreset
+from anomaly_core.features.knn import knn
 from tests.helpers import free_port
 
 
@@ -51,64 +46,19 @@ def test_greedy_coreset_never_picks_a_row_twice_among_duplicates():
     assert sorted(greedy_coreset(points, 5, start=2).tolist()) == [0, 1, 2, 3, 4]
 
 
-def test_exact_coreset_keeps_ceil_ratio_rows_of_the_input():
+def exact_coreset(rows: torch.Tensor, ratio: float) -> torch.Tensor:
+    """The all-in-memory coreset: a reducer without a budget (PatchCore's memory_budget_gb=None)
+    holds every row until one greedy selection."""
+    reducer = StreamingCoreset(ratio, None, projection_dim=16)
+    reducer.add(rows)
+    return reducer.result()
+
+
+def test_an_unbounded_reducer_keeps_ceil_ratio_rows_of_the_input():
     rows = clustered(1001)
-    bank = exact_coreset(rows, 0.1, projection_dim=16)
+    bank = exact_coreset(rows, 0.1)
     assert bank.shape == (101, 48)
     assert (bank[:, None] == rows[None]).all(-1).any(1).all()  # every one an input row
-
-
-@pytest.mark.parametrize("k", [1, 5])
-def test_knn_in_blocks_equals_brute_force(k):
-    g = torch.Generator().manual_seed(3)
-    query, bank = torch.randn(700, 40, generator=g) + 2, torch.randn(333, 40, generator=g)
-    d, i = knn(query, bank, k, block=1000)  # many query and bank blocks
-    ref = torch.cdist(query.double(), bank.double()).topk(k, largest=False)
-    assert torch.equal(i, ref.indices)
-    assert torch.allclose(d.double(), ref.values, atol=1e-4)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_knn_in_low_precision_returns_exact_distances_of_near_identical_neighbours(dtype):
-    g = torch.Generator().manual_seed(4)
-    bank = torch.randn(500, 64, generator=g) * 5 + 30  # large norms: float16 would overflow raw
-    query = bank[:200] + 0.5 * torch.randn(200, 64, generator=g)
-    d, i = knn(query, bank, 3, dtype=dtype, block=4096)
-    ref = torch.cdist(query.double(), bank.double())
-    assert torch.allclose(d.double(), ref.gather(1, i), atol=1e-3)  # exact for what it found
-    assert (i[:, 0] == ref.argmin(1)).float().mean() > 0.99
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_knn_in_low_precision_finds_neighbours_much_nearer_than_the_rows_norms(dtype):
-    # As PatchCore's features: rows far from the bank's mean (norm ~85), nearest neighbours at
-    # ~3 % of that. With |a|^2 + |b|^2 added outside the bf16 product (rounded to 8 bits of
-    # a value ~85^2) only 66 % of the nearest were found, some 3x farther than the true one.
-    g = torch.Generator().manual_seed(5)
-    centres = torch.randn(8, 256, generator=g) * 6
-    bank = centres.repeat(250, 1) + torch.randn(2000, 256, generator=g) * 0.3
-    query = bank[:1000] + torch.randn(1000, 256, generator=g) * 0.15
-    exact_d, exact_i = knn(query, bank, 1, dtype=torch.float32)
-    d, i = knn(query, bank, 1, dtype=dtype)
-    assert (i == exact_i).float().mean() >= 0.999
-    assert (d / exact_d).max() < 1.001
-
-
-def test_knn_products_auto_follows_the_precision_and_the_cpus_bf16_instructions(monkeypatch):
-    from anomaly_core.features import coreset
-    from anomaly_core.features.precision import compute_precision
-
-    cpu = torch.device("cpu")
-    for has_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(coreset, "cpu_bf16_products", lambda has=has_bf16: has)
-        assert coreset.knn_products("auto", cpu) == expected
-        with compute_precision("fp16"):
-            assert coreset.knn_products("auto", cpu) == torch.float16
-            assert coreset.knn_products("float32", cpu) == torch.float32
-    assert coreset.knn_products("auto", torch.device("meta")) == torch.float32  # not a CPU
-    assert coreset.knn_products("bfloat16", cpu) == torch.bfloat16
-    with pytest.raises(ValueError, match="knn_dtype 'int8' is not one of auto"):
-        coreset.knn_products("int8", cpu)
 
 
 def test_streaming_keeps_peak_memory_under_a_budget_far_smaller_than_the_rows():
@@ -130,12 +80,12 @@ def test_streaming_under_its_budget_is_the_exact_coreset():
     for batch in rows.split(300):
         reducer.add(batch)
     assert reducer.reductions == 0
-    assert torch.equal(reducer.result(), exact_coreset(rows, 0.1, projection_dim=16))
+    assert torch.equal(reducer.result(), exact_coreset(rows, 0.1))
 
 
 def test_streamed_coreset_covers_the_rows_nearly_as_well_as_the_exact_one():
     rows = clustered(12_000)
-    exact = exact_coreset(rows, 0.1, projection_dim=16)
+    exact = exact_coreset(rows, 0.1)
     # 5,000 of the 12,000 rows fit: a reduction every 3,750, and the bank is still ratio x rows.
     reducer = StreamingCoreset(0.1, budget_for(5000, 48), projection_dim=16)
     for batch in rows.split(256):
@@ -178,6 +128,6 @@ def test_every_rank_ends_with_the_same_bank_of_all_rows_an_empty_shard_too(tmp_p
     assert torch.equal(a["bank"], b["bank"]) and torch.equal(a["bank"], empty["bank"])
     assert len(a["bank"]) == math.ceil(0.1 * len(rows))
     assert a["peak"] <= budget and b["peak"] <= budget  # rank 0 merged within its budget too
-    exact = exact_coreset(rows, 0.1, projection_dim=16)
+    exact = exact_coreset(rows, 0.1)
     (r_exact, m_exact), (r_two, m_two) = coverage(rows, exact), coverage(rows, a["bank"])
     assert r_two <= 1.15 * r_exact and m_two <= 1.05 * m_exact

@@ -8,7 +8,8 @@ from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector, list_detectors, make_config
 from anomaly_core.features.backbones import TORCHVISION_MODELS
 from anomaly_core.model.artifact import ModelArtifact
-from anomaly_core.training.evaluate import Calibration, calibrate, predict
+from anomaly_core.model.calibration import Calibration
+from anomaly_core.training.evaluate import calibrate, predict
 from anomaly_core.training.fit import fit
 
 SIZE = 64

@@ -34,7 +34,7 @@ def test_train_rejects_a_malformed_set_flag(tmp_path):
 
 
 def test_score_with_a_missing_model_names_it(tmp_path):
-    from anomaly_core.model.artifact import ArtifactError
+    from anomaly_core.errors import ArtifactError
 
     with pytest.raises(ArtifactError, match="nothing/model.json"):
         score.main(["--model", str(tmp_path / "nothing"), "--input", str(tmp_path),
@@ -100,3 +100,71 @@ def test_score_rejects_date_and_inventory_flags_without_what_they_need(flags, sa
 def test_score_renders_maps_on_the_device_by_default_on_gpus(flags, on_device, in_flight):
     args = score.parse_args(["--input", "/in", "--model", "/m", "--output", "/o", *flags])
     assert args.render_on_device is on_device and args.batches_in_flight == in_flight
+
+
+def test_the_score_jobs_driver_imports_no_torch():
+    # The driver plans and reads model.json only; importing torch cost 3-4 s of every run's
+    # start-up on 2 cores. The model actors import it.
+    out = subprocess.run([sys.executable, "-c", "import sys, jobs.score\nprint('torch' in sys.modules)"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+def test_scoring_config_carries_the_score_flags_and_is_frozen():
+    import dataclasses
+    import pickle
+
+    from anomaly_core.config import ScoringConfig
+
+    args = score.parse_args([
+        "--model", "s3://b/m", "--input", "/in", "--output", "/o", "--use-gpu", "--precision",
+        "bf16", "--compile", "--no-render-on-device", "--mask-size", "64", "96",
+        "--model-threads", "3", "--max-pixels", "1000", "--gpu-decode"])
+    config = ScoringConfig.from_args(args, [128, 160])
+    assert config == ScoringConfig(
+        model_uri="s3://b/m", input_size=(128, 160), use_gpu=True, precision="bf16",
+        compile=True, render_on_device=False, mask_size=(64, 96), model_threads=3,
+        max_pixels=1000, keep_jpeg=True)
+    defaults = ScoringConfig.from_args(
+        score.parse_args(["--model", "/m", "--input", "/in", "--output", "/o"]), (64, 64))
+    assert (defaults.use_gpu, defaults.precision, defaults.render_on_device, defaults.mask_size,
+            defaults.model_threads, defaults.keep_jpeg) == (False, "auto", False, None, None, False)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.use_gpu = False
+    assert pickle.loads(pickle.dumps(config)) == config  # how Ray hands it to the actors
+
+
+def test_training_config_carries_the_training_flags_and_refuses_half_a_tiling():
+    import dataclasses
+    import pickle
+
+    from anomaly_core.config import TrainingConfig
+    from anomaly_core.data.datasets import ImageRecord
+    from anomaly_core.detectors import make_config
+    from anomaly_core.detectors.tiling import Tiling
+
+    flags = ["--data", "/d", "--output", "/m", "--batch-size", "4", "--epochs", "3",
+             "--loader-workers", "2", "--seed", "7", "--precision", "bf16", "--channels-last",
+             "--use-gpu", "--input-pipeline", "ray-data", "--objective", "image_auroc=0.7,aupro=0.3"]
+    options = dataclasses.asdict(make_config("padim", image_size=32, backbone="resnet18"))
+    train_records = [ImageRecord("/d/a.png", 0, "good"), ImageRecord("/d/b.png", 0, "good")]
+    val_records = [ImageRecord("/d/c.png", 1, "crack", "/d/c_mask.png")]
+    args = train.parse_args([*flags, "--tile", "32", "--tiled-size", "64", "96"])
+    config = TrainingConfig.from_args(args, "padim", options, train_records, val_records, "/m")
+    assert (config.detector, config.options, config.output) == ("padim", options, "/m")
+    assert config.train == tuple(train_records) and config.val == tuple(val_records)
+    assert config.objective == {"image_auroc": 0.7, "aupro": 0.3}
+    assert (config.batch_size, config.epochs, config.loader_workers, config.seed) == (4, 3, 2, 7)
+    assert (config.precision, config.channels_last, config.use_gpu, config.input_pipeline) == \
+        ("bf16", True, True, "ray-data")
+    assert config.tiling == Tiling(size=(64, 96), tile=32) and config.image_size == (64, 96)
+    untiled = TrainingConfig.from_args(train.parse_args(flags), "padim", options,
+                                       train_records, val_records, None)
+    assert untiled.tiling is None and untiled.image_size == (32, 32) and untiled.output is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.epochs = 1
+    assert pickle.loads(pickle.dumps(config)) == config  # how Ray hands it to the workers
+    with pytest.raises(ValueError, match="--tile and --tiled-size go together"):
+        TrainingConfig.from_args(train.parse_args([*flags, "--tile", "32"]), "padim", options,
+                                 train_records, val_records, "/m")

@@ -4,9 +4,10 @@ import os
 
 import pytest
 
-from anomaly_core.features.backbones import WeightsUnavailableError, check_weights
-from jobs import preflight
-from jobs.preflight import PreflightError, placement_problem
+from anomaly_core.errors import WeightsUnavailableError
+from anomaly_core.features.backbones import check_weights
+from anomaly_core.training import preflight
+from anomaly_core.training.preflight import PreflightError, placement_problem
 
 
 @pytest.fixture
@@ -87,14 +88,14 @@ def test_a_folder_is_shared_only_when_the_drivers_marker_is_there(tmp_path):
     shared.mkdir()
     marker = shared / ".shared-probe-x"
     marker.touch()
-    assert preflight._fingerprint(str(shared), str(marker)) == "shared"
+    assert preflight.path_fingerprint(str(shared), str(marker)) == "shared"
     os.remove(marker)  # the same path on another disk: no marker
-    assert preflight._fingerprint(str(shared), str(marker)) == "another folder"
-    assert preflight._fingerprint(str(tmp_path / "gone"), None) == "missing"
+    assert preflight.path_fingerprint(str(shared), str(marker)) == "another folder"
+    assert preflight.path_fingerprint(str(tmp_path / "gone"), None) == "missing"
     # Read-only inputs compare their listings.
     (shared / "a.png").touch()
-    before = preflight._fingerprint(str(shared), None)
+    before = preflight.path_fingerprint(str(shared), None)
     (shared / "b.png").touch()
-    assert preflight._fingerprint(str(shared), None) != before
-    result = preflight._probe_node({str(shared): None}, [("resnet18", str(tmp_path / "w.pth"))])
+    assert preflight.path_fingerprint(str(shared), None) != before
+    result = preflight.probe_node({str(shared): None}, [("resnet18", str(tmp_path / "w.pth"))])
     assert "does not exist" in result["weights"][f"resnet18:{tmp_path / 'w.pth'}"]

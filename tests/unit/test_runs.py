@@ -20,6 +20,11 @@ def _rows(uris: list[str], attempt: str) -> list[dict]:
              "error": None, "etag": attempt} for u in uris]
 
 
+def _publish(run: runs.ScoreRun, rows: list[dict]) -> str:
+    """A row task's part file staged and published by its driver, as the score job does."""
+    return runs.publish_part(run, runs.stage_part(run, rows))
+
+
 def _open(source: str, output: str) -> runs.ScoreRun:
     return runs.open_run(source=source, output=output, model="padim", model_version="v1",
                          extensions=[".png"], run_id="r")
@@ -50,7 +55,7 @@ def test_a_killed_attempts_late_files_never_reach_readers_twice(source, tmp_path
     a = _open(source, output)
     todo = runs.pending(a)["uri"].to_pylist()
     assert len(todo) == N
-    runs.commit_part(a, _rows(todo[:10], "a"))  # published before the kill
+    _publish(a, _rows(todo[:10], "a"))  # published before the kill
     straggler = runs.stage_part(a, _rows(todo[10:20], "a"))  # staged; the driver died first
 
     b = _open(source, output)  # resumed at once, while a's stragglers may still run
@@ -62,7 +67,7 @@ def test_a_killed_attempts_late_files_never_reach_readers_twice(source, tmp_path
     runs.stage_part(a, _rows(todo[20:30], "a"))
     late = runs.publish_part(a, straggler)
     for k in range(0, len(left), 8):
-        runs.commit_part(b, _rows(left[k:k + 8], "b"))
+        _publish(b, _rows(left[k:k + 8], "b"))
     summary = runs.finish(b, {"total": 1.0})
 
     assert summary["late_files_removed"] == 1 and not storage.exists(late)
@@ -79,10 +84,10 @@ def test_a_resumed_attempt_keeps_what_earlier_attempts_published_before_it_plann
     output = str(tmp_path / "out")
     a = _open(source, output)
     todo = runs.pending(a)["uri"].to_pylist()
-    first = runs.commit_part(a, _rows(todo[:25], "a"))
+    first = _publish(a, _rows(todo[:25], "a"))
     b = _open(source, output)
     left = runs.pending(b)["uri"].to_pylist()
-    runs.commit_part(b, _rows(left, "b"))
+    _publish(b, _rows(left, "b"))
     summary = runs.finish(b, {"total": 1.0})
     assert summary["late_files_removed"] == 0 and storage.exists(first)
     assert sorted(pd.read_parquet(output)["uri"]) == sorted(todo)
@@ -106,7 +111,7 @@ def test_incremental_state_is_filled_once_from_results_written_before_the_index(
     output = str(tmp_path / "out")
     a = _open(source, output)
     todo = runs.pending(a)["uri"].to_pylist()
-    runs.commit_part(a, _rows(todo, "etag-a"))
+    _publish(a, _rows(todo, "etag-a"))
     runs.finish(a, {"total": 1.0})
     assert runs.ScoredIndex(output, "padim", "v1").exists()
     storage.delete(f"{output}/_index")  # as results written by a version without the index
@@ -128,7 +133,7 @@ def test_a_manifest_of_a_million_uris_plans_in_seconds_into_a_bounded_number_of_
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from jobs.score import input_blocks
+    from anomaly_core.scoring.runs import input_blocks
 
     n = 1_000_000
     numbers = pc.utf8_lpad(pa.array(np.arange(n)).cast(pa.string()), width=7, padding="0")

@@ -17,9 +17,9 @@ from anomaly_core.detectors import build_detector
 from anomaly_core.features.backbones import batchnorm_folded
 from anomaly_core.features.precision import resolve_precision
 from anomaly_core.model.artifact import ModelArtifact
+from anomaly_core.model.calibration import Calibration
 from anomaly_core.scoring import scorer as scoring
 from anomaly_core.scoring.scorer import Scorer, decode_png, encode_png, render_maps
-from anomaly_core.training.evaluate import Calibration
 from anomaly_core.training.fit import fit
 from tests.helpers import TensorImages, random_images
 
@@ -254,20 +254,22 @@ def test_old_artifacts_without_a_pixel_window_render_with_the_image_window():
 
 
 def test_rows_from_maps_rendered_in_the_actor_equal_rows_rendered_in_the_row_task():
-    from jobs.score import make_rows
+    from anomaly_core.scoring.rows import make_rows
+    from anomaly_core.scoring.runs import RunAttempt
 
     cal = _calibration()
-    run = dict(run_id="r", output="/tmp/out", model="padim", model_version="v", day="2026-11-30",
-               source="/in", incremental=False, created_at="now")
+    run = RunAttempt(run_id="r", output="/tmp/out", model="padim", model_version="v",
+                     day="2026-11-30", source="/in", incremental=False, created_at="now",
+                     attempt="a")
     raw = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 4
     base = {"uri": ["a", "b", "c"], "etag": ["e1", "e2", "e3"], "error": ["", "", "broken"],
             "size_bytes": [1, 2, 3], "width": [40, 16, -1], "height": [30, 16, -1],
             "skipped": np.array([False, False, False]), "raw_score": np.array([0.5, 1.5, np.nan])}
-    from_maps = make_rows({**base, "raw_map": raw.numpy()}, run, cal.to_dict(), None)
+    from_maps = make_rows({**base, "raw_map": raw.numpy()}, run, cal, None)
     masks, heats = render_maps(raw[:2], [(30, 40), (16, 16)], cal)
     rendered = {**base, "mask_u8": [m.tobytes() for m in masks] + [b""],
                 "heat_u8": [h.tobytes() for h in heats] + [b""]}
-    from_actor = make_rows(rendered, run, cal.to_dict(), None)
+    from_actor = make_rows(rendered, run, cal, None)
     strip = ("scored_at",)
     assert [{k: v for k, v in r.items() if k not in strip} for r in from_maps] == \
         [{k: v for k, v in r.items() if k not in strip} for r in from_actor]
@@ -338,8 +340,8 @@ def test_a_large_jpeg_decodes_reduced_but_its_row_keeps_the_images_own_size(tmp_
 
 
 def test_the_decode_stage_reads_decodes_and_resizes_without_importing_torch(tmp_path):
-    # The score job's decode tasks run jobs.score.read_images; importing torch there cost 5 s
-    # a worker on 2 cores before the first image of a run was decoded.
+    # The score job's decode tasks run anomaly_core.scoring.rows.read_images; importing torch
+    # there cost 5 s a worker on 2 cores before the first image of a run was decoded.
     import subprocess
     import sys
 
@@ -348,7 +350,7 @@ def test_the_decode_stage_reads_decodes_and_resizes_without_importing_torch(tmp_
     Image.fromarray(_photo()).save(tmp_path / "a.png")
     code = f"""
 import sys
-from jobs.score import read_images
+from anomaly_core.scoring.rows import read_images
 out = read_images({{"uri": [{str(tmp_path / "a.png")!r}], "etag": [None], "prev_etag": [None]}},
                   (32, 48), 10**8, None)
 assert out["image"].shape == (1, 3, 32, 48) and out["error"] == [""], out["error"]

@@ -7,7 +7,8 @@ from torch.utils.data import Subset
 from anomaly_core.detectors import build_detector
 from anomaly_core.features import backbones
 from anomaly_core.model.artifact import ModelArtifact
-from anomaly_core.training.evaluate import Calibration, predict
+from anomaly_core.model.calibration import Calibration
+from anomaly_core.training.evaluate import predict
 from anomaly_core.training.fit import fit
 from anomaly_core.training.metrics import image_auroc
 from tests.helpers import TensorImages, mask_quality, synthetic_split

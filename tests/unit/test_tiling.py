@@ -6,27 +6,46 @@ import pytest
 import torch
 
 from anomaly_core.detectors import build_detector
-from anomaly_core.detectors.tiling import TiledDetector, Tiling, cut, input_size, stitch
+from anomaly_core.detectors.base import AnomalyOutput, Detector, DetectorConfig
+from anomaly_core.detectors.tiling import TiledDetector, Tiling, cut, input_size
 from anomaly_core.model.artifact import ModelArtifact
+from anomaly_core.model.calibration import Calibration
 from anomaly_core.scoring.scorer import Scorer
-from anomaly_core.training.evaluate import Calibration
 from anomaly_core.training.fit import fit
 from tests.helpers import TensorImages
 
 
+class TileMaps(Detector):
+    """A stand-in whose map of a tile is the tile's first channel, or with `numbered` the
+    tile's number in the order the tiled detector runs them: what stitching puts back."""
+
+    name, family = "tile_maps", "memory"
+
+    def __init__(self, image_size: int, numbered: bool = False) -> None:
+        super().__init__(DetectorConfig(image_size=image_size))
+        self.numbered, self.seen = numbered, 0
+
+    def forward(self, images: torch.Tensor) -> AnomalyOutput:
+        maps = images[:, 0]
+        if self.numbered:
+            numbers = torch.arange(self.seen, self.seen + len(images), dtype=images.dtype)
+            maps = numbers.view(-1, 1, 1).expand_as(maps)
+        self.seen += len(images)
+        return AnomalyOutput(score=maps.amax(dim=(1, 2)), map=maps)
+
+
 def test_tiles_cut_from_a_map_stitch_back_to_it_exactly_with_overlap():
-    tiling = Tiling(size=(96, 160), tile=32, stride=16)
+    tiling = Tiling(size=(96, 160), tile=32, stride=16, batch=7)
     full = torch.rand(96, 160)
-    tiles = cut(full[None, None].expand(1, 3, 96, 160), tiling,
-                [(0, i) for i in range(len(tiling.origins))])[:, 0]
-    assert len(tiling.origins) == 5 * 9 and tiles.shape == (45, 32, 32)
-    assert torch.equal(stitch(tiles, tiling), full)
+    assert len(tiling.origins) == 5 * 9
+    out = TiledDetector(TileMaps(32), tiling)(full[None, None].expand(1, 3, 96, 160))
+    assert torch.equal(out.map[0], full)
 
 
 def test_overlapping_tiles_are_averaged_and_maps_at_another_scale_land_on_their_pixels():
     tiling = Tiling(size=(64, 64), tile=32, stride=16)  # 3 x 3 tiles, maps of 8 x 8 (scale 1/4)
     values = torch.arange(9, dtype=torch.float32)
-    stitched = stitch(values.view(9, 1, 1).expand(9, 8, 8), tiling)
+    stitched = TiledDetector(TileMaps(8, numbered=True), tiling)(torch.rand(1, 3, 64, 64)).map[0]
     expected = torch.zeros(16, 16)
     count = torch.zeros(16, 16)
     for v, (y, x) in zip(values, tiling.origins):  # brute force, pixel by pixel
@@ -170,7 +189,7 @@ def test_an_8000_px_mask_and_heatmap_render_without_a_float_copy_of_the_whole_ma
 
     code = """
 import resource, torch
-from anomaly_core.training.evaluate import Calibration
+from anomaly_core.model.calibration import Calibration
 from anomaly_core.scoring.scorer import render_maps
 maps = torch.rand(1, 4000, 4000)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

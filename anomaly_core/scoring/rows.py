@@ -1,0 +1,88 @@
+"""The scoring pipeline's CPU stages, batch by batch (dicts of columns, as Ray Data hands them):
+read + decode + resize the images, and turn the model's raw outputs into schema rows.
+
+Importing this module does not import torch: the read stage starts in a moment on every worker.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from anomaly_core.model.calibration import Calibration
+    from anomaly_core.scoring.runs import RunAttempt
+
+TEXT_COLUMNS = ("uri", "etag", "error")
+INT_COLUMNS = ("size_bytes", "width", "height")
+
+
+def read_images(batch: dict, size: tuple[int, int], max_pixels: int,
+                keep_jpeg: bool = False) -> dict:
+    """bytes -> decoded, resized image per row; failures keep the row with `error`.
+    With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their bytes in `jpeg`."""
+    from anomaly_core.data.decode import read_image  # torch-free
+
+    rows = [
+        read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,
+                   max_pixels=max_pixels, keep_jpeg=keep_jpeg)
+        for uri, etag, prev in zip(batch["uri"], batch["etag"], batch["prev_etag"])
+    ]
+    blank = np.zeros((3, *size), dtype=np.uint8)
+    # Ray turns an all-None column into floats; carry "" and -1 for missing, nulls again in rows.
+    out = {k: [r[k] or "" for r in rows] for k in TEXT_COLUMNS}
+    out.update({k: [r[k] or -1 for r in rows] for k in INT_COLUMNS})
+    out["skipped"] = np.array([r["skipped"] for r in rows])
+    out["image"] = np.stack([blank if r["image"] is None else r["image"] for r in rows])
+    out["jpeg"] = [r["jpeg"] or b"" for r in rows]
+    return out
+
+
+def output_size(batch: dict, i: int, mask_size) -> tuple[int, int]:
+    """(height, width) of row i's mask and heatmap: --mask-size, else the image's own size."""
+    return tuple(mask_size) if mask_size else (int(batch["height"][i]), int(batch["width"][i]))
+
+
+def make_rows(batch: dict, run: RunAttempt, calibration: Calibration,
+              mask_size) -> list[dict[str, Any]]:
+    """Raw outputs (maps, or masks and heatmaps rendered by the model stage) -> schema rows: PNG
+    mask and heatmap, normalized score; skipped images get none."""
+    import torch
+
+    from anomaly_core.scoring.schema import utc_now
+    from anomaly_core.scoring.scorer import outputs, render_maps
+
+    now, rows = utc_now(), []
+    for i in range(len(batch["uri"])):
+        if batch["skipped"][i]:
+            continue
+        row = {k: batch[k][i] for k in (*TEXT_COLUMNS, *INT_COLUMNS)}
+        row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
+        row = {k: None if v in ("", -1) else v for k, v in row.items()}
+        row.update(model_version=run.model_version, scored_at=now, run_id=run.run_id)
+        if row["error"] is None:
+            size = output_size(batch, i, mask_size)
+            if "raw_map" in batch:
+                # A copy: Ray hands the batch over read-only, which torch.from_numpy warns of.
+                raw = torch.tensor(batch["raw_map"][i][None])
+                (mask,), (heat,) = render_maps(raw, [size], calibration)
+            else:  # rendered by the model actor (--render-on-device)
+                mask = np.frombuffer(batch["mask_u8"][i], np.uint8).reshape(size)
+                heat = np.frombuffer(batch["heat_u8"][i], np.uint8).reshape(size)
+            row.update(outputs(float(batch["raw_score"][i]), mask, heat, calibration))
+        rows.append(row)
+    return rows
+
+
+def write_part(batch: dict, run: RunAttempt, calibration: Calibration, mask_size) -> dict:
+    """The row stage: raw outputs -> schema rows -> one part file in the attempt's staging
+    folder (the driver publishes it); returns the counts, the staged file and the model nodes."""
+    from anomaly_core.scoring.runs import stage_part
+
+    rows = make_rows(batch, run, calibration, mask_size)
+    staged = stage_part(run, rows)
+    errors = sum(r["error"] is not None for r in rows)
+    return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors],
+            "staged": [staged or ""],
+            "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))]}
