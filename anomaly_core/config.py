@@ -4,6 +4,7 @@ flags in one place (`from_args`), documented by their fields. No torch here: dri
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,3 +107,17 @@ def _tiling(args: Any, detector: str, options: dict[str, Any]) -> Tiling | None:
     check_model_size(tiling, make_config(detector, **options).image_size)
     check_positions(tiling, detector_class(detector))
     return tiling
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """--set key=value pairs; values parsed as JSON when they can be (numbers, lists, bools)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {pair!r}: expected key=value, e.g. --set image_size=128")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out

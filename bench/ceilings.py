@@ -23,6 +23,7 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from anomaly_core.config import parse_overrides
 from bench.common import (
     CALIBRATION,
     DETECTORS,
@@ -35,7 +36,6 @@ from bench.common import (
     synchronizer,
     write_json,
 )
-from jobs.common import parse_overrides
 
 RUN = {"run_id": "bench", "output": "/tmp/bench", "model": "bench", "model_version": "v",
        "day": "2026-01-01", "source": "bench", "incremental": False, "created_at": "bench"}

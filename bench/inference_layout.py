@@ -16,6 +16,7 @@ import argparse
 import os
 import time
 
+from anomaly_core.config import parse_overrides
 from bench.common import (
     DETECTORS,
     bench_artifact,
@@ -26,7 +27,6 @@ from bench.common import (
     synchronizer,
     write_json,
 )
-from jobs.common import parse_overrides
 
 # (name, channels_last, fold_batchnorm); the last is the Scorer's default
 VARIANTS = (("nchw", False, False), ("channels_last", True, False),

@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 
+from anomaly_core.config import parse_overrides
 from bench.common import (
     cuda_available,
     load_split,
@@ -31,7 +32,6 @@ from bench.common import (
     write_json,
     write_split,
 )
-from jobs.common import parse_overrides
 
 SETTINGS = ("float32", "bfloat16")
 

@@ -25,6 +25,7 @@ import argparse
 import os
 import tempfile
 
+from anomaly_core.config import parse_overrides
 from bench.ceilings import cpu_ceilings, model_ceiling
 from bench.common import (
     bench_artifact,
@@ -35,7 +36,6 @@ from bench.common import (
     set_env,
     write_json,
 )
-from jobs.common import parse_overrides
 
 
 def main(argv: list[str] | None = None) -> dict:

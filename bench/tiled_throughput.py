@@ -17,6 +17,7 @@ import argparse
 import os
 import time
 
+from anomaly_core.config import parse_overrides
 from bench.common import (
     CALIBRATION,
     bench_artifact,
@@ -26,7 +27,6 @@ from bench.common import (
     synchronizer,
     write_json,
 )
-from jobs.common import parse_overrides
 
 
 def measure(name: str, args, sets: dict) -> dict:

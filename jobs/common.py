@@ -88,20 +88,6 @@ def init_ray(address: str | None) -> None:
         log.info("ray dashboard: http://%s", context.dashboard_url)
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """--set key=value pairs; values parsed as JSON when they can be (numbers, lists, bools)."""
-    out: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {pair!r}: expected key=value, e.g. --set image_size=128")
-        try:
-            out[key] = json.loads(value)
-        except ValueError:
-            out[key] = value
-    return out
-
-
 class JobFailed(RuntimeError):
     """The job ran, and its own check of the outcome failed (exit code 3)."""
 

@@ -3,7 +3,7 @@
 see) ends the job at once with one message that names the input and what to do (exit 2).
 
 The checks that need the Ray cluster live here; their Ray-free parts (and the detector and
-output checks) in anomaly_core.training.preflight.
+output checks) in anomaly_core.preflight.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import uuid
 from collections.abc import Sequence
 
 from anomaly_core import storage
-from anomaly_core.training.preflight import (
+from anomaly_core.preflight import (
     PreflightError,
     check_detector,
     check_writable,

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> dict:
     if fatal:  # a set-up error every attempt would repeat: not retried, reported as bad input
         raise ValueError(f"the workers could not start training: {fatal}")
     # model.json is the record of what was trained (Ray keeps only checkpointed metrics).
-    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.model.info import read_metadata  # model.json only, without torch
 
-    meta = ModelArtifact.read_metadata(args.output)
+    meta = read_metadata(args.output)
     summary = {"detector": name, "artifact": args.output, "model_version": meta["model_version"],
                "workers": args.num_workers, "train_images": len(train), "validation_images": len(val),
                "wall_s": round(time.perf_counter() - start, 1),

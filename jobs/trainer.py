@@ -11,8 +11,8 @@ from typing import Any
 
 import yaml
 
-from anomaly_core.config import TrainingConfig
-from jobs.common import add_cluster_flags, parse_overrides
+from anomaly_core.config import TrainingConfig, parse_overrides
+from jobs.common import add_cluster_flags
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import yaml
 
-from anomaly_core.config import TrainingConfig
-from jobs.common import log, parse_overrides, redacted, run_job, setup_logging, use_storage_flags
+from anomaly_core.config import TrainingConfig, parse_overrides
+from jobs.common import log, redacted, run_job, setup_logging, use_storage_flags
 from jobs.preflight import preflight_training
 from jobs.trainer import (
     TrainerSettings,

@@ -83,7 +83,7 @@ def decode_image(
     """
     image = _open(data, uri, max_pixels)
     if target is not None:
-        _draft(image, target, uri)
+        _draft(image, target)
     try:
         # Image.open only reads the header; load() decodes now so a cut-off file fails here.
         image.load()
@@ -97,7 +97,7 @@ def decode_image(
     return _to_rgb(image, uri)
 
 
-def _draft(image: Image.Image, target: tuple[int, int], uri: str) -> None:
+def _draft(image: Image.Image, target: tuple[int, int]) -> None:
     """Ask a JPEG's decoder for a reduced scale no smaller than `target` (height, width),
     which is in the displayed orientation: for an EXIF rotation by 90 degrees the stored
     image's width is the displayed height."""

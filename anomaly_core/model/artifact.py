@@ -35,7 +35,6 @@ from anomaly_core.model.info import (
     MODEL_FILE,
     SCHEMA_VERSION,
     ArtifactInfo,
-    read_metadata,
 )
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -312,11 +311,6 @@ class ModelArtifact:
         body = json.dumps(self.metadata(), indent=2, sort_keys=True).encode()
         storage.write_bytes(storage.join(uri, MODEL_FILE), body)
         return uri
-
-    @staticmethod
-    def read_metadata(uri: str) -> dict[str, Any]:
-        """model.json alone (no weights): provenance, calibration and metrics."""
-        return read_metadata(uri)
 
     @classmethod
     def load(

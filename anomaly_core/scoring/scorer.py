@@ -1,7 +1,6 @@
-"""Scoring stages, independent of Ray: read+decode+resize one image (uint8; `read_image`, from
-the torch-free anomaly_core.data.decode), run the model on a batch (floats made on the model's
-device), turn raw output into score rows (normalized score, binary mask PNG, 8-bit heatmap
-PNG)."""
+"""The model stage of scoring, independent of Ray: run the model on a batch of uint8 images
+(floats made on the model's device), turn raw output into row fields (normalized score, binary
+mask PNG, 8-bit heatmap PNG)."""
 
 from __future__ import annotations
 
@@ -18,14 +17,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from anomaly_core.data.datasets import to_unit_float
-from anomaly_core.data.decode import read_image
 from anomaly_core.detectors.base import AnomalyOutput
 from anomaly_core.features.backbones import batchnorm_folded
 from anomaly_core.features.precision import compute_precision, resolve_precision
 from anomaly_core.model.artifact import ModelArtifact
 from anomaly_core.model.calibration import Calibration
 
-__all__ = ["Scorer", "decode_png", "encode_png", "outputs", "read_image", "render_maps"]
+__all__ = ["Scorer", "decode_png", "encode_png", "outputs", "render_maps"]
 
 
 class Scorer:

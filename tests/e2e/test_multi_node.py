@@ -126,11 +126,11 @@ def padim_model(cluster: Cluster) -> tuple[dict, str]:
 
 
 def test_memory_detector_trains_with_one_worker_on_each_node(cluster, padim_model):
-    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.model.info import read_metadata
     from anomaly_core.storage import read_bytes
 
     summary, model = padim_model
-    meta = ModelArtifact.read_metadata(model)
+    meta = read_metadata(model)
     assert meta["training"]["workers"] == 2
     assert len(meta["training"]["nodes"]) == 2  # 2 CPUs per worker: one worker per node
     assert summary["model_version"] == meta["model_version"]
@@ -162,7 +162,7 @@ def test_scoring_runs_actors_and_tasks_on_both_nodes(cluster, padim_model):
 
 
 def test_a_local_path_one_node_does_not_see_stops_the_job_before_any_work(cluster):
-    from anomaly_core.training.preflight import PreflightError
+    from anomaly_core.preflight import PreflightError
     from jobs import score
 
     if not _can_unshare():

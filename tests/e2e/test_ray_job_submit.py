@@ -182,12 +182,12 @@ def trained(head: Head) -> tuple[Job, str]:
 
 
 def test_train_job_succeeds_and_writes_the_artifact_to_s3(trained, head):
-    from anomaly_core.model.artifact import ModelArtifact
+    from anomaly_core.model.info import read_metadata
 
     job, model = trained
     assert job.returncode == 0 and state(job) == "SUCCEEDED", job.describe()
     summary = last_json(job.logs)
-    meta = ModelArtifact.read_metadata(model)
+    meta = read_metadata(model)
     assert summary["artifact"] == model and summary["model_version"] == meta["model_version"]
     assert summary["workers"] == 2 and meta["training"]["workers"] == 2
     assert summary["train_images"] + summary["validation_images"] == 10

@@ -62,7 +62,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
 
 
 def test_resources_no_node_has_fail_at_once_instead_of_waiting_forever(tmp_path):
-    from anomaly_core.training.preflight import PreflightError
+    from anomaly_core.preflight import PreflightError
 
     data = str(tmp_path / "data")
     generate(data, categories=["capsule"], size=48, n_train=6, n_test_good=1, n_test_defect=1)

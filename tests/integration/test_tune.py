@@ -14,6 +14,7 @@ import yaml
 
 from anomaly_core.data.synthetic import generate
 from anomaly_core.model.artifact import ModelArtifact
+from anomaly_core.model.info import read_metadata
 from jobs import tune
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -46,7 +47,7 @@ def test_simplenet_noise_sweep_in_s3_ranks_trials_and_its_best_config_trains_a_l
     best = yaml.safe_load(storage.read_bytes(f"{out}/best_config.yaml"))
     assert best["detector"] == "simplenet"
     assert best["options"]["noise_std"] == json.loads(table[0]["param_noise_std"])
-    model = ModelArtifact.read_metadata(summary["best_model"])
+    model = read_metadata(summary["best_model"])
     assert model["config"]["noise_std"] == best["options"]["noise_std"]
     # Each trial's Ray Train checkpoints sit in the sweep's S3 storage under the trial's id.
     checkpoints = storage.list_files(f"{out}/tune/sweep-simplenet-trials")

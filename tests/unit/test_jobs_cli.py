@@ -29,7 +29,7 @@ def test_train_rejects_an_unknown_detector_option_before_ray(tmp_path):
 
 
 def test_train_rejects_a_malformed_set_flag(tmp_path):
-    with pytest.raises(SystemExit, match="key=value"):
+    with pytest.raises(ValueError, match="key=value"):
         train.main(["--data", str(tmp_path), "--output", str(tmp_path / "m"), "--set", "image_size"])
 
 

@@ -4,10 +4,10 @@ import os
 
 import pytest
 
+from anomaly_core import preflight
 from anomaly_core.errors import WeightsUnavailableError
 from anomaly_core.features.backbones import check_weights
-from anomaly_core.training import preflight
-from anomaly_core.training.preflight import PreflightError, placement_problem
+from anomaly_core.preflight import PreflightError, placement_problem
 
 
 @pytest.fixture
