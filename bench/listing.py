@@ -186,6 +186,7 @@ def measure(what: str, path: str, endpoint: str, in_process: bool) -> dict:
 
 
 def child(what: str, path: str, endpoint: str) -> dict:
+    from anomaly_core import storage
     from anomaly_core.scoring.inputs import list_inputs
 
     def rss_mb() -> float:
@@ -197,7 +198,7 @@ def child(what: str, path: str, endpoint: str) -> dict:
         return peak / 2**20
 
     base = rss_mb()
-    os.environ["AWS_ENDPOINT_URL"] = endpoint  # where storage finds the S3 server
+    storage.use_endpoint(endpoint)  # this bench's own S3 server, whatever the environment names
     kwargs: dict = {"extensions": [".png"]}
     source = path
     if what.startswith("manifest"):

@@ -57,16 +57,20 @@ def s3_endpoint() -> Iterator[str]:
                 os.environ[key] = value
 
 
-@pytest.fixture(autouse=True)
-def _endpoint_flag_stays_in_its_test() -> Iterator[None]:
+def _restoring_endpoint_variable() -> Iterator[None]:
     """A job's --s3-endpoint sets AWS_ENDPOINT_URL_S3 for its whole process, as it should; a job
-    run in-process by one test must not point the next test at its endpoint."""
+    run in-process by a test or a module's fixture must not point later tests at its endpoint."""
     before = os.environ.get("AWS_ENDPOINT_URL_S3")
     yield
     if before is None:
         os.environ.pop("AWS_ENDPOINT_URL_S3", None)
     else:
         os.environ["AWS_ENDPOINT_URL_S3"] = before
+
+
+_endpoint_flag_stays_in_its_test = pytest.fixture(autouse=True)(_restoring_endpoint_variable)
+_endpoint_flag_stays_in_its_module = pytest.fixture(autouse=True, scope="module")(
+    _restoring_endpoint_variable)
 
 
 @pytest.fixture

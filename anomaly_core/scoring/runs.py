@@ -56,7 +56,8 @@ class RunAttempt:
     source: str
     incremental: bool
     created_at: str
-    attempt: str  # this start of the run: its tasks stage part files under this name
+    # this start of the run: its tasks stage part files under this name
+    attempt: str = field(default_factory=lambda: new_attempt())
 
     @property
     def partition(self) -> str:
@@ -71,35 +72,14 @@ class RunAttempt:
         return storage.join(self.run_dir, "staging", self.attempt)
 
 
-@dataclass
-class ScoreRun:
-    """One scoring run: which images, which model, where the rows go."""
+@dataclass(frozen=True)
+class ScoreRun(RunAttempt):
+    """One scoring run on the driver: the attempt, with the frozen input list it plans from."""
 
-    run_id: str
-    output: str
-    model: str
-    model_version: str
-    day: str  # YYYY-MM-DD of the partition the run writes
-    source: str
-    incremental: bool
-    created_at: str
     resumed: bool = False
     inputs: pa.Table = field(default=None, repr=False)
-    # this start of the run: its tasks stage part files under this name
-    attempt: str = field(default_factory=lambda: new_attempt())
-    planned_files: frozenset[str] = field(default=frozenset(), repr=False)  # published at planning
-
-    @property
-    def partition(self) -> str:
-        return self.describe().partition
-
-    @property
-    def run_dir(self) -> str:
-        return self.describe().run_dir
-
-    @property
-    def staging(self) -> str:
-        return self.describe().staging
+    # the part files published when this attempt planned (filled by pending(); see finish)
+    planned_files: set[str] = field(default_factory=set, repr=False)
 
     def describe(self) -> RunAttempt:
         """What the run is, and this attempt: what its row tasks receive."""
@@ -238,7 +218,7 @@ def pending(run: ScoreRun) -> pa.Table:
     Records which files were published when this attempt planned (see finish)."""
     inputs = run.inputs
     published = part_files(run)
-    run.planned_files = frozenset(published)
+    run.planned_files.update(published)
     record = {"attempt": run.attempt, "started_at": utc_now().isoformat(timespec="seconds"),
               "published_before": [f.rsplit("/", 1)[-1] for f in published]}
     storage.write_bytes(storage.join(run.run_dir, "attempts", f"{run.attempt}.json"),

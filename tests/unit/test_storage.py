@@ -195,7 +195,7 @@ def test_bad_uris_raise_with_a_fix(monkeypatch):
         storage.read_bytes("s3://")
     with pytest.raises(StorageError, match="unsupported scheme"):
         storage.read_bytes("gs://bucket/x")
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "ftp://host:21")
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "ftp://host:21")
     with pytest.raises(StorageError, match="not a URL.*AWS_ENDPOINT_URL"):
         storage.read_bytes("s3://bucket/x")
 
