@@ -29,10 +29,12 @@ class ScoringConfig:
     keep_jpeg: bool = False  # plain JPEGs left for the model actor to decode (--gpu-decode)
 
     @classmethod
-    def from_args(cls, args: Any, input_size: tuple[int, int]) -> ScoringConfig:
-        """From jobs.score's parsed flags and the artifact's input size."""
+    def from_args(cls, args: Any, input_size: tuple[int, int],
+                  model_uri: str | None = None) -> ScoringConfig:
+        """From jobs.score's parsed flags, the artifact's input size and its URI (a registry
+        URI's resolved artifact; default --model)."""
         return cls(
-            model_uri=args.model, input_size=tuple(input_size), use_gpu=args.use_gpu,
+            model_uri=model_uri or args.model, input_size=tuple(input_size), use_gpu=args.use_gpu,
             precision=args.precision, compile=args.compile,
             render_on_device=args.render_on_device,
             mask_size=tuple(args.mask_size) if args.mask_size else None,

@@ -8,3 +8,7 @@ class ArtifactError(ValueError):
 
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights could not be found or fetched; the message says how to provide them."""
+
+
+class RegistryError(RuntimeError):
+    """The model registry cannot be reached, or has no such product, version or alias."""

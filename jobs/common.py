@@ -98,12 +98,17 @@ def run_job(main) -> None:
     Exit codes: 2 bad input or configuration (before any work), 3 the job's own check failed
     (e.g. --max-error-rate), 1 anything unexpected.
     """
-    from anomaly_core.errors import ArtifactError, WeightsUnavailableError  # no torch here
+    from anomaly_core.errors import (  # no torch here
+        ArtifactError,
+        RegistryError,
+        WeightsUnavailableError,
+    )
     from anomaly_core.storage import StorageError
 
     try:
         main()
-    except (ArtifactError, StorageError, WeightsUnavailableError, ValueError, FileNotFoundError) as exc:
+    except (ArtifactError, RegistryError, StorageError, WeightsUnavailableError, ValueError,
+            FileNotFoundError) as exc:
         _fail(2, str(exc))
     except JobFailed as exc:
         _fail(3, str(exc))

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> dict:
     data, model, scores = (os.path.join(work, d) for d in ("data", "model", "scores"))
     ray_log = os.path.join(work, "ray.log")
     os.makedirs(work, exist_ok=True)
+    # The demo's model registry lives with its other outputs, unless one is configured.
+    os.environ.setdefault("MLFLOW_TRACKING_URI",
+                          "sqlite:///" + os.path.join(work, "mlruns", "mlflow.db"))
     print(f"Ray's and its workers' logs go to {ray_log}", flush=True)
     with output_to(ray_log):
         generate(data, categories=[args.category], size=args.image_size, n_train=args.n_train,
@@ -105,8 +108,10 @@ def main(argv: list[str] | None = None) -> dict:
         ])
         log.info("trained in %.0f s: model %s, image threshold %.4g (%s)", trained["wall_s"],
                  trained["model_version"], trained["threshold"], trained["calibration"])
+        registered = f"models:/{trained['registered']['product']}/" \
+                     f"{trained['registered']['version']}"  # the version this fit registered
         scored = score.main([
-            "--model", model, "--input", os.path.join(data, args.category, "test"),
+            "--model", registered, "--input", os.path.join(data, args.category, "test"),
             "--output", scores, "--num-actors", "1", *common,
         ])
         page = report.main(["--scores", scores, "--labels", data,
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"image AUROC   {result['image_auroc']:.3f}   (0.5 = chance, 1.0 = every defect ranked above every good part)")
     print(f"pixel AUROC   {result['pixel_auroc']:.3f}   (same, per pixel, from the 8-bit heatmaps in the Parquet rows)")
     print(f"accuracy      {result['accuracy']:.3f}   at the threshold calibrated on held-out normal images")
-    print(f"model         {model}")
+    print(f"model         {registered} ({model})")
     print(f"scores        {scored['partition']}")
     print(f"report        {page}")
     print(f"ray logs      {ray_log}")

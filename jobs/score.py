@@ -13,9 +13,9 @@ import argparse
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from anomaly_core.config import ScoringConfig
+from anomaly_core.model import registry
 from anomaly_core.model.calibration import Calibration
 from anomaly_core.model.info import ArtifactInfo  # model.json only, without torch
 from anomaly_core.scoring import runs
@@ -36,7 +36,9 @@ from jobs.preflight import check_nodes, check_replicas, check_resources
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="artifact directory written by jobs.train")
+    p.add_argument("--model", required=True,
+                   help="models:/<product>@champion (or @alias, /version) from the registry, or "
+                        "an artifact directory written by jobs.train")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="folder or s3://bucket/prefix of images (recursive)")
     source.add_argument("--manifest", help="Parquet or CSV file with a `uri` column (optional etag)")
@@ -138,23 +140,27 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     # Fail before any work when the model, the input or the output cannot be used. The driver
     # reads model.json only: the weights (gigabytes for PaDiM) are loaded by the actors alone.
-    info = ArtifactInfo.read(args.model)
+    registered = registry.resolve(args.model) if registry.is_registry_uri(args.model) else None
+    model_uri = registered.source if registered else args.model  # the workers get the artifact
+    info = ArtifactInfo.read(model_uri)
     if args.address:  # a cluster: its nodes must see every local path before anything is written
         init_ray(args.address)
-        check_nodes([args.input, args.manifest, args.output, args.model])
+        check_nodes([args.input, args.manifest, args.output, model_uri])
     extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
     run = runs.open_run(
         source=args.input or args.manifest, manifest=bool(args.manifest), output=args.output,
         inventory=args.inventory, since=args.since, date_prefix=args.date_prefix,
         model=info.name, model_version=info.model_version, extensions=extensions,
         incremental=args.incremental, run_id=args.run_id,
+        product=registered.product if registered else None,
+        registered_version=registered.version if registered else None,
     )
     todo = runs.pending(run)
     t_plan = time.perf_counter() - t0
-    log.info("run %s (%s): %d images listed, %d to score; model %s@%s; rows to %s; options %s",
+    log.info("run %s (%s): %d images listed, %d to score; model %s@%s%s; rows to %s; options %s",
              run.run_id, "resumed" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
-             info.name, info.model_version, run.partition, json.dumps(redacted(vars(args))))
-    nodes: dict[str, set] = {"model": set(), "rows": set()}
+             info.name, info.model_version, f" ({registered.uri})" if registered else "",
+             run.partition, json.dumps(redacted(vars(args))))
     if todo.num_rows:
         init_ray(args.address)
         import ray
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
         blocks = runs.input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
         log.info("planned in %.2f s; %d inputs to Ray Data in %d blocks", t_plan, todo.num_rows,
                  len(blocks))
-        config = ScoringConfig.from_args(args, info.input_size)
+        config = ScoringConfig.from_args(args, info.input_size, model_uri)
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             read_images, batch_size=args.batch_size, fn_kwargs={
@@ -206,39 +212,25 @@ def main(argv: list[str] | None = None) -> dict:
         ds = ds.map_batches(write_rows, batch_size=args.rows_per_file, fn_kwargs={
             "run": run.describe(), "calibration": info.calibration,
             "mask_size": config.mask_size})
-        progress = runs.Progress(todo.num_rows, args.progress_every)
-        # Only this driver publishes staged part files, each after its task returned: a
-        # straggler of a killed attempt never writes where readers look (anomaly_core.scoring.runs).
-        with ThreadPoolExecutor(8) as publisher:
-            published = []
-            for counts in ds.iter_rows():
-                if counts["staged"]:
-                    published.append(publisher.submit(runs.publish_part, run, counts["staged"]))
-                if line := progress.update(counts["images"], counts["errors"]):
-                    log.info(line)
-                nodes["model"].update(n for n in counts["model_node"].split(",") if n)
-                nodes["rows"].add(counts["rows_node"])
-            for future in published:
-                future.result()
+        progress = runs.Progress(todo.num_rows, args.progress_every, log.info)
+        nodes = runs.publish_all(run, ds.iter_rows(), progress)
         t_score, t_first = time.perf_counter() - t1, progress.first
         # The operators as Ray ran them ("A->B" when fused): decoding must not be in the actor.
         stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)
     else:
-        t_score, t_first, stages = 0.0, None, []
+        t_score, t_first, stages, nodes = 0.0, None, [], {}
     # first_rows: from the dataset's creation to the first part file (actors' start included)
     summary = runs.finish(run, {"plan": t_plan, "first_rows": t_first, "score": t_score,
                            "total": time.perf_counter() - t0},
                      {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
                       # the Ray nodes that ran the model actors and wrote the rows
-                      "nodes": {k: sorted(v) for k, v in nodes.items()},
+                      "nodes": nodes,
                       "stages": stages,
                       # what the rows were scored with; the report reads these
-                      "model_uri": args.model, "calibration": info.calibration.to_dict(),
+                      "model_uri": model_uri, "calibration": info.calibration.to_dict(),
+                      "registered": registered.describe() if registered else None,
                       "validation_metrics": info.validation_metrics})
-    table = [("run", run.run_id), ("inputs", summary["inputs"]), ("scored", summary["scored"]),
-             ("errors", summary["errors"]), ("skipped", summary["skipped"]),
-             ("images/s", summary["images_per_s"]), ("rows in", run.partition)]
-    print("\n".join(f"{k:<10} {v}" for k, v in table))
+    print(runs.summary_text(run, summary))
     rate = summary["errors"] / max(summary["rows"], 1)
     if rate > args.max_error_rate:
         raise JobFailed(f"error rate {rate:.1%} is above --max-error-rate {args.max_error_rate:.1%}; "

@@ -35,6 +35,12 @@ def main(argv: list[str] | None = None) -> dict:
     from anomaly_core.detectors import make_config
 
     options = asdict(make_config(name, **options))  # fail on a bad option before any Ray work
+    product = None
+    if args.register:  # the registry must be reachable before any work
+        from anomaly_core.model import registry
+
+        product = registry.check_product(args.product or product_name(args))
+        registry.client()
     # Checkpoints go beside the artifact unless told otherwise: never a node's own disk.
     args.storage_path = args.storage_path or storage.join(args.output, "checkpoints")
     train, val = preflight_training(args, name, options, args.output)
@@ -66,8 +72,44 @@ def main(argv: list[str] | None = None) -> dict:
                "validation_metrics": meta["validation_metrics"]}
     body = json.dumps(summary, indent=2, default=str)
     storage.write_bytes(storage.join(args.output, "train_summary.json"), body.encode())
+    if product:
+        summary["registered"] = register(args, product, name, options, meta, summary)
+        body = json.dumps(summary, indent=2, default=str)
     print(body)
     return summary
+
+
+def product_name(args: argparse.Namespace) -> str:
+    """--category, else the last part of --data."""
+    return args.category or args.data.rstrip("/").rsplit("/", 1)[-1]
+
+
+def register(args, product: str, detector: str, options: dict, meta: dict, summary: dict) -> dict:
+    """An MLflow run of this fit and a new registered version of `product` pointing at the
+    artifact (by an absolute URI: scoring may run anywhere)."""
+    import os
+
+    from anomaly_core import storage
+    from anomaly_core.model import registry
+
+    source = args.output if storage.is_s3(args.output) else os.path.abspath(args.output)
+    validation = meta["validation_metrics"]
+    training = {k: getattr(args, k) for k in (
+        "data", "category", "val_fraction", "val_data", "objective", "num_workers", "batch_size",
+        "epochs", "precision", "input_pipeline", "seed", "tile", "tiled_size", "tile_stride")}
+    version = registry.log_training(
+        product, source=source, detector=detector, params={**options, **training},
+        metrics={f"val_{k}" if not k.startswith("val_") else k: v
+                 for k, v in validation.items()},
+        history=meta["training"].get("history", []), summary=summary,
+        tags={"model_version": meta["model_version"],
+              "fingerprint": meta["training"]["fingerprint"],
+              **{f"val_{k}": f"{v:.4f}" for k, v in validation.items()
+                 if k in ("image_auroc", "pixel_auroc") and isinstance(v, float)}})
+    log.info("registered %s version %d (%s) in %s", product, version.version,
+             ",".join(version.aliases) or "no alias", registry.shown_uri())
+    return {"product": product, "version": version.version, "aliases": list(version.aliases),
+            "run_id": version.run_id}
 
 
 if __name__ == "__main__":

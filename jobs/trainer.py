@@ -74,6 +74,12 @@ def train_parser(description: str = "") -> argparse.ArgumentParser:
     """jobs.train's command line: --output and the training flags."""
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=description)
     p.add_argument("--output", required=True, help="artifact directory to write (local or s3://)")
+    p.add_argument("--product",
+                   help="the registered model this fit becomes a version of (default: "
+                        "--category, else the --data folder's name)")
+    p.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
+                   help="log the run to MLflow and register the artifact as the product's next "
+                        "version (MLFLOW_TRACKING_URI; unset, ./mlruns)")
     add_training_flags(p)
     return p
 

@@ -10,6 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("ANOMALY_OFFLINE", "1")  # never try a model hub from tests
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+# The model registry: an embedded SQLite store of this session's own, never ./mlruns.
+os.environ.setdefault("MLFLOW_TRACKING_URI", "sqlite:///" + __import__("os").path.join(
+    __import__("tempfile").mkdtemp(prefix="ray-anomaly-mlflow-"), "mlflow.db"))
 # Ray Train's controller polls its workers every 2 s by default, so each finished fit waits up
 # to that long to be noticed; a trivial 2-worker fit took 30.8 s at 0.2 s against 33.7 s at 2 s
 # here, and the suite runs a few dozen fits and trials.

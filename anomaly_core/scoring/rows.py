@@ -60,7 +60,8 @@ def make_rows(batch: dict, run: RunAttempt, calibration: Calibration,
         row = {k: batch[k][i] for k in (*TEXT_COLUMNS, *INT_COLUMNS)}
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         row = {k: None if v in ("", -1) else v for k, v in row.items()}
-        row.update(model_version=run.model_version, scored_at=now, run_id=run.run_id)
+        row.update(model_version=run.model_version, scored_at=now, run_id=run.run_id,
+                   product=run.product, registered_version=run.registered_version)
         if row["error"] is None:
             size = output_size(batch, i, mask_size)
             if "raw_map" in batch:

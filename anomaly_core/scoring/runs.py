@@ -25,6 +25,8 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -58,6 +60,9 @@ class RunAttempt:
     created_at: str
     # this start of the run: its tasks stage part files under this name
     attempt: str = field(default_factory=lambda: new_attempt())
+    # the registered model and version (models:/product/version) the run scores with, if any
+    product: str | None = None
+    registered_version: int | None = None
 
     @property
     def partition(self) -> str:
@@ -145,6 +150,8 @@ def open_run(
     date_prefix: str | None = None,
     incremental: bool = False,
     run_id: str | None = None,
+    product: str | None = None,
+    registered_version: int | None = None,
 ) -> ScoreRun:
     """Start a run, or resume it when its input list was already frozen. The input is a folder
     or prefix, a manifest, or an S3 Inventory report filtered to a prefix; with `since` and
@@ -180,7 +187,8 @@ def open_run(
         inputs = joined.select(INPUT_SCHEMA.names).sort_by("uri").cast(INPUT_SCHEMA)
     run = ScoreRun(run_id, output, model, model_version, day, source, incremental,
                    now.isoformat(timespec="seconds"), inputs=inputs,
-                   attempt=new_attempt())
+                   attempt=new_attempt(), product=product,
+                   registered_version=registered_version)
     sink = pa.BufferOutputStream()
     with ipc.new_file(sink, inputs.schema) as writer:
         writer.write_table(inputs)
@@ -245,26 +253,55 @@ def input_blocks(todo: pa.Table, cpus: float, batch_size: int, per_cpu: int = 4,
 class Progress:
     """A run's progress: done/total, images/s, ETA, as a line every few seconds."""
 
-    def __init__(self, total: int, every: float) -> None:
-        self.total, self.every, self.done, self.errors = total, every, 0, 0
+    def __init__(self, total: int, every: float, log: Callable[[str], Any] = print) -> None:
+        self.total, self.every, self.done, self.errors, self.log = total, every, 0, 0, log
         self.start = self.last = time.perf_counter()
         self.first: float | None = None  # seconds until the first rows came out
 
-    def update(self, images: int, errors: int) -> str | None:
-        """Count a part file's images and errors; returns the line to log when one is due."""
+    def update(self, images: int, errors: int) -> None:
+        """Count a part file's images and errors; log a line when one is due."""
         self.done += images
         self.errors += errors
         now = time.perf_counter()
         if self.first is None:
             self.first = now - self.start
         if now - self.last < self.every and self.done != self.total:
-            return None
+            return
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
         eta = (self.total - self.done) / rate if rate else float("inf")
-        return (f"scored {self.done}/{self.total} images "
-                f"({100 * self.done / max(self.total, 1):.0f}%), {self.errors} errors, "
-                f"{rate:.1f} images/s, ETA {eta:.0f} s")
+        self.log(f"scored {self.done}/{self.total} images "
+                 f"({100 * self.done / max(self.total, 1):.0f}%), {self.errors} errors, "
+                 f"{rate:.1f} images/s, ETA {eta:.0f} s")
+
+
+def publish_all(run: ScoreRun, results: Iterable[dict[str, Any]],
+                progress: Progress) -> dict[str, list[str]]:
+    """The driver's side of the row stage: publish each staged part file once its task has
+    returned (a straggler of a killed attempt never writes where readers look), count progress;
+    returns the nodes that ran the model and the rows."""
+    nodes: dict[str, set] = {"model": set(), "rows": set()}
+    with ThreadPoolExecutor(8) as publisher:
+        published = []
+        for counts in results:
+            if counts["staged"]:
+                published.append(publisher.submit(publish_part, run, counts["staged"]))
+            progress.update(counts["images"], counts["errors"])
+            nodes["model"].update(n for n in counts["model_node"].split(",") if n)
+            nodes["rows"].add(counts["rows_node"])
+        for future in published:
+            future.result()
+    return {k: sorted(v) for k, v in nodes.items()}
+
+
+def summary_text(run: ScoreRun, summary: dict[str, Any]) -> str:
+    """The table a score job ends with."""
+    table = [("run", run.run_id), ("inputs", summary["inputs"]), ("scored", summary["scored"]),
+             ("errors", summary["errors"]), ("skipped", summary["skipped"]),
+             ("images/s", summary["images_per_s"]), ("rows in", run.partition)]
+    if run.product:
+        table.append(("model", f"models:/{run.product}/{run.registered_version}"))
+    return "\n".join(f"{k:<10} {v}" for k, v in table)
 
 
 def stage_part(run: ScoreRun | RunAttempt, rows: list[dict[str, Any]]) -> str | None:

@@ -32,6 +32,9 @@ FILE_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # null when scored; the reason when not
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
+        # the registered model (product) and version scored with: models:/<product>/<version>
+        pa.field("product", pa.string()),
+        pa.field("registered_version", pa.int32()),
     ]
 )
 # What a reader of the output directory sees.

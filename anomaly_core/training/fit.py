@@ -257,12 +257,13 @@ def _fit_gradient(
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     optimizers = detector.optimizers()
     best = {"epoch": -1, "metric": None, "state": None}
-    start_epoch = 0
+    start_epoch, history = 0, []  # history: every epoch's numbers, for run tracking
     if resume is not None:
         load_training_state(detector, resume["detector"])
         for opt, state in zip(optimizers, resume["optimizers"]):
             opt.load_state_dict(state)
         best, start_epoch = resume["best"], resume["epoch"] + 1
+        history = list(resume.get("history", []))
     # Its own generator: the loader workers' seeds differ per rank and epoch (see below).
     loader_rng = torch.Generator()
     loader = None if batches is not None else DataLoader(
@@ -313,6 +314,7 @@ def _fit_gradient(
         if best["epoch"] == epoch and epoch < epochs - 1:
             best["state"] = {k: v.detach().clone() for k, v in training_state(detector).items()}
         metrics["best_epoch"] = best["epoch"]
+        history.append({k: v for k, v in metrics.items() if isinstance(v, int | float)})
         if report is not None:
             state = {
                 "epoch": epoch,
@@ -320,12 +322,13 @@ def _fit_gradient(
                 "detector": training_state(detector),
                 "optimizers": [opt.state_dict() for opt in optimizers],
                 "best": best,
+                "history": history,
             }
             report(metrics, state)
     if best["state"] is not None and best["epoch"] != metrics.get("epoch"):
         load_training_state(detector, best["state"])
     detector.eval()
-    return metrics
+    return {**metrics, "history": history}
 
 
 def fit(
@@ -344,7 +347,8 @@ def fit(
     channels_last: bool = False,
     batches: EpochBatches | None = None,
 ) -> dict:
-    """Fit `detector` on `dataset` (items with an "image" tensor) and return the last epoch's metrics.
+    """Fit `detector` on `dataset` (items with an "image" tensor) and return the last epoch's metrics
+    (a gradient fit's with `history`, every epoch's numbers).
 
     `batches(epoch)`, when given, replaces the dataset and its DataLoader: an iterable of this
     rank's batches ({"image": float or uint8 [B,3,H,W]}) for that epoch, already sharded across

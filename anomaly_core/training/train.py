@@ -95,6 +95,7 @@ def train_model(config: TrainingConfig, setup: TrainingSetup, *, rank: int = 0,
         resume=setup.resume, precision=config.precision, channels_last=config.channels_last,
         batches=batches,
     )
+    history = metrics.pop("history", [])
     nodes = gather(node)
     if rank == 0 and config.output:
         pred = predict(detector, setup.val, batch_size=config.batch_size, device=device)
@@ -115,6 +116,7 @@ def train_model(config: TrainingConfig, setup: TrainingSetup, *, rank: int = 0,
                 "epochs": config.epochs,
                 "best_epoch": metrics.get("best_epoch", 0),
                 "last_epoch": metrics,
+                "history": history,  # every epoch's loss and validation metrics
                 "resumed_from_epoch": None if setup.resume is None else setup.resume["epoch"],
                 **getattr(detector, "fit_stats", {}),  # e.g. PatchCore's bank size, peak memory
             },

@@ -7,7 +7,7 @@ import pytest
 
 from jobs import score, train
 
-JOBS = ["train", "score", "tune", "report", "demo"]
+JOBS = ["train", "score", "tune", "report", "demo", "models"]
 
 
 def test_help_runs_as_a_module_for_every_job():
@@ -31,6 +31,25 @@ def test_train_rejects_an_unknown_detector_option_before_ray(tmp_path):
 def test_train_rejects_a_malformed_set_flag(tmp_path):
     with pytest.raises(ValueError, match="key=value"):
         train.main(["--data", str(tmp_path), "--output", str(tmp_path / "m"), "--set", "image_size"])
+
+
+def test_an_unreachable_registry_fails_train_before_any_work(tmp_path, monkeypatch):
+    from anomaly_core.errors import RegistryError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with pytest.raises(RegistryError, match="http://127.0.0.1:9"):
+        train.main(["--data", str(tmp_path), "--output", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+
+
+def test_score_by_an_unknown_product_names_it_before_any_work(tmp_path):
+    from anomaly_core.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="'never-trained' has no alias @champion"):
+        score.main(["--model", "models:/never-trained@champion", "--input", str(tmp_path),
+                    "--output", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
 
 
 def test_score_with_a_missing_model_names_it(tmp_path):
