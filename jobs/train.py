@@ -35,47 +35,64 @@ def main(argv: list[str] | None = None) -> dict:
     from anomaly_core.detectors import make_config
 
     options = asdict(make_config(name, **options))  # fail on a bad option before any Ray work
-    product = None
     if args.register:  # the registry must be reachable before any work
         from anomaly_core.model import registry
 
-        product = registry.check_product(args.product or product_name(args))
         registry.client()
+    if args.categories:  # a plant: every product in one job (jobs/fleet.py)
+        from jobs import fleet
+
+        return fleet.train_fleet(args, name, options)
+    product = registry.check_product(args.product or product_name(args)) if args.register else None
     # Checkpoints go beside the artifact unless told otherwise: never a node's own disk.
     args.storage_path = args.storage_path or storage.join(args.output, "checkpoints")
     train, val = preflight_training(args, name, options, args.output)
     log.info("train %s: %d training, %d validation images; options %s",
              name, len(train), len(val), json.dumps(redacted(options)))
     config = TrainingConfig.from_args(args, name, options, train, val, args.output)
-    trainer = make_trainer(TrainerSettings.from_args(args), config)
     start = time.perf_counter()
-    result = trainer.fit()
+    fit_with_ray_train(TrainerSettings.from_args(args), config)
+    summary = summarize(args, config, time.perf_counter() - start)
+    if product:
+        summary["registered"] = register(args, product, config, summary)
+    print(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def fit_with_ray_train(settings: TrainerSettings, config: TrainingConfig) -> None:
+    """One Ray Train run of `config`; a set-up error every attempt would repeat is not retried
+    and raises as bad input."""
+    result = make_trainer(settings, config).fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     fatal = (result.metrics or {}).get("fatal_error")
-    if fatal:  # a set-up error every attempt would repeat: not retried, reported as bad input
+    if fatal:
         raise ValueError(f"the workers could not start training: {fatal}")
-    # model.json is the record of what was trained (Ray keeps only checkpointed metrics).
+
+
+def summarize(args, config: TrainingConfig, wall_s: float) -> dict:
+    """The training summary, from model.json (the record of what was trained: Ray keeps only
+    checkpointed metrics), also written beside the artifact as train_summary.json."""
+    from anomaly_core import storage
     from anomaly_core.model.info import read_metadata  # model.json only, without torch
 
-    meta = read_metadata(args.output)
-    summary = {"detector": name, "artifact": args.output, "model_version": meta["model_version"],
-               "workers": args.num_workers, "train_images": len(train), "validation_images": len(val),
-               "wall_s": round(time.perf_counter() - start, 1),
-               "threshold": meta["calibration"]["threshold"], "calibration": meta["calibration"]["method"],
-               "pixel_threshold": meta["calibration"]["pixel_threshold"],
-               "pixel_calibration": meta["calibration"].get("pixel_method", ""),
-               **{k: meta["training"].get(k) for k in ("best_epoch", "resumed_from_epoch", "nodes")},
+    meta = read_metadata(config.output)
+    training, calibration = meta["training"], meta["calibration"]
+    summary = {"detector": config.detector, "artifact": config.output,
+               "model_version": meta["model_version"], "workers": args.num_workers,
+               "train_images": len(config.train), "validation_images": len(config.val),
+               "wall_s": round(wall_s, 1), "threshold": calibration["threshold"],
+               "calibration": calibration["method"],
+               "pixel_threshold": calibration["pixel_threshold"],
+               "pixel_calibration": calibration.get("pixel_method", ""),
+               **{k: training.get(k) for k in ("best_epoch", "resumed_from_epoch", "nodes")},
                # rank 0's training throughput in its last epoch, and how its images arrived
                "input_pipeline": args.input_pipeline,
-               "worker_images_per_s": (meta["training"].get("last_epoch") or {}).get("images_per_s"),
-               "validation_metrics": meta["validation_metrics"]}
+               "worker_images_per_s": (training.get("last_epoch") or {}).get("images_per_s"),
+               "validation_metrics": meta["validation_metrics"],
+               "fingerprint": training["fingerprint"]}
     body = json.dumps(summary, indent=2, default=str)
-    storage.write_bytes(storage.join(args.output, "train_summary.json"), body.encode())
-    if product:
-        summary["registered"] = register(args, product, name, options, meta, summary)
-        body = json.dumps(summary, indent=2, default=str)
-    print(body)
+    storage.write_bytes(storage.join(config.output, "train_summary.json"), body.encode())
     return summary
 
 
@@ -84,28 +101,35 @@ def product_name(args: argparse.Namespace) -> str:
     return args.category or args.data.rstrip("/").rsplit("/", 1)[-1]
 
 
-def register(args, product: str, detector: str, options: dict, meta: dict, summary: dict) -> dict:
+def register(args, product: str, config: TrainingConfig, summary: dict,
+             data_fingerprint: str | None = None) -> dict:
     """An MLflow run of this fit and a new registered version of `product` pointing at the
     artifact (by an absolute URI: scoring may run anywhere)."""
     import os
 
     from anomaly_core import storage
     from anomaly_core.model import registry
+    from anomaly_core.model.info import read_metadata
+    from anomaly_core.training.fleet import fingerprint
 
-    source = args.output if storage.is_s3(args.output) else os.path.abspath(args.output)
-    validation = meta["validation_metrics"]
+    source = config.output if storage.is_s3(config.output) else os.path.abspath(config.output)
+    validation = summary["validation_metrics"]
+    data_fingerprint = data_fingerprint or fingerprint(
+        args.data, args.category or "", config.detector, config.options, vars(args))
     training = {k: getattr(args, k) for k in (
         "data", "category", "val_fraction", "val_data", "objective", "num_workers", "batch_size",
         "epochs", "precision", "input_pipeline", "seed", "tile", "tiled_size", "tile_stride")}
     version = registry.log_training(
-        product, source=source, detector=detector, params={**options, **training},
-        metrics={f"val_{k}" if not k.startswith("val_") else k: v
-                 for k, v in validation.items()},
-        history=meta["training"].get("history", []), summary=summary,
-        tags={"model_version": meta["model_version"],
-              "fingerprint": meta["training"]["fingerprint"],
-              **{f"val_{k}": f"{v:.4f}" for k, v in validation.items()
-                 if k in ("image_auroc", "pixel_auroc") and isinstance(v, float)}})
+        product, source=source, detector=config.detector,
+        params={**config.options, **training, "category": product},
+        metrics={k if k.startswith("val_") else f"val_{k}": v for k, v in validation.items()},
+        history=read_metadata(config.output)["training"].get("history", []),
+        summary=summary,
+        tags={"model_version": summary["model_version"], "fingerprint": summary["fingerprint"],
+              "data_fingerprint": data_fingerprint,
+              **{f"val_{k.removeprefix('val_')}": f"{v:.4f}" for k, v in validation.items()
+                 if k.removeprefix("val_") in ("image_auroc", "pixel_auroc")
+                 and isinstance(v, float)}})
     log.info("registered %s version %d (%s) in %s", product, version.version,
              ",".join(version.aliases) or "no alias", registry.shown_uri())
     return {"product": product, "version": version.version, "aliases": list(version.aliases),

@@ -77,6 +77,12 @@ def train_parser(description: str = "") -> argparse.ArgumentParser:
     p.add_argument("--product",
                    help="the registered model this fit becomes a version of (default: "
                         "--category, else the --data folder's name)")
+    p.add_argument("--categories",
+                   help="a plant: `all` categories under --data, or a,b,c: a model per product "
+                        "(artifacts in <output>/<product>/), unchanged products skipped")
+    p.add_argument("--max-concurrent", type=int, default=4, help="--categories: fits at once")
+    p.add_argument("--products-per-gpu", type=int, default=4,
+                   help="--categories, --use-gpu: memory detectors fit as tasks of 1/N GPU")
     p.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
                    help="log the run to MLflow and register the artifact as the product's next "
                         "version (MLFLOW_TRACKING_URI; unset, ./mlruns)")

@@ -65,3 +65,46 @@ def test_train_registers_promote_moves_the_champion_and_scoring_by_alias_follows
     assert registry.resolve(f"models:/{product}@champion").version == 1
     run = registry.resolve(f"models:/{product}/1")
     assert run.tags["fingerprint"] == read_metadata(str(tmp_path / "v1"))["training"]["fingerprint"]
+
+
+def test_a_fleet_trains_every_product_records_a_failure_and_a_rerun_skips_what_did_not_change(
+        tmp_path):
+    from jobs.common import JobFailed
+
+    root = tmp_path / "plant"
+    generate(str(root), categories=["capsule", "carpet"], size=SIZE, n_train=10, n_test_good=2,
+             n_test_defect=1)
+    tag = uuid.uuid4().hex[:6]
+    for name in ("capsule", "carpet"):  # products of their own in the session's registry
+        os.rename(root / name, root / f"{name}-{tag}")
+    lonely = root / f"lonely-{tag}" / "train" / "good"  # one image: nothing to validate on
+    lonely.mkdir(parents=True)
+    (lonely / "000.png").write_bytes(
+        next((root / f"capsule-{tag}" / "train" / "good").iterdir()).read_bytes())
+    argv = ["--data", str(root), "--categories", "all", "--output", str(tmp_path / "models"),
+            "--set", "backbone=mobilenet_v2", "--set", f"image_size={SIZE}",
+            "--set", "n_features=16", "--batch-size", "6", "--max-concurrent", "2"]
+    with pytest.raises(JobFailed, match=f"1 of 3 products failed: lonely-{tag}"):
+        train.main(argv)
+    summary = json.loads((tmp_path / "models" / "fleet_summary.json").read_text())
+    status = {p["product"]: p for p in summary["products"]}
+    assert status[f"lonely-{tag}"]["status"] == "failed"
+    assert "validation" in status[f"lonely-{tag}"]["reason"]
+    for name in ("capsule", "carpet"):
+        product = status[f"{name}-{tag}"]
+        assert product["status"] == "trained" and product["version"] == 1
+        assert product["image_auroc"] is not None
+        found = registry.resolve(f"models:/{name}-{tag}@champion")
+        assert found.source == product["artifact"] and os.path.isfile(
+            os.path.join(found.source, "model.json"))
+
+    # Nothing changed but one image of carpet: only carpet trains again.
+    changed = root / f"carpet-{tag}" / "train" / "good" / "000.png"
+    changed.write_bytes(changed.read_bytes() + b"\0")
+    with pytest.raises(JobFailed):
+        train.main(argv)
+    again = {p["product"]: p for p in json.loads(
+        (tmp_path / "models" / "fleet_summary.json").read_text())["products"]}
+    assert again[f"capsule-{tag}"]["status"] == "up to date"
+    assert again[f"capsule-{tag}"]["version"] == 1
+    assert again[f"carpet-{tag}"]["status"] == "trained" and again[f"carpet-{tag}"]["version"] == 2
