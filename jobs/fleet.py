@@ -100,6 +100,7 @@ def train_fleet(args: argparse.Namespace, detector: str, options: dict) -> dict:
                 summary["registered"] = train.register(product_args, result.product, config,
                                                        summary, data_fingerprint=digest)
                 result.version = summary["registered"]["version"]
+                train.write_summary(config.output, summary)
             validation = summary["validation_metrics"]  # labelled, else synthetic anomalies
             result.image_auroc = validation.get("image_auroc", validation.get("val_image_auroc"))
             result.pixel_auroc = validation.get("pixel_auroc", validation.get("val_pixel_auroc"))

@@ -143,6 +143,10 @@ def main(argv: list[str] | None = None) -> dict:
     registered = registry.resolve(args.model) if registry.is_registry_uri(args.model) else None
     model_uri = registered.source if registered else args.model  # the workers get the artifact
     info = ArtifactInfo.read(model_uri)
+    if registered and registered.tags.get("model_version", info.model_version) != info.model_version:
+        raise ValueError(f"{model_uri} holds model {info.model_version}, not the one registered as "
+                         f"{registered.uri} ({registered.tags['model_version']}): it was "
+                         "overwritten; train into a new --output for each version")
     if args.address:  # a cluster: its nodes must see every local path before anything is written
         init_ray(args.address)
         check_nodes([args.input, args.manifest, args.output, model_uri])

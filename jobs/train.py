@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     summary = summarize(args, config, time.perf_counter() - start)
     if product:
         summary["registered"] = register(args, product, config, summary)
+        write_summary(config.output, summary)
     print(json.dumps(summary, indent=2, default=str))
     return summary
 
@@ -73,7 +74,6 @@ def fit_with_ray_train(settings: TrainerSettings, config: TrainingConfig) -> Non
 def summarize(args, config: TrainingConfig, wall_s: float) -> dict:
     """The training summary, from model.json (the record of what was trained: Ray keeps only
     checkpointed metrics), also written beside the artifact as train_summary.json."""
-    from anomaly_core import storage
     from anomaly_core.model.info import read_metadata  # model.json only, without torch
 
     meta = read_metadata(config.output)
@@ -91,9 +91,16 @@ def summarize(args, config: TrainingConfig, wall_s: float) -> dict:
                "worker_images_per_s": (training.get("last_epoch") or {}).get("images_per_s"),
                "validation_metrics": meta["validation_metrics"],
                "fingerprint": training["fingerprint"]}
-    body = json.dumps(summary, indent=2, default=str)
-    storage.write_bytes(storage.join(config.output, "train_summary.json"), body.encode())
+    write_summary(config.output, summary)
     return summary
+
+
+def write_summary(output: str, summary: dict) -> None:
+    """train_summary.json beside the artifact."""
+    from anomaly_core import storage
+
+    storage.write_bytes(storage.join(output, "train_summary.json"),
+                        json.dumps(summary, indent=2, default=str).encode())
 
 
 def product_name(args: argparse.Namespace) -> str:

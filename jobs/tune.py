@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     names = [p for p, _, _ in params]
     options = asdict(make_config(name, **fixed))
     args.storage_path = args.storage_path or storage.join(args.output, "tune")
+    if args.save_best_artifact:  # the retrain registers: the registry must be there now
+        from anomaly_core.model import registry
+
+        registry.client()
     train, val = preflight_training(args, name, options, args.output)
     config = TrainingConfig.from_args(args, name, options, train, val, None)
     family = detector_class(name).family

@@ -190,7 +190,13 @@ def log_training(product: str, *, source: str, detector: str, params: dict[str, 
     c = client()
     product = check_product(product)
     experiment = c.get_experiment_by_name(product)
-    experiment_id = experiment.experiment_id if experiment else c.create_experiment(product)
+    if experiment:
+        experiment_id = experiment.experiment_id
+    else:  # an embedded store keeps the runs' files beside its database, not in ./mlruns
+        uri = tracking_uri()
+        beside = (os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts", product)
+                  if uri.startswith("sqlite:///") else None)
+        experiment_id = c.create_experiment(product, artifact_location=beside)
     run = c.create_run(experiment_id, run_name=f"train-{detector}",
                        tags={"mlflow.user": _user(), "detector": detector})
     run_id, now = run.info.run_id, int(datetime.now(UTC).timestamp() * 1000)

@@ -65,6 +65,13 @@ def test_train_registers_promote_moves_the_champion_and_scoring_by_alias_follows
     assert registry.resolve(f"models:/{product}@champion").version == 1
     run = registry.resolve(f"models:/{product}/1")
     assert run.tags["fingerprint"] == read_metadata(str(tmp_path / "v1"))["training"]["fingerprint"]
+    summary = json.loads((tmp_path / "v1" / "train_summary.json").read_text())
+    assert summary["registered"]["version"] == 1
+
+    # A later fit into version 1's folder changes the weights under it: scoring it refuses.
+    _train(data, product, str(tmp_path / "v1"), seed=2)
+    with pytest.raises(ValueError, match="overwritten"):
+        _score(f"models:/{product}/1", data, str(tmp_path / "scores-3"))
 
 
 def test_a_fleet_trains_every_product_records_a_failure_and_a_rerun_skips_what_did_not_change(
