@@ -17,6 +17,7 @@ from dataclasses import asdict, replace
 
 from anomaly_core import storage
 from anomaly_core.config import TrainingConfig
+from anomaly_core.training.auto import objective, pick
 from anomaly_core.training.fleet import ProductResult, fingerprint, products, table
 from jobs.common import JobFailed, init_ray, log
 from jobs.preflight import check_nodes, check_replicas
@@ -36,21 +37,43 @@ def fit_product(config: TrainingConfig) -> str:
     return config.output
 
 
-def train_fleet(args: argparse.Namespace, detector: str, options: dict) -> dict:
-    """Plan every product, fit what changed, register each new artifact; the table."""
+def fit_config(args: argparse.Namespace, config: TrainingConfig) -> None:
+    """One fit: a memory detector as a task of its own (N share a GPU, none needs a process
+    group), a gradient detector as a Ray Train run with its checkpoints beside its artifact."""
+    import ray
+
     from anomaly_core.detectors import detector_class
+    from jobs import train
+
+    if detector_class(config.detector).family == "memory":
+        gpus = 1 / max(args.products_per_gpu, 1) if args.use_gpu else 0
+        ray.get(ray.remote(fit_product).options(
+            num_cpus=args.cpus_per_worker, num_gpus=gpus, max_retries=1,
+            retry_exceptions=False).remote(config))
+    else:
+        train.fit_with_ray_train(replace(TrainerSettings.from_args(args), storage_path=storage.join(
+            config.output, "checkpoints")), config)
+
+
+def train_fleet(args: argparse.Namespace, detector: str, options: dict,
+                candidates: list | None = None) -> dict:
+    """Plan every product, fit what changed (with --detector auto, every candidate, keeping the
+    best objective), register each new artifact; the table."""
     from anomaly_core.model import registry
     from anomaly_core.preflight import check_detector, check_writable
     from anomaly_core.training.validation import training_records
     from jobs import train
 
-    check_detector(detector, options)
+    for det, opts in ([(detector, options)] if not candidates else
+                      [train.candidate_config(args, c, options, "")[:2] for c in candidates]):
+        check_detector(det, opts)
     check_writable(args.output)
     init_ray(args.address)
     check_replicas(args.num_workers, args.cpus_per_worker, args.use_gpu, "--num-workers",
                    "--cpus-per-worker")
-    check_nodes([args.data, args.val_data, args.output], detector=detector, options=options)
-    memory = detector_class(detector).family == "memory"
+    # Weights every node must find: the detector's (each candidate's weights at fit time).
+    check_nodes([args.data, args.val_data, args.output],
+                **({} if candidates else {"detector": detector, "options": options}))
     results, todo = [], []
     for product in products(args.data, args.categories):
         result = ProductResult(product, detector=detector)
@@ -61,19 +84,24 @@ def train_fleet(args: argparse.Namespace, detector: str, options: dict) -> dict:
             train_set, val = training_records(args.data, category=product, seed=args.seed,
                                               val_fraction=args.val_fraction,
                                               val_data=args.val_data)
-            digest = fingerprint(args.data, product, detector, options, vars(args))
+            product_args = argparse.Namespace(**{**vars(args), "category": product})
+            digest = fingerprint(args.data, product,
+                                 *train.fingerprinted(product_args, detector, options))
             latest = registry.latest(product) if args.register else None
             if latest and latest.tags.get("data_fingerprint") == digest:
-                result.status, result.version, result.artifact = "up to date", latest.version, \
-                    latest.source
+                result.status, result.version = "up to date", latest.version
+                result.artifact, result.detector = latest.source, latest.tags.get("detector")
                 result.image_auroc = _float(latest.tags.get("val_image_auroc"))
                 result.pixel_auroc = _float(latest.tags.get("val_pixel_auroc"))
                 continue
             output = storage.join(args.output, product, digest[:12])
-            product_args = argparse.Namespace(**{**vars(args), "category": product})
-            config = TrainingConfig.from_args(product_args, detector, options, train_set, val,
-                                              output)
-            todo.append((result, product_args, config, digest))
+            configs = []
+            for c in candidates or [None]:
+                det, opts, out = ((detector, options, output) if c is None else
+                                  train.candidate_config(args, c, options, output))
+                configs.append(TrainingConfig.from_args(product_args, det, opts, train_set, val,
+                                                        out))
+            todo.append((result, product_args, configs, digest))
         except (ValueError, storage.StorageError, FileNotFoundError) as exc:
             result.status, result.reason = "failed", f"{type(exc).__name__}: {exc}"
     log.info("fleet of %d products: %d to train with %s, %d up to date, %d failed", len(results),
@@ -81,24 +109,26 @@ def train_fleet(args: argparse.Namespace, detector: str, options: dict) -> dict:
              sum(r.status == "failed" for r in results))
 
     def run(item) -> None:
-        result, product_args, config, digest = item
+        result, product_args, configs, digest = item
         start = time.perf_counter()
         try:
-            if memory:  # a task of its own: N products share a GPU, none needs a process group
-                import ray
-
-                gpus = 1 / max(args.products_per_gpu, 1) if args.use_gpu else 0
-                ray.get(ray.remote(fit_product).options(
-                    num_cpus=args.cpus_per_worker, num_gpus=gpus, max_retries=1,
-                    retry_exceptions=False).remote(config))
-            else:
-                settings = replace(TrainerSettings.from_args(args),
-                                   storage_path=storage.join(config.output, "checkpoints"))
-                train.fit_with_ray_train(settings, config)
-            summary = train.summarize(product_args, config, time.perf_counter() - start)
+            fits = []
+            for config in configs:
+                fit_config(args, config)
+                fits.append((config, train.summarize(product_args, config,
+                                                     time.perf_counter() - start)))
+            auto = {}
+            if candidates:
+                scored = [(c, objective(s["validation_metrics"])) for c, (_, s) in
+                          zip(candidates, fits)]
+                best = pick(scored)
+                auto = {"auto_pick": best.label, "auto_candidates": {c.label: v for c, v in scored}}
+                result.detector = best.label
+            config, summary = fits[candidates.index(best)] if candidates else fits[0]
+            summary.update(auto)
             if args.register:
                 summary["registered"] = train.register(product_args, result.product, config,
-                                                       summary, data_fingerprint=digest)
+                                                       summary, data_fingerprint=digest, auto=auto)
                 result.version = summary["registered"]["version"]
                 train.write_summary(config.output, summary)
             validation = summary["validation_metrics"]  # labelled, else synthetic anomalies

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 
 from anomaly_core.config import TrainingConfig
 from jobs.common import log, redacted, run_job, setup_logging, use_storage_flags
@@ -34,7 +35,13 @@ def main(argv: list[str] | None = None) -> dict:
     from anomaly_core import storage
     from anomaly_core.detectors import make_config
 
-    options = asdict(make_config(name, **options))  # fail on a bad option before any Ray work
+    candidates = None
+    if name == "auto":  # each candidate's options are checked in candidate_config
+        from anomaly_core.training.auto import parse_candidates
+
+        candidates = parse_candidates(args.auto_candidates)
+    else:
+        options = asdict(make_config(name, **options))  # a bad option fails before any Ray work
     if args.register:  # the registry must be reachable before any work
         from anomaly_core.model import registry
 
@@ -42,22 +49,57 @@ def main(argv: list[str] | None = None) -> dict:
     if args.categories:  # a plant: every product in one job (jobs/fleet.py)
         from jobs import fleet
 
-        return fleet.train_fleet(args, name, options)
+        return fleet.train_fleet(args, name, options, candidates)
     product = registry.check_product(args.product or product_name(args)) if args.register else None
     # Checkpoints go beside the artifact unless told otherwise: never a node's own disk.
     args.storage_path = args.storage_path or storage.join(args.output, "checkpoints")
-    train, val = preflight_training(args, name, options, args.output)
-    log.info("train %s: %d training, %d validation images; options %s",
-             name, len(train), len(val), json.dumps(redacted(options)))
-    config = TrainingConfig.from_args(args, name, options, train, val, args.output)
-    start = time.perf_counter()
-    fit_with_ray_train(TrainerSettings.from_args(args), config)
-    summary = summarize(args, config, time.perf_counter() - start)
+    first = candidate_config(args, candidates[0], options, args.output) if candidates else None
+    train, val = preflight_training(args, first[0] if first else name,
+                                    first[1] if first else options, args.output)
+    auto = {}
+    if candidates:  # every candidate fits (one after another); the best objective is kept
+        from anomaly_core.training.auto import objective, pick
+
+        fits = {}
+        for c in candidates:
+            det, opts, out = candidate_config(args, c, options, args.output)
+            config = TrainingConfig.from_args(args, det, opts, train, val, out)
+            start = time.perf_counter()
+            fit_with_ray_train(replace(TrainerSettings.from_args(args),
+                                       storage_path=storage.join(out, "checkpoints")), config)
+            fits[c] = (config, summarize(args, config, time.perf_counter() - start))
+        scored = [(c, objective(s["validation_metrics"])) for c, (_, s) in fits.items()]
+        best = pick(scored)
+        config, summary = fits[best]
+        auto = {"auto_pick": best.label, "auto_candidates": {c.label: v for c, v in scored}}
+        summary.update(auto)
+        log.info("--detector auto picked %s of %s", best.label, auto["auto_candidates"])
+    else:
+        log.info("train %s: %d training, %d validation images; options %s",
+                 name, len(train), len(val), json.dumps(redacted(options)))
+        config = TrainingConfig.from_args(args, name, options, train, val, args.output)
+        start = time.perf_counter()
+        fit_with_ray_train(TrainerSettings.from_args(args), config)
+        summary = summarize(args, config, time.perf_counter() - start)
     if product:
-        summary["registered"] = register(args, product, config, summary)
+        summary["registered"] = register(args, product, config, summary, auto=auto)
         write_summary(config.output, summary)
     print(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def candidate_config(args, candidate, options: dict, output: str) -> tuple[str, dict, str]:
+    """(detector, full options, artifact folder) of one --detector auto candidate: --set options
+    the candidate's detector has, then its own settings; its artifact in <output>/<label>."""
+    from dataclasses import asdict, fields
+
+    from anomaly_core import storage
+    from anomaly_core.detectors import detector_class, make_config
+
+    known = {f.name for f in fields(detector_class(candidate.detector).Config)}
+    chosen = {**{k: v for k, v in options.items() if k in known}, **dict(candidate.options)}
+    return (candidate.detector, asdict(make_config(candidate.detector, **chosen)),
+            storage.join(output, candidate.label))
 
 
 def fit_with_ray_train(settings: TrainerSettings, config: TrainingConfig) -> None:
@@ -103,13 +145,21 @@ def write_summary(output: str, summary: dict) -> None:
                         json.dumps(summary, indent=2, default=str).encode())
 
 
+def fingerprinted(args, detector: str, options: dict) -> tuple[str, dict, dict]:
+    """(detector, options, flags) as a rerun compares them: --detector auto's candidates and
+    --set options, not the pick."""
+    if args.detector == "auto":
+        return "auto", {"candidates": args.auto_candidates, "set": args.overrides}, vars(args)
+    return detector, options, vars(args)
+
+
 def product_name(args: argparse.Namespace) -> str:
     """--category, else the last part of --data."""
     return args.category or args.data.rstrip("/").rsplit("/", 1)[-1]
 
 
 def register(args, product: str, config: TrainingConfig, summary: dict,
-             data_fingerprint: str | None = None) -> dict:
+             data_fingerprint: str | None = None, auto: dict | None = None) -> dict:
     """An MLflow run of this fit and a new registered version of `product` pointing at the
     artifact (by an absolute URI: scoring may run anywhere)."""
     import os
@@ -122,14 +172,19 @@ def register(args, product: str, config: TrainingConfig, summary: dict,
     source = config.output if storage.is_s3(config.output) else os.path.abspath(config.output)
     validation = summary["validation_metrics"]
     data_fingerprint = data_fingerprint or fingerprint(
-        args.data, args.category or "", config.detector, config.options, vars(args))
+        args.data, args.category or "", *fingerprinted(args, config.detector, config.options))
     training = {k: getattr(args, k) for k in (
         "data", "category", "val_fraction", "val_data", "objective", "num_workers", "batch_size",
         "epochs", "precision", "input_pipeline", "seed", "tile", "tiled_size", "tile_stride")}
     version = registry.log_training(
         product, source=source, detector=config.detector,
-        params={**config.options, **training, "category": product},
-        metrics={k if k.startswith("val_") else f"val_{k}": v for k, v in validation.items()},
+        params={**config.options, **training, "category": product,
+                **({"auto_pick": auto["auto_pick"]} if auto else {})},
+        metrics={**{k if k.startswith("val_") else f"val_{k}": v
+                    for k, v in validation.items()},
+                 # --detector auto: every candidate's objective, and which was kept
+                 **{f"auto_objective.{k}": v for k, v in (auto or {}).get(
+                     "auto_candidates", {}).items() if v is not None}},
         history=read_metadata(config.output)["training"].get("history", []),
         summary=summary,
         tags={"model_version": summary["model_version"], "fingerprint": summary["fingerprint"],

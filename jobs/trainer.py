@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from anomaly_core.config import TrainingConfig, parse_overrides
+from anomaly_core.training.auto import DEFAULT_CANDIDATES
 from jobs.common import add_cluster_flags
 
 
@@ -19,7 +20,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by jobs.train and jobs.tune: data, detector, validation, workers."""
     p.add_argument("--data", required=True, help="MVTec-layout root (with --category) or a folder of normal images; local or s3://")
     p.add_argument("--category", help="MVTec category: train on <data>/<category>/train/good")
-    p.add_argument("--detector", default=None, help="registered detector name (default padim, or from --config)")
+    p.add_argument("--detector", default=None,
+                   help="registered detector name, or auto (default padim, or from --config)")
     p.add_argument("--config", help="YAML file: {detector: NAME, options: {...}, training: {...}}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="detector option, repeatable, e.g. --set backbone=resnet18 --set image_size=128")
@@ -62,10 +64,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         "them, and overlapping maps are averaged)")
     p.add_argument("--tile-batch", type=int, default=64, help="tiles per model call")
     p.add_argument("--tile-positions", choices=("shared", "own"), default="shared",
-                   help="shared: one model for every tile position (textures; PatchCore's bank "
-                        "of all tiles); own: each tile position keeps its own statistics, for "
-                        "aligned parts where what is normal depends on where it is (padim, "
-                        "patchcore, vit_knn)")
+                   help="shared: one model for all tile positions (textures); own: each "
+                        "position its own statistics (aligned parts; padim, patchcore, vit_knn)")
     p.add_argument("--seed", type=int, default=0)
     add_cluster_flags(p)
 
@@ -74,18 +74,18 @@ def train_parser(description: str = "") -> argparse.ArgumentParser:
     """jobs.train's command line: --output and the training flags."""
     p = argparse.ArgumentParser(prog="python -m jobs.train", description=description)
     p.add_argument("--output", required=True, help="artifact directory to write (local or s3://)")
-    p.add_argument("--product",
-                   help="the registered model this fit becomes a version of (default: "
-                        "--category, else the --data folder's name)")
+    p.add_argument("--product", help="the registered model this fit becomes a version of "
+                                      "(default: --category, else the --data folder's name)")
     p.add_argument("--categories",
                    help="a plant: `all` categories under --data, or a,b,c: a model per product "
                         "(artifacts in <output>/<product>/), unchanged products skipped")
     p.add_argument("--max-concurrent", type=int, default=4, help="--categories: fits at once")
+    p.add_argument("--auto-candidates", default=DEFAULT_CANDIDATES,
+                   help="--detector auto: detectors (settings) to fit; best objective kept")
     p.add_argument("--products-per-gpu", type=int, default=4,
                    help="--categories, --use-gpu: memory detectors fit as tasks of 1/N GPU")
     p.add_argument("--register", action=argparse.BooleanOptionalAction, default=True,
-                   help="log the run to MLflow and register the artifact as the product's next "
-                        "version (MLFLOW_TRACKING_URI; unset, ./mlruns)")
+                   help="log the run to MLflow, register the artifact as a new version")
     add_training_flags(p)
     return p
 

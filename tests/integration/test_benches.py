@@ -133,3 +133,11 @@ def test_train_layouts_smoke(tmp_path):
     [row] = result["rows"]
     assert row["detector"] == "stpm"
     assert _positive(row["nchw"]) and _positive(row["channels_last"]) and _positive(row["channels_last_x"])
+
+
+def test_auto_pick_smoke(tmp_path):
+    result = run_bench("auto_pick", tmp_path / "auto_pick.json", "--smoke")
+    (row,) = result["rows"]
+    assert row["auto_pick"] in ("padim-n_features-8", "padim-n_features-16")
+    assert 0.0 <= row["given_up"] <= 1.0 and row["hit"] == (row["given_up"] == 0.0)
+    assert result["summary"]["cases"] == 1

@@ -115,3 +115,34 @@ def test_a_fleet_trains_every_product_records_a_failure_and_a_rerun_skips_what_d
     assert again[f"capsule-{tag}"]["status"] == "up to date"
     assert again[f"capsule-{tag}"]["version"] == 1
     assert again[f"carpet-{tag}"]["status"] == "trained" and again[f"carpet-{tag}"]["version"] == 2
+
+
+def test_detector_auto_fits_each_candidate_keeps_the_best_objective_and_logs_them_all(
+        data, tmp_path):
+    from mlflow import MlflowClient
+
+    product = f"auto-{uuid.uuid4().hex[:6]}"
+    candidates = "padim:n_features=8;padim:n_features=16"
+    summary = train.main(["--data", data, "--category", "capsule", "--product", product,
+                          "--detector", "auto", "--auto-candidates", candidates,
+                          "--output", str(tmp_path / "auto"), "--set", "backbone=mobilenet_v2",
+                          "--set", f"image_size={SIZE}", "--batch-size", "6"])
+    objectives = summary["auto_candidates"]
+    assert set(objectives) == {"padim-n_features-8", "padim-n_features-16"}
+    assert summary["auto_pick"] == max(objectives, key=lambda k: objectives[k])
+    assert summary["artifact"] == str(tmp_path / "auto" / summary["auto_pick"])
+    found = registry.resolve(f"models:/{product}@champion")
+    assert found.source == summary["artifact"]
+    run = MlflowClient(registry.tracking_uri()).get_run(found.run_id)
+    assert run.data.params["auto_pick"] == summary["auto_pick"]
+    assert {k for k in run.data.metrics if k.startswith("auto_objective.")} == {
+        f"auto_objective.{k}" for k in objectives}
+
+    # A plant with --detector auto: the same pick per product, and a rerun keeps it.
+    argv = ["--data", data, "--categories", "capsule", "--detector", "auto",
+            "--auto-candidates", candidates, "--output", str(tmp_path / "plant"),
+            "--set", "backbone=mobilenet_v2", "--set", f"image_size={SIZE}", "--batch-size", "6",
+            "--no-register"]
+    fleet = train.main(argv)
+    (capsule,) = fleet["products"]
+    assert capsule["status"] == "trained" and capsule["detector"] in objectives
