@@ -30,6 +30,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample", type=int, default=12, help="thumbnails of a random sample of the rest")
     p.add_argument("--thumb-size", type=int, default=256, help="longest side of a thumbnail, px")
     p.add_argument("--days", type=int, default=30, help="days up to the run's in the per-day section")
+    p.add_argument("--plant", action="store_true",
+                   help="the plant overview: every product's last run of --day (default: the "
+                        "latest night), each with its full report, and a page over --nights")
+    p.add_argument("--day", help="YYYY-MM-DD, with --plant")
+    p.add_argument("--nights", type=int, default=7, help="nights on the rolling page (--plant)")
     p.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (sets "
                    "AWS_ENDPOINT_URL_S3; without it the AWS environment decides)")
     args = p.parse_args(argv)
@@ -46,10 +51,12 @@ def main(argv: list[str] | None = None) -> str:
     setup_logging()
     args = parse_args(argv)
     use_storage_flags(args)
+    from anomaly_core.report.plant import write_overview
     from anomaly_core.report.write import write_report
 
     t0 = time.perf_counter()
-    out = write_report(args.scores, args.out, labels_root=args.labels, run_id=args.run_id,
+    out = write_overview(args.scores, args.out, day=args.day, nights=args.nights,
+                         top=args.top) if args.plant else write_report(args.scores, args.out, labels_root=args.labels, run_id=args.run_id,
                        top=args.top, sample=args.sample, thumb_size=args.thumb_size,
                        days=args.days)
     log.info("report written in %.1f s", time.perf_counter() - t0)

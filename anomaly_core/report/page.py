@@ -74,7 +74,8 @@ def render(context: dict) -> str:
                  f"{context['anomalous']} anomalous ({100 * context['rate']:.2f} %). "
                  "Thumbnails: image, heatmap (blue low, red high), predicted mask (white contour)"
                  + (", true defect (green contour)" if context["labelled"] else "") + f".{root}</p>")
-    parts.append(f"<h2>Top {len(context['top'])} most anomalous</h2>" + _figures(context["top"]))
+    parts.append(f"<h2 id=\"worst\">Top {len(context['top'])} most anomalous</h2>"
+                 + _figures(context["top"]))
     if context["sample"]:
         parts.append(f"<h2>A random sample of {len(context['sample'])} other images</h2>"
                      + _figures(context["sample"]))

@@ -19,7 +19,8 @@ from jobs import report
 ROWS, FILES = 20_000, 10
 
 
-def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: str = "r1",) -> dict:
+def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: str = "r1",
+              shift: float = 0.0, registered: dict | None = None) -> dict:
     """A finished run of n rows (every 1000th an error) over `files` part files, as the score job
     writes them; the images themselves do not exist."""
     import pyarrow as pa
@@ -28,7 +29,7 @@ def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: 
     rng = np.random.default_rng(0)
     heat, mask = encode_png(np.zeros((32, 32))), encode_png(np.zeros((32, 32)))
     now, rows = utc_now(), []
-    for i, score in enumerate(rng.normal(1.0, 0.1, n)):
+    for i, score in enumerate(rng.normal(1.0 + shift, 0.1, n)):
         row = {"uri": f"/nowhere/{i:06d}.png", "model_version": "v1", "scored_at": now,
                "run_id": run_id, "width": 32, "height": 32}
         if i % 1000 == 7:
@@ -41,7 +42,8 @@ def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: 
         publish_part(run, stage_part(run, rows[k::files]))
     calibration = {"threshold": 1.2, "pixel_threshold": 0.5,
                    "normal_scores": sorted(rng.normal(1.0, 0.1, 200).tolist())}
-    return finish(run, {"total": 1.0}, {"calibration": calibration, "model_uri": "/m"})
+    return finish(run, {"total": 1.0}, {"calibration": calibration, "model_uri": "/m",
+                                        "registered": registered})
 
 
 def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, monkeypatch):
@@ -170,3 +172,40 @@ def test_labelled_metrics_are_those_of_the_heatmaps_at_the_size_the_run_wrote_th
     for key, value in expected.items():
         assert table[0][key] == pytest.approx(value, abs=1e-12), key
     assert list(groups) == ["capsule"]
+
+
+def test_the_plant_overview_orders_products_by_drift_and_leads_to_the_worst_images(tmp_path):
+    from anomaly_core.report.plant import write_overview
+    from tests.helpers import CHROMIUM, CHROMIUM_ARGS
+
+    out = str(tmp_path / "scores")
+    for night, shift in (("2026-11-29", 0.0), ("2026-11-30", 0.3)):
+        write_run(out, 300, 2, day=night, run_id=f"washer-{night}",
+                  registered={"product": "washer", "version": 3, "aliases": ["champion"]})
+        write_run(out, 300, 2, day=night, run_id=f"bolt-{night}", shift=shift,
+                  registered={"product": "bolt", "version": 1, "aliases": ["champion"]})
+    page = write_overview(out, str(tmp_path / "plant"), top=3)
+    text = open(page).read()
+    assert text.index('data-product="bolt"') < text.index('data-product="washer"')  # drifted
+    assert 'href="bolt/index.html#worst"' in text and "2026-11-30" in text
+    assert (tmp_path / "plant" / "washer" / "index.html").exists()
+    rolling = (tmp_path / "plant" / "rolling.html").read_text()
+    assert "2026-11-29" in rolling and "2026-11-30" in rolling and "bolt" in rolling
+    with pytest.raises(ValueError, match="no run finished on 2026-10-01"):
+        write_overview(out, str(tmp_path / "x"), day="2026-10-01")
+
+    if not __import__("os").path.exists(CHROMIUM):
+        pytest.skip(f"{CHROMIUM} is missing: .ci/setup installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:  # one click from a product to its worst images
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        tab = browser.new_page()
+        tab.goto(f"file://{page}", wait_until="load")
+        assert tab.title() == "Plant overview 2026-11-30"
+        tab.click('tr[data-product="bolt"] a.worst')
+        tab.wait_for_load_state("load")
+        assert tab.url.endswith("/plant/bolt/index.html#worst")
+        assert tab.locator("#worst").count() == 1
+        assert tab.locator("figure.thumb").count() == 3 + 12  # the worst 3, a sample of 12
+        browser.close()
