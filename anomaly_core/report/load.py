@@ -16,15 +16,21 @@ LIGHT_COLUMNS = ["uri", "score", "score_normalized", "is_anomalous", "error", "r
                  "model_version", "width", "height", "dt", "model"]
 
 
-def load_summary(scores: str, run_id: str | None) -> dict[str, Any]:
-    """The run's _SUCCESS.json: the given run, else the last to finish on the latest day."""
+def finished_runs(scores: str) -> list[dict[str, Any]]:
+    """Every finished run's _SUCCESS.json under `scores` (the score job's --output)."""
     runs_dir = storage.join(scores, RUNS_DIR)
     if not storage.exists(runs_dir):
         raise FileNotFoundError(f"{scores} holds no scoring runs ({runs_dir} is missing): pass the "
                                 "score job's --output as --scores, or run python -m jobs.score first")
     found = [f for f in storage.list_files(runs_dir, extensions=[".json"])
              if f.endswith("/_SUCCESS.json")]
-    summaries = [json.loads(storage.read_bytes(f)) for f in found]
+    return [json.loads(storage.read_bytes(f)) for f in found]
+
+
+def load_summary(scores: str, run_id: str | None) -> dict[str, Any]:
+    """The run's _SUCCESS.json: the given run, else the last to finish on the latest day."""
+    summaries = finished_runs(scores)
+    runs_dir = storage.join(scores, RUNS_DIR)
     if run_id:
         summaries = [s for s in summaries if s["run_id"] == run_id]
         if not summaries:

@@ -11,14 +11,12 @@ whose first section is its worst images. Products are ordered by how far they ar
 from __future__ import annotations
 
 import html
-import json
 from typing import Any
 
 import numpy as np
 
 from anomaly_core import storage
 from anomaly_core.report import load
-from anomaly_core.scoring.runs import RUNS_DIR
 
 STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
          "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}"
@@ -27,17 +25,6 @@ STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
 
 def product_of(summary: dict[str, Any]) -> str:
     return (summary.get("registered") or {}).get("product") or summary["model"]
-
-
-def finished_runs(scores: str) -> list[dict[str, Any]]:
-    """Every finished run's _SUCCESS.json under `scores`."""
-    runs_dir = storage.join(scores, RUNS_DIR)
-    if not storage.exists(runs_dir):
-        raise FileNotFoundError(f"{scores} holds no scoring runs ({runs_dir} is missing): pass the "
-                                "score jobs' --output as --scores")
-    found = [f for f in storage.list_files(runs_dir, extensions=[".json"])
-             if f.endswith("/_SUCCESS.json")]
-    return [json.loads(storage.read_bytes(f)) for f in found]
 
 
 def product_line(dataset, summary: dict[str, Any]) -> dict[str, Any]:
@@ -72,7 +59,7 @@ def write_overview(scores: str, out: str, *, day: str | None = None, nights: int
     night's page."""
     from anomaly_core.report.write import write_report
 
-    runs = finished_runs(scores)
+    runs = load.finished_runs(scores)
     if not runs:
         raise ValueError(f"no finished run under {scores}; run the score jobs first")
     days = sorted({r["day"] for r in runs})
