@@ -17,7 +17,6 @@ from dataclasses import asdict, replace
 
 from anomaly_core import storage
 from anomaly_core.config import TrainingConfig
-from anomaly_core.training.auto import objective, pick
 from anomaly_core.training.fleet import ProductResult, fingerprint, products, table
 from jobs.common import JobFailed, init_ray, log
 from jobs.preflight import check_nodes, check_replicas
@@ -117,15 +116,10 @@ def train_fleet(args: argparse.Namespace, detector: str, options: dict,
                 fit_config(args, config)
                 fits.append((config, train.summarize(product_args, config,
                                                      time.perf_counter() - start)))
-            auto = {}
+            (config, summary), auto = fits[0], {}
             if candidates:
-                scored = [(c, objective(s["validation_metrics"])) for c, (_, s) in
-                          zip(candidates, fits)]
-                best = pick(scored)
-                auto = {"auto_pick": best.label, "auto_candidates": {c.label: v for c, v in scored}}
-                result.detector = best.label
-            config, summary = fits[candidates.index(best)] if candidates else fits[0]
-            summary.update(auto)
+                config, summary, auto = train.keep_best(candidates, fits)
+                result.detector = auto["auto_pick"]
             if args.register:
                 summary["registered"] = train.register(product_args, result.product, config,
                                                        summary, data_fingerprint=digest, auto=auto)

@@ -58,22 +58,15 @@ def main(argv: list[str] | None = None) -> dict:
                                     first[1] if first else options, args.output)
     auto = {}
     if candidates:  # every candidate fits (one after another); the best objective is kept
-        from anomaly_core.training.auto import objective, pick
-
-        fits = {}
+        fits = []
         for c in candidates:
             det, opts, out = candidate_config(args, c, options, args.output)
             config = TrainingConfig.from_args(args, det, opts, train, val, out)
             start = time.perf_counter()
             fit_with_ray_train(replace(TrainerSettings.from_args(args),
                                        storage_path=storage.join(out, "checkpoints")), config)
-            fits[c] = (config, summarize(args, config, time.perf_counter() - start))
-        scored = [(c, objective(s["validation_metrics"])) for c, (_, s) in fits.items()]
-        best = pick(scored)
-        config, summary = fits[best]
-        auto = {"auto_pick": best.label, "auto_candidates": {c.label: v for c, v in scored}}
-        summary.update(auto)
-        log.info("--detector auto picked %s of %s", best.label, auto["auto_candidates"])
+            fits.append((config, summarize(args, config, time.perf_counter() - start)))
+        config, summary, auto = keep_best(candidates, fits)
     else:
         log.info("train %s: %d training, %d validation images; options %s",
                  name, len(train), len(val), json.dumps(redacted(options)))
@@ -86,6 +79,21 @@ def main(argv: list[str] | None = None) -> dict:
         write_summary(config.output, summary)
     print(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def keep_best(candidates: list, fits: list[tuple[TrainingConfig, dict]]) -> tuple:
+    """--detector auto: the (config, summary) of the candidate with the best objective, and
+    what the run records of the choice (`auto_pick`, every candidate's objective), which the
+    summary gets too."""
+    from anomaly_core.training.auto import objective, pick
+
+    scored = [(c, objective(s["validation_metrics"])) for c, (_, s) in zip(candidates, fits)]
+    best = pick(scored)
+    config, summary = fits[candidates.index(best)]
+    auto = {"auto_pick": best.label, "auto_candidates": {c.label: v for c, v in scored}}
+    summary.update(auto)
+    log.info("--detector auto picked %s of %s", best.label, auto["auto_candidates"])
+    return config, summary, auto
 
 
 def candidate_config(args, candidate, options: dict, output: str) -> tuple[str, dict, str]:
