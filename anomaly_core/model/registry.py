@@ -96,22 +96,20 @@ def _client(uri: str):
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]) or ".", exist_ok=True)
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    c.search_registered_models(max_results=1)  # reachable: checked once per process and URI
+    return c
 
 
 def client():
     """The MLflow client for tracking_uri(), checked reachable; a failure names the URI."""
-    uri = tracking_uri()
     try:
-        c = _client(uri)
-        c.search_registered_models(max_results=1)
+        return _client(tracking_uri())  # a failure is not cached: the next call tries again
     except Exception as exc:  # MLflow raises its own and requests' errors
-        _client.cache_clear()
         raise RegistryError(
             f"the model registry at {shown_uri()} cannot be reached ({type(exc).__name__}: "
-            f"{_redacted(str(exc))[:300]}); check MLFLOW_TRACKING_URI (unset: an embedded SQLite store in "
-            f"./{DEFAULT_HOME})") from exc
-    return c
+            f"{_redacted(str(exc))[:300]}); check MLFLOW_TRACKING_URI (unset: an embedded "
+            f"SQLite store in ./{DEFAULT_HOME})") from exc
 
 
 def _version(mv) -> RegisteredVersion:
