@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 class ScoringConfig:
     """The scoring pipeline's settings, for its read tasks, model actors and row tasks."""
 
-    model_uri: str  # the artifact (--model)
-    input_size: tuple[int, int]  # (height, width) images are decoded to: the artifact's
+    # product -> (artifact URI, (height, width) its images are decoded to): one product for a
+    # single model, every product with a model for a fleet run (--fleet)
+    models: dict[str, tuple[str, tuple[int, int]]]
     use_gpu: bool = False
     precision: str = "auto"  # the networks' precision: auto, fp32, fp16 or bf16
     compile: bool = False  # torch.compile the model in each actor
@@ -27,20 +28,27 @@ class ScoringConfig:
     model_threads: int | None = None  # CPU only: each actor's torch threads; None: Ray's
     max_pixels: int = 100_000_000  # larger images are refused (decompression bombs)
     keep_jpeg: bool = False  # plain JPEGs left for the model actor to decode (--gpu-decode)
+    # the models an actor keeps loaded at once, in MiB of weights (least recently used evicted
+    # first); one model is always kept, whatever its size
+    models_memory_mb: float = 8192
 
     @classmethod
-    def from_args(cls, args: Any, input_size: tuple[int, int],
-                  model_uri: str | None = None) -> ScoringConfig:
-        """From jobs.score's parsed flags, the artifact's input size and its URI (a registry
-        URI's resolved artifact; default --model)."""
+    def from_args(cls, args: Any, models: dict[str, tuple[str, tuple[int, int]]]
+                  ) -> ScoringConfig:
+        """From jobs.score's parsed flags and each product's artifact and input size."""
         return cls(
-            model_uri=model_uri or args.model, input_size=tuple(input_size), use_gpu=args.use_gpu,
-            precision=args.precision, compile=args.compile,
+            models={p: (uri, tuple(size)) for p, (uri, size) in models.items()},
+            use_gpu=args.use_gpu, precision=args.precision, compile=args.compile,
             render_on_device=args.render_on_device,
             mask_size=tuple(args.mask_size) if args.mask_size else None,
             model_threads=args.model_threads, max_pixels=args.max_pixels,
-            keep_jpeg=args.gpu_decode,
+            keep_jpeg=args.gpu_decode, models_memory_mb=args.models_memory_mb,
         )
+
+    @property
+    def input_sizes(self) -> dict[str, tuple[int, int]]:
+        """product -> (height, width) its images are decoded to."""
+        return {p: size for p, (_, size) in self.models.items()}
 
 
 @dataclass(frozen=True)

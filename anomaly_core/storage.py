@@ -263,6 +263,15 @@ def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
         raise storage_error(exc, uri, "look up") from exc
 
 
+def size(uri: str) -> int:
+    """The size in bytes of one file."""
+    fs, path = filesystem(uri)
+    info = _info(fs, path, uri)
+    if info.type != pafs.FileType.File:
+        raise storage_error(FileNotFoundError(uri), uri, "look up")
+    return info.size
+
+
 def exists(uri: str) -> bool:
     """True if a file or folder/prefix exists at `uri` (a missing bucket counts as absent)."""
     fs, path = filesystem(uri)

@@ -1,10 +1,13 @@
-"""Score every image in a folder, s3:// prefix or manifest with a trained artifact into Parquet.
+"""Score every image in a folder, s3:// prefix or manifest into Parquet: with one model, or
+with each product's registered model (--fleet).
 
-    python -m jobs.score --model ARTIFACT_URI --input DIR_OR_S3 --output DIR_OR_S3 [--incremental]
+    python -m jobs.score --model MODEL --input DIR_OR_S3 --output DIR_OR_S3 [--incremental]
+    python -m jobs.score --fleet [ALIAS] --input DIR_OR_S3 --output DIR_OR_S3 [--product-from ..]
 
-List once -> read + decode + resize (CPU tasks) -> model (actor pool) -> rows and atomic part
-files (CPU tasks) -> <output>/dt=YYYY-MM-DD/model=NAME/. Starting the same command again resumes
-the run; unreadable images become rows with `error` and the run goes on.
+List once -> read + decode + resize (CPU tasks) -> model (actor pool; models resident by
+product) -> rows and atomic part files (CPU tasks) -> <output>/dt=D/product=P/version=V/.
+Starting the same command again resumes the run; unreadable images, and images whose product
+has no model, become rows with `error` and the run goes on.
 """
 
 from __future__ import annotations
@@ -14,12 +17,12 @@ import json
 import re
 import time
 
+from anomaly_core import storage
 from anomaly_core.config import ScoringConfig
-from anomaly_core.model import registry
+from anomaly_core.errors import ArtifactError
 from anomaly_core.model.calibration import Calibration
-from anomaly_core.model.info import ArtifactInfo  # model.json only, without torch
-from anomaly_core.scoring import runs
-from anomaly_core.scoring.model_stage import ModelStage
+from anomaly_core.scoring import models, runs
+from anomaly_core.scoring.model_stage import ResidentModels
 from anomaly_core.scoring.rows import read_images, write_part
 from jobs.common import (
     JobFailed,
@@ -36,9 +39,20 @@ from jobs.preflight import check_nodes, check_replicas, check_resources
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.score", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True,
-                   help="models:/<product>@champion (or @alias, /version) from the registry, or "
-                        "an artifact directory written by jobs.train")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model",
+                       help="models:/<product>@champion (or @alias, /version) from the registry, "
+                            "or an artifact directory written by jobs.train")
+    which.add_argument("--fleet", nargs="?", const="champion", metavar="ALIAS",
+                       help="score each image with its product's registered model under ALIAS "
+                            "(default champion); see --product-from")
+    p.add_argument("--product-from",
+                   help="with --fleet, each image's product: hive:KEY (a KEY=<product> folder, "
+                        "default hive:product), folder:N (the N-th folder under --input) or "
+                        "column (the manifest's `product` column, the default with --manifest)")
+    p.add_argument("--models-memory-mb", type=float, default=8192,
+                   help="weights each model actor keeps loaded (MiB); the least recently used "
+                        "product's model is evicted first")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="folder or s3://bucket/prefix of images (recursive)")
     source.add_argument("--manifest", help="Parquet or CSV file with a `uri` column (optional etag)")
@@ -95,6 +109,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     add_cluster_flags(p)
     args = p.parse_args(argv)
+    if args.product_from and not args.fleet:
+        p.error("--product-from says where --fleet finds each image's product; pass --fleet")
+    if args.fleet and not args.product_from:
+        args.product_from = "column" if args.manifest else "hive:product"
+    if args.product_from == "column" and not args.manifest:
+        p.error("--product-from column reads the `product` column of a --manifest")
     if args.batch_size < 1 or args.rows_per_file < 1 or args.num_actors < 1:
         p.error("--batch-size, --rows-per-file and --num-actors must be at least 1")
     if args.batches_in_flight is None:
@@ -115,8 +135,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-class ScoringActor(ModelStage):
-    """The model stage as a Ray Data actor: the artifact loaded once, its Ray node in each row."""
+class ScoringActor(ResidentModels):
+    """The model stage as a Ray Data actor: models loaded once, its Ray node in each row."""
 
     def __init__(self, config: ScoringConfig) -> None:
         import ray
@@ -124,11 +144,12 @@ class ScoringActor(ModelStage):
         super().__init__(config, node=ray.get_runtime_context().get_node_id())
 
 
-def write_rows(batch: dict, run: runs.RunAttempt, calibration: Calibration, mask_size) -> dict:
+def write_rows(batch: dict, run: runs.RunAttempt, calibrations: dict[str, Calibration],
+               mask_size) -> dict:
     """CPU task: the row stage (anomaly_core.scoring.rows.write_part), and where it ran."""
     import ray
 
-    return {**write_part(batch, run, calibration, mask_size),
+    return {**write_part(batch, run, calibrations, mask_size),
             "rows_node": [ray.get_runtime_context().get_node_id()]}
 
 
@@ -138,37 +159,37 @@ def main(argv: list[str] | None = None) -> dict:
     use_storage_flags(args)
 
     t0 = time.perf_counter()
-    # Fail before any work when the model, the input or the output cannot be used. The driver
+    # Fail before any work when a model, the input or the output cannot be used. The driver
     # reads model.json only: the weights (gigabytes for PaDiM) are loaded by the actors alone.
-    registered = registry.resolve(args.model) if registry.is_registry_uri(args.model) else None
-    model_uri = registered.source if registered else args.model  # the workers get the artifact
-    info = ArtifactInfo.read(model_uri)
-    if registered and registered.tags.get("model_version", info.model_version) != info.model_version:
-        raise ValueError(f"{model_uri} holds model {info.model_version}, not the one registered as "
-                         f"{registered.uri} ({registered.tags['model_version']}): it was "
-                         "overwritten; train into a new --output for each version")
+    chosen = None if args.fleet else models.single_model(args.model)
+    if chosen and (problems := models.read_artifacts((chosen,))[1]):
+        raise ArtifactError(problems[chosen.product])
     if args.address:  # a cluster: its nodes must see every local path before anything is written
         init_ray(args.address)
-        check_nodes([args.input, args.manifest, args.output, model_uri])
+        check_nodes([args.input, args.manifest, args.output, chosen and chosen.uri])
     extensions = [e if e.startswith(".") else f".{e}" for e in args.extensions.split(",") if e]
     run = runs.open_run(
         source=args.input or args.manifest, manifest=bool(args.manifest), output=args.output,
         inventory=args.inventory, since=args.since, date_prefix=args.date_prefix,
-        model=info.name, model_version=info.model_version, extensions=extensions,
-        incremental=args.incremental, run_id=args.run_id,
-        product=registered.product if registered else None,
-        registered_version=registered.version if registered else None,
+        models=[chosen] if chosen else models.fleet_models(args.fleet), extensions=extensions,
+        incremental=args.incremental, run_id=args.run_id, product_from=args.product_from,
     )
-    todo = runs.pending(run)
+    infos, problems = models.read_artifacts(run.models)
+    for product, problem in problems.items():
+        log.error("product %s is not scored: %s", product, problem)
+    todo = runs.publish_without_model(run, runs.pending(run), set(infos), lambda p: (
+        models.no_model_reason(p, args.fleet or "champion", problems)))
     t_plan = time.perf_counter() - t0
-    log.info("run %s (%s): %d images listed, %d to score; model %s@%s%s; rows to %s; options %s",
+    log.info("run %s (%s): %d images listed, %d to score; %s; rows to %s; options %s",
              run.run_id, "resumed" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
-             info.name, info.model_version, f" ({registered.uri})" if registered else "",
-             run.partition, json.dumps(redacted(vars(args))))
+             ", ".join(f"{m.product}@{m.version}" for m in run.models) or "no models",
+             storage.join(run.output, f"dt={run.day}"), json.dumps(redacted(vars(args))))
     if todo.num_rows:
         init_ray(args.address)
         import ray
 
+        if args.address and run.fleet:
+            check_nodes([info.uri for info in infos.values()])
         check_replicas(args.num_actors, args.cpus_per_actor, args.use_gpu, "--num-actors",
                        "--cpus-per-actor")
         decode_memory = int(args.decode_memory_mb * 2**20)
@@ -183,8 +204,8 @@ def main(argv: list[str] | None = None) -> dict:
         # Each stage hands on a block per batch instead of collecting 128 MiB (Ray's default) of
         # decoded images or maps first: with a few large input blocks, that would hold back the
         # first rows for thousands of small images.
-        height, width = info.input_size
-        context.target_max_block_size = max(args.batch_size * 3 * height * width * 4, 1 << 20)
+        pixels = max(h * w for h, w in (i.input_size for i in infos.values()))
+        context.target_max_block_size = max(args.batch_size * 3 * pixels * 4, 1 << 20)
         # Ray Data's per-operator CPU reservation gave the row tasks none on small clusters
         # (decode 1 CPU + actor 1 CPU of 2): no part file until every image was decoded (none
         # after 150 s of a 100,000-image run on 2 CPUs; 22 s without it, same images/s).
@@ -193,11 +214,11 @@ def main(argv: list[str] | None = None) -> dict:
         blocks = runs.input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
         log.info("planned in %.2f s; %d inputs to Ray Data in %d blocks", t_plan, todo.num_rows,
                  len(blocks))
-        config = ScoringConfig.from_args(args, info.input_size, model_uri)
+        config = ScoringConfig.from_args(args, {p: (i.uri, i.input_size) for p, i in infos.items()})
         ds = ray.data.from_arrow(blocks)
         ds = ds.map_batches(
             read_images, batch_size=args.batch_size, fn_kwargs={
-                "size": config.input_size, "max_pixels": config.max_pixels,
+                "sizes": config.input_sizes, "max_pixels": config.max_pixels,
                 "keep_jpeg": config.keep_jpeg},
             # A memory reservation the model actor does not have keeps Ray Data from fusing
             # decoding into the actor (it fuses maps with equal resources): decoding scales
@@ -214,31 +235,30 @@ def main(argv: list[str] | None = None) -> dict:
             num_gpus=1 if args.use_gpu else 0,
         )
         ds = ds.map_batches(write_rows, batch_size=args.rows_per_file, fn_kwargs={
-            "run": run.describe(), "calibration": info.calibration,
-            "mask_size": config.mask_size})
+            "run": run.describe(), "mask_size": config.mask_size,
+            "calibrations": {p: i.calibration for p, i in infos.items()}})
         progress = runs.Progress(todo.num_rows, args.progress_every, log.info)
         nodes = runs.publish_all(run, ds.iter_rows(), progress)
         t_score, t_first = time.perf_counter() - t1, progress.first
         # The operators as Ray ran them ("A->B" when fused): decoding must not be in the actor.
         stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)
+        loads = {"loads": progress.loads, "evictions": progress.evictions}
     else:
-        t_score, t_first, stages, nodes = 0.0, None, [], {}
+        t_score, t_first, stages, nodes, loads = 0.0, None, [], {}, {}
     # first_rows: from the dataset's creation to the first part file (actors' start included)
     summary = runs.finish(run, {"plan": t_plan, "first_rows": t_first, "score": t_score,
-                           "total": time.perf_counter() - t0},
-                     {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
-                      # the Ray nodes that ran the model actors and wrote the rows
-                      "nodes": nodes,
-                      "stages": stages,
-                      # what the rows were scored with; the report reads these
-                      "model_uri": model_uri, "calibration": info.calibration.to_dict(),
-                      "registered": registered.describe() if registered else None,
-                      "validation_metrics": info.validation_metrics})
+                          "total": time.perf_counter() - t0},
+                          {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
+                           # the Ray nodes that ran the model actors and wrote the rows
+                           "nodes": nodes, "stages": stages, "models_loaded": loads},
+                          # what each product's rows were scored with; the report reads these
+                          {m.product: models.product_summary(m, infos[m.product])
+                           for m in run.models if m.product in infos})
     print(runs.summary_text(run, summary))
     rate = summary["errors"] / max(summary["rows"], 1)
     if rate > args.max_error_rate:
         raise JobFailed(f"error rate {rate:.1%} is above --max-error-rate {args.max_error_rate:.1%}; "
-                         f"the rows are written, see the `error` column under {run.partition}")
+                         f"the rows are written, see the `error` column under {args.output}")
     return summary
 
 

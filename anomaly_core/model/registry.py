@@ -143,6 +143,26 @@ def resolve(uri: str) -> RegisteredVersion:
     return _version(mv)
 
 
+def resolve_aliases(wanted: Iterable[str], alias: str = CHAMPION) -> dict[str, RegisteredVersion]:
+    """The version `alias` names now for each wanted product that has it (a fleet run): one
+    listing of the registered models, then one lookup per product found. A product missing
+    from the result has no such model or alias; a registry that fails raises."""
+    c, wanted, held, token = client(), set(wanted), {}, None
+    try:
+        while True:
+            page = c.search_registered_models(max_results=1000, page_token=token)
+            held.update({m.name: int(m.aliases[alias]) for m in page
+                         if m.name in wanted and alias in (m.aliases or {})})
+            token = page.token
+            if not token:
+                break
+        return {p: _version(c.get_model_version(p, str(v))) for p, v in sorted(held.items())}
+    except Exception as exc:  # MLflow raises its own and requests' errors
+        raise RegistryError(f"the model registry at {shown_uri()} failed while resolving "
+                            f"@{alias} of {len(wanted)} products ({type(exc).__name__}: "
+                            f"{_redacted(str(exc))[:300]}); run the job again") from exc
+
+
 def products() -> list[str]:
     """Every registered product, sorted."""
     c, names, token = client(), [], None

@@ -4,7 +4,8 @@ Four ways to say which images to score, all returning one table of INPUT_SCHEMA:
 
   folder / prefix   a local folder or s3://bucket/prefix, listed recursively; each page of the
                     listing becomes an Arrow RecordBatch at once (no Python lists of every URI)
-  manifest          a CSV or Parquet file with a `uri` column (optional size_bytes, etag)
+  manifest          a CSV or Parquet file with a `uri` column (optional size_bytes, etag, and
+                    product for a fleet run)
   S3 Inventory      the manifest.json of an S3 Inventory report (CSV or Parquet data files),
                     filtered to the --input prefix and the extensions, without listing the bucket
   since/date_prefix for date-partitioned sources: only the prefixes of the dates from `since` to
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, timedelta
 
@@ -28,7 +30,10 @@ import pyarrow.csv as pacsv
 from anomaly_core import storage
 
 INPUT_SCHEMA = pa.schema(
-    [("uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string()), ("prev_etag", pa.string())]
+    [("uri", pa.string()), ("size_bytes", pa.int64()), ("etag", pa.string()),
+     ("prev_etag", pa.string()),
+     # the image's product: a manifest's `product` column, else set by products_from_paths
+     ("product", pa.string())]
 )
 
 # CSV inventory field names (fileSchema) -> the Parquet/ORC column names AWS uses for them.
@@ -87,6 +92,25 @@ def list_inputs(
     return _list_dates(source, prefixes, extensions)
 
 
+def products_from_paths(inputs: pa.Table, source: str, rule: str) -> pa.Table:
+    """The inputs with each image's product taken from its path (a fleet run):
+    rule "hive:KEY"   the value of the folder KEY=<product> anywhere in the path
+    rule "folder:N"   the name of the N-th folder under `source` (1: the first level)
+    An image the rule finds no product in gets null (an error row names why)."""
+    kind, _, arg = rule.partition(":")
+    relative = pc.utf8_slice_codeunits(inputs["uri"], len(source.rstrip("/")) + 1)
+    if kind == "hive" and arg:
+        found = pc.extract_regex(inputs["uri"], rf"(?:^|/){re.escape(arg)}=(?P<p>[^/]+)/")
+    elif kind == "folder" and arg.isdigit() and int(arg) >= 1:
+        found = pc.extract_regex(relative, rf"^(?:[^/]+/){{{int(arg) - 1}}}(?P<p>[^/]+)/")
+    else:
+        raise ValueError(f"--product-from {rule!r}: expected hive:KEY (e.g. hive:product for "
+                         ".../product=washer/...) or folder:N (e.g. folder:1, the first folder "
+                         f"under {source}), or column for a manifest's `product` column")
+    products = pc.struct_field(found, [0])
+    return inputs.set_column(inputs.schema.get_field_index("product"), "product", products)
+
+
 # -- folder / prefix listing ---------------------------------------------------------------
 
 
@@ -94,7 +118,7 @@ def _page_batch(page: list[tuple[str, int, str | None]]) -> pa.RecordBatch:
     uris, sizes, etags = zip(*page)
     return pa.RecordBatch.from_arrays(
         [pa.array(uris, pa.string()), pa.array(sizes, pa.int64()), pa.array(etags, pa.string()),
-         pa.nulls(len(page), pa.string())],
+         pa.nulls(len(page), pa.string()), pa.nulls(len(page), pa.string())],
         schema=INPUT_SCHEMA,
     )
 
@@ -216,10 +240,12 @@ def _read_manifest(source: str) -> pa.Table:
             table["etag"].cast(pa.string()) if "etag" in table.column_names
             else pa.nulls(n, pa.string()),
             pa.nulls(n, pa.string()),
+            table["product"].cast(pa.string()) if "product" in table.column_names
+            else pa.nulls(n, pa.string()),
         ]
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise ValueError(f"manifest {source}: a column has the wrong type ({exc}); uri and "
-                         "etag are strings, size_bytes an integer") from exc
+        raise ValueError(f"manifest {source}: a column has the wrong type ({exc}); uri, etag "
+                         "and product are strings, size_bytes an integer") from exc
     table = pa.Table.from_arrays(columns, schema=INPUT_SCHEMA)
     if table["uri"].null_count:
         raise ValueError(f"manifest {source} has {table['uri'].null_count} empty `uri` values; "
@@ -393,8 +419,8 @@ def _filter_inventory(batch: pa.RecordBatch, bucket: str, keys: list[str],
             else pa.nulls(n, pa.int64()))
     etag = (pc.utf8_trim(batch.column("e_tag").filter(mask).cast(pa.string()), '"')
             if "e_tag" in names else pa.nulls(n, pa.string()))
-    return pa.RecordBatch.from_arrays([uri, size, etag, pa.nulls(n, pa.string())],
-                                      schema=INPUT_SCHEMA)
+    return pa.RecordBatch.from_arrays([uri, size, etag, pa.nulls(n, pa.string()),
+                                       pa.nulls(n, pa.string())], schema=INPUT_SCHEMA)
 
 
 _HEX = np.full(256, -1, np.int16)

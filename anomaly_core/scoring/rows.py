@@ -18,25 +18,36 @@ TEXT_COLUMNS = ("uri", "etag", "error")
 INT_COLUMNS = ("size_bytes", "width", "height")
 
 
-def read_images(batch: dict, size: tuple[int, int], max_pixels: int,
+def read_images(batch: dict, sizes: dict[str, tuple[int, int]], max_pixels: int,
                 keep_jpeg: bool = False) -> dict:
-    """bytes -> decoded, resized image per row; failures keep the row with `error`.
-    With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their bytes in `jpeg`."""
+    """bytes -> decoded image per row, resized to its product's model input (`sizes`); failures
+    keep the row with `error`. With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their
+    bytes in `jpeg`. Products of different input sizes in one batch give a ragged column."""
     from anomaly_core.data.decode import read_image  # torch-free
 
+    shapes = [tuple(sizes[p]) for p in batch["product"]]
     rows = [
         read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,
                    max_pixels=max_pixels, keep_jpeg=keep_jpeg)
-        for uri, etag, prev in zip(batch["uri"], batch["etag"], batch["prev_etag"])
+        for uri, etag, prev, size in zip(batch["uri"], batch["etag"], batch["prev_etag"], shapes)
     ]
-    blank = np.zeros((3, *size), dtype=np.uint8)
     # Ray turns an all-None column into floats; carry "" and -1 for missing, nulls again in rows.
     out = {k: [r[k] or "" for r in rows] for k in TEXT_COLUMNS}
     out.update({k: [r[k] or -1 for r in rows] for k in INT_COLUMNS})
+    out["product"] = list(batch["product"])
     out["skipped"] = np.array([r["skipped"] for r in rows])
-    out["image"] = np.stack([blank if r["image"] is None else r["image"] for r in rows])
+    out["image"] = stacked([np.zeros((3, *size), dtype=np.uint8) if r["image"] is None
+                            else r["image"] for r, size in zip(rows, shapes)])
     out["jpeg"] = [r["jpeg"] or b"" for r in rows]
     return out
+
+
+def stacked(arrays: list[np.ndarray]) -> np.ndarray | list[np.ndarray]:
+    """One array when every row's has the same shape, else the list (Ray Data keeps it as a
+    variable-shaped tensor column)."""
+    if arrays and all(a.shape == arrays[0].shape for a in arrays):
+        return np.stack(arrays)
+    return list(arrays)
 
 
 def output_size(batch: dict, i: int, mask_size) -> tuple[int, int]:
@@ -44,10 +55,11 @@ def output_size(batch: dict, i: int, mask_size) -> tuple[int, int]:
     return tuple(mask_size) if mask_size else (int(batch["height"][i]), int(batch["width"][i]))
 
 
-def make_rows(batch: dict, run: RunAttempt, calibration: Calibration,
+def make_rows(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration],
               mask_size) -> list[dict[str, Any]]:
     """Raw outputs (maps, or masks and heatmaps rendered by the model stage) -> schema rows: PNG
-    mask and heatmap, normalized score; skipped images get none."""
+    mask and heatmap, normalized score (by the row's product's calibration); skipped images get
+    none."""
     import torch
 
     from anomaly_core.scoring.schema import utc_now
@@ -60,10 +72,10 @@ def make_rows(batch: dict, run: RunAttempt, calibration: Calibration,
         row = {k: batch[k][i] for k in (*TEXT_COLUMNS, *INT_COLUMNS)}
         row = {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}
         row = {k: None if v in ("", -1) else v for k, v in row.items()}
-        row.update(model_version=run.model_version, scored_at=now, run_id=run.run_id,
-                   product=run.product, registered_version=run.registered_version)
+        row.update(model_version=run.model(batch["product"][i]).model_version, scored_at=now,
+                   run_id=run.run_id)
         if row["error"] is None:
-            size = output_size(batch, i, mask_size)
+            size, calibration = output_size(batch, i, mask_size), calibrations[batch["product"][i]]
             if "raw_map" in batch:
                 # A copy: Ray hands the batch over read-only, which torch.from_numpy warns of.
                 raw = torch.tensor(batch["raw_map"][i][None])
@@ -76,14 +88,21 @@ def make_rows(batch: dict, run: RunAttempt, calibration: Calibration,
     return rows
 
 
-def write_part(batch: dict, run: RunAttempt, calibration: Calibration, mask_size) -> dict:
-    """The row stage: raw outputs -> schema rows -> one part file in the attempt's staging
-    folder (the driver publishes it); returns the counts, the staged file and the model nodes."""
+def write_part(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration],
+               mask_size) -> dict:
+    """The row stage: raw outputs -> schema rows -> a part file per product in the attempt's
+    staging folder (the driver publishes them); returns the counts, the staged files (one per
+    line) and the model nodes."""
     from anomaly_core.scoring.runs import stage_part
 
-    rows = make_rows(batch, run, calibration, mask_size)
-    staged = stage_part(run, rows)
+    rows = make_rows(batch, run, calibrations, mask_size)
+    products = [p for p, s in zip(batch["product"], batch["skipped"]) if not s]
+    groups: dict[str, list] = {}
+    for product, row in zip(products, rows, strict=True):
+        groups.setdefault(product, []).append(row)
+    staged = [stage_part(run, group, product) for product, group in groups.items()]
     errors = sum(r["error"] is not None for r in rows)
     return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors],
-            "staged": [staged or ""],
-            "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))]}
+            "staged": ["\n".join(staged)],
+            "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))],
+            **{k: [int(np.sum(batch[k]))] for k in ("model_loads", "model_evictions")}}

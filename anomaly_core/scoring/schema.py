@@ -1,9 +1,12 @@
 """The one owner of the Parquet score-row schema: columns, types, partitions, file encoding.
 
-Rows live under <output>/dt=YYYY-MM-DD/model=NAME/. As in Hive and Spark, the partition
-columns `dt` and `model` are in the directory names, not inside the files: readers of the
-directory (pyarrow.dataset, pandas, DuckDB, Spark, Athena) add them, and a column stored in both
-places makes pandas and pyarrow refuse the dataset.
+Rows live under <output>/dt=YYYY-MM-DD/product=NAME/version=V/: the day scored, the product (the
+registered model's name; a bare artifact's detector name) and the model version scored with (the
+registered version number; a bare artifact's weights digest; `none` for an image whose product
+has no model). As in Hive and Spark, the partition columns are in the directory names, not
+inside the files: readers of the directory (pyarrow.dataset, pandas, DuckDB, Spark, Athena) add
+them, and a column stored in both places makes pandas and pyarrow refuse the dataset. `version`
+is a string: read it as one where artifacts and registered versions share an output.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-PARTITION_COLUMNS = ("dt", "model")
+PARTITION_COLUMNS = ("dt", "product", "version")
+NO_MODEL = "none"  # the version= of rows whose product has no model (error rows)
 FILE_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),
@@ -32,9 +36,6 @@ FILE_SCHEMA = pa.schema(
         pa.field("error", pa.string()),  # null when scored; the reason when not
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("run_id", pa.string(), nullable=False),
-        # the registered model (product) and version scored with: models:/<product>/<version>
-        pa.field("product", pa.string()),
-        pa.field("registered_version", pa.int32()),
     ]
 )
 # What a reader of the output directory sees.
@@ -62,8 +63,8 @@ def parquet_bytes(table: pa.Table, metadata: dict[str, str] | None = None) -> by
     return buffer.getvalue()
 
 
-def partition_path(root: str, model: str, day: datetime) -> str:
-    """Hive partition directory dt=YYYY-MM-DD/model=NAME under the output root."""
+def partition_path(root: str, day: str, product: str, version: str) -> str:
+    """Hive partition directory dt=YYYY-MM-DD/product=NAME/version=V under the output root."""
     from anomaly_core import storage
 
-    return storage.join(root, f"dt={day:%Y-%m-%d}", f"model={model}")
+    return storage.join(root, f"dt={day}", f"product={product}", f"version={version}")

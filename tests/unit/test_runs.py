@@ -20,19 +20,24 @@ def _rows(uris: list[str], attempt: str) -> list[dict]:
              "error": None, "etag": attempt} for u in uris]
 
 
-def _publish(run: runs.ScoreRun, rows: list[dict]) -> str:
+def _model(version: str = "v1", product: str = "padim") -> runs.RunModel:
+    return runs.RunModel(product=product, version=version, model_version=version,
+                         detector="padim", uri=f"/models/{product}/{version}")
+
+
+def _publish(run: runs.ScoreRun, rows: list[dict], product: str = "padim") -> str:
     """A row task's part file staged and published by its driver, as the score job does."""
-    return runs.publish_part(run, runs.stage_part(run, rows))
+    return runs.publish_part(run, runs.stage_part(run, rows, product))
 
 
 def _open(source: str, output: str) -> runs.ScoreRun:
-    return runs.open_run(source=source, output=output, model="padim", model_version="v1",
+    return runs.open_run(source=source, output=output, models=[_model()],
                          extensions=[".png"], run_id="r")
 
 
 def _read_every_way(output: str) -> dict[str, list[str]]:
     """The uris each documented reader returns for the whole output folder."""
-    glob = f"{output}/dt=*/model=*/*.parquet"
+    glob = f"{output}/dt=*/product=*/version=*/*.parquet"
     return {
         "pandas": pd.read_parquet(output)["uri"].tolist(),
         "pyarrow": pads.dataset(output, partitioning="hive").to_table(columns=["uri"])["uri"].to_pylist(),
@@ -56,7 +61,7 @@ def test_a_killed_attempts_late_files_never_reach_readers_twice(source, tmp_path
     todo = runs.pending(a)["uri"].to_pylist()
     assert len(todo) == N
     _publish(a, _rows(todo[:10], "a"))  # published before the kill
-    straggler = runs.stage_part(a, _rows(todo[10:20], "a"))  # staged; the driver died first
+    straggler = runs.stage_part(a, _rows(todo[10:20], "a"), "padim")  # staged; the driver died first
 
     b = _open(source, output)  # resumed at once, while a's stragglers may still run
     assert b.resumed and b.attempt != a.attempt
@@ -64,7 +69,7 @@ def test_a_killed_attempts_late_files_never_reach_readers_twice(source, tmp_path
     assert left == todo[10:]
     # After b planned: a straggler of a stages another file, and a's dead driver's last copy
     # (already in flight) lands in the partition.
-    runs.stage_part(a, _rows(todo[20:30], "a"))
+    runs.stage_part(a, _rows(todo[20:30], "a"), "padim")
     late = runs.publish_part(a, straggler)
     for k in range(0, len(left), 8):
         _publish(b, _rows(left[k:k + 8], "b"))
@@ -75,7 +80,7 @@ def test_a_killed_attempts_late_files_never_reach_readers_twice(source, tmp_path
     for reader, uris in _read_every_way(output).items():
         assert sorted(uris) == sorted(todo), reader  # each image once, none missing
     # A straggler that writes after the run finished still writes only where nobody reads.
-    runs.stage_part(a, _rows(todo[30:], "a"))
+    runs.stage_part(a, _rows(todo[30:], "a"), "padim")
     for reader, uris in _read_every_way(output).items():
         assert len(uris) == N, reader
 
@@ -100,7 +105,7 @@ def test_a_resumed_attempt_keeps_what_earlier_attempts_published_before_it_plann
 def test_only_the_attempts_own_staged_files_are_published(source, tmp_path):
     output = str(tmp_path / "out")
     a = _open(source, output)
-    staged = runs.stage_part(a, _rows(runs.pending(a)["uri"].to_pylist()[:3], "a"))
+    staged = runs.stage_part(a, _rows(runs.pending(a)["uri"].to_pylist()[:3], "a"), "padim")
     b = _open(source, output)
     with pytest.raises(ValueError, match="not a part file staged by attempt"):
         runs.publish_part(b, staged)
@@ -115,11 +120,11 @@ def test_incremental_state_is_filled_once_from_results_written_before_the_index(
     runs.finish(a, {"total": 1.0})
     assert runs.ScoredIndex(output, "padim", "v1").exists()
     storage.delete(f"{output}/_index")  # as results written by a version without the index
-    night = runs.open_run(source=source, output=output, model="padim", model_version="v1",
+    night = runs.open_run(source=source, output=output, models=[_model("v1")],
                           extensions=[".png"], run_id="night2", incremental=True)
     assert night.inputs["prev_etag"].to_pylist() == ["etag-a"] * N  # from the part files
     assert runs.ScoredIndex(output, "padim", "v1").exists()  # filled, next nights read it only
-    other = runs.open_run(source=source, output=output, model="padim", model_version="v2",
+    other = runs.open_run(source=source, output=output, models=[_model("v2")],
                           extensions=[".png"], run_id="night3", incremental=True)
     assert other.inputs["prev_etag"].null_count == N  # a new version scores everything
 
@@ -146,11 +151,64 @@ def test_a_manifest_of_a_million_uris_plans_in_seconds_into_a_bounded_number_of_
         "uri": uris.slice(0, 100_000), "etag": pa.array(["old"] * 100_000),
         "scored_at": pa.array([utc_now()] * 100_000, pa.timestamp("us", tz="UTC"))}), "yesterday")
     start = time.perf_counter()
-    run = runs.open_run(source=manifest, manifest=True, output=output, model="padim",
-                        model_version="v1", extensions=[".png"], incremental=True)
+    run = runs.open_run(source=manifest, manifest=True, output=output, models=[_model()],
+                        extensions=[".png"], incremental=True)
     todo = runs.pending(run)
     blocks = input_blocks(todo, cpus=64, batch_size=32)
     seconds = time.perf_counter() - start
     assert todo.num_rows == n and run.inputs["prev_etag"].null_count == n - 100_000
     assert len(blocks) == 977 and sum(b.num_rows for b in blocks) == n  # 1,024 rows at most
     assert seconds < 15, f"planning a million manifest URIs took {seconds:.1f} s"
+
+
+def test_a_fleet_run_is_exactly_once_per_product_and_keeps_rows_of_products_without_a_model(
+        tmp_path):
+    root = tmp_path / "in"
+    for product in ("washer", "bolt", "ghost"):
+        folder = root / "2026-12-01" / f"product={product}"
+        folder.mkdir(parents=True)
+        for i in range(12):
+            (folder / f"{i:03d}.png").write_bytes(b"x")
+    (root / "stray.png").write_bytes(b"x")  # no product in its path
+    output, asked = str(tmp_path / "out"), []
+
+    def resolve(products: list[str]) -> list[runs.RunModel]:  # the registry: no model of ghost
+        asked.append(products)
+        return [_model("3", p) for p in products if p != "ghost"]
+
+    def start() -> runs.ScoreRun:
+        return runs.open_run(source=str(root), output=output, models=resolve, run_id="fleet",
+                             extensions=[".png"], product_from="hive:product")
+
+    def plan(run: runs.ScoreRun) -> dict[str, list[str]]:
+        todo = runs.publish_without_model(run, runs.pending(run), {"bolt", "washer"},
+                                          lambda p: f"product {p} has no model")
+        by_product: dict[str, list[str]] = {}
+        for uri, product in zip(todo["uri"].to_pylist(), todo["product"].to_pylist()):
+            by_product.setdefault(product, []).append(uri)
+        return by_product
+
+    a = start()
+    assert asked == [["bolt", "ghost", "washer"]] and a.fleet
+    todo = plan(a)
+    assert {p: len(u) for p, u in todo.items()} == {"bolt": 12, "washer": 12}
+    _publish(a, _rows(todo["washer"][:6], "a"), "washer")  # then the driver is killed
+    runs.stage_part(a, _rows(todo["bolt"], "a"), "bolt")  # staged, never published
+    b = start()  # the rerun resumes with the models it started with: the registry is not asked
+    assert b.resumed and len(asked) == 1 and b.models == a.models
+    todo = plan(b)
+    assert {p: len(u) for p, u in todo.items()} == {"bolt": 12, "washer": 6}
+    for product, uris in todo.items():
+        _publish(b, _rows(uris, "b"), product)
+    summary = runs.finish(b, {"total": 1.0})
+    counts = duckdb.sql(
+        f"select product, version::varchar, count(*), count(distinct uri), count(error) from "
+        f"read_parquet('{output}/dt=*/product=*/version=*/*.parquet', hive_partitioning = true)"
+        " group by all order by product").fetchall()
+    assert counts == [("bolt", "3", 12, 12, 0), ("ghost", "none", 12, 12, 12),
+                      ("none", "none", 1, 1, 1), ("washer", "3", 12, 12, 0)]
+    assert {p: (c["rows"], c["errors"]) for p, c in summary["products"].items()} == {
+        "bolt": (12, 0), "ghost": (12, 12), "none": (1, 1), "washer": (12, 0)}
+    assert summary["rows"] == summary["inputs"] == 37
+    errors = pd.read_parquet(output, filters=[("product", "==", "ghost")])["error"]
+    assert errors.str.endswith("product ghost has no model").all()
