@@ -37,8 +37,10 @@ from bench.common import (
     write_json,
 )
 
-RUN = {"run_id": "bench", "output": "/tmp/bench", "model": "bench", "model_version": "v",
-       "day": "2026-01-01", "source": "bench", "incremental": False, "created_at": "bench"}
+RUN = {"run_id": "bench", "output": "/tmp/bench", "day": "2026-01-01", "source": "bench",
+       "incremental": False, "created_at": "bench"}
+MODEL = {"product": "bench", "version": "v", "model_version": "v", "detector": "padim",
+         "uri": "/tmp/bench/model"}
 
 
 # This worker's pre-rendered (mask, heatmap) pairs for the rows_rendered stage, made before the
@@ -61,8 +63,9 @@ def _init_worker(model_size: int, height: int, width: int) -> None:
 def _decode(paths: list[str], size: int) -> int:
     from anomaly_core.scoring.rows import read_images
 
-    batch = {"uri": paths, "etag": [""] * len(paths), "prev_etag": [""] * len(paths)}
-    out = read_images(batch, (size, size), 10**9, None)
+    batch = {"uri": paths, "etag": [""] * len(paths), "prev_etag": [""] * len(paths),
+             "product": ["bench"] * len(paths)}
+    out = read_images(batch, {"bench": (size, size)}, 10**9, None)
     assert not any(out["error"]), out["error"]
     return len(paths)
 
@@ -85,18 +88,20 @@ def _rows(n: int, model_size: int, height: int, width: int, rendered: bool = Fal
 
     from anomaly_core.model.calibration import Calibration
     from anomaly_core.scoring.rows import make_rows
-    from anomaly_core.scoring.runs import RunAttempt
+    from anomaly_core.scoring.runs import RunAttempt, RunModel
     from anomaly_core.scoring.schema import parquet_bytes, score_table
 
     batch = {"uri": [f"/bench/{i}.png" for i in range(n)], "etag": ["e"] * n, "error": [""] * n,
              "size_bytes": [1] * n, "width": [width] * n, "height": [height] * n,
-             "skipped": np.zeros(n, bool), "raw_score": np.ones(n, np.float32)}
+             "skipped": np.zeros(n, bool), "raw_score": np.ones(n, np.float32),
+             "product": ["bench"] * n}
     if rendered:
         pairs = [_RENDERED[i % len(_RENDERED)] for i in range(n)]
         batch.update(mask_u8=[m for m, _ in pairs], heat_u8=[h for _, h in pairs])
     else:
         batch["raw_map"] = raw_maps(n, model_size)
-    rows = make_rows(batch, RunAttempt(**RUN, attempt="bench"), Calibration(**CALIBRATION), None)
+    run = RunAttempt(**RUN, models=(RunModel(**MODEL),), attempt="bench")
+    rows = make_rows(batch, run, {"bench": Calibration(**CALIBRATION)}, None)
     return len(rows) if parquet_bytes(score_table(rows)) else 0
 
 

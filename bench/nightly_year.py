@@ -11,7 +11,7 @@ prefix that keeps a few days; `--relist-changed` of them with a new etag), then:
            nights (it grows linearly) and on the last night. Both answers are checked against
            the bench's own bookkeeping (a wrong plan stops the bench).
   record   the images planned are "scored": (a) their rows go to one Parquet part file under the
-           results layout the old scan reads, partition_path(output, model, day)/part-*.parquet,
+           results layout the old scan reads, partition_path(output, day, product, version)/part-*.parquet,
            with only the columns it reads (uri, etag, scored_at, model_version, error; a few rows
            have an error), and (b) the error-free rows go to ScoredIndex.add (timed: "add s",
            compactions included).
@@ -124,7 +124,8 @@ def _record(output: str, index, day: datetime, scored: pa.Table, name: str) -> f
     from anomaly_core import storage
     from anomaly_core.scoring.schema import parquet_bytes, partition_path
 
-    part = storage.join(partition_path(output, MODEL, day), f"part-{name}.parquet")
+    part = storage.join(partition_path(output, f"{day:%Y-%m-%d}", MODEL, VERSION),
+                        f"part-{name}.parquet")
     storage.write_bytes(part, parquet_bytes(scored))
     start = time.perf_counter()
     index.add(scored, name)

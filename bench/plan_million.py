@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         while time.perf_counter() - started < args.timeout and proc.poll() is None:
             peak = peak_rss_mb(proc.pid)
-            if glob.glob(os.path.join(out, "dt=*", "model=*", "part-*.parquet")):
+            if glob.glob(os.path.join(out, "dt=*", "product=*", "version=*", "part-*.parquet")):
                 first_rows = time.perf_counter() - started
                 break
             time.sleep(0.05)

@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "contours")
     p.add_argument("--run-id", help="the run to report (default: the last finished one of the "
                    "latest day)")
+    p.add_argument("--product", help="the product to report, when the run scored several (a "
+                   "--fleet run)")
     p.add_argument("--top", type=int, default=24, help="thumbnails of the most anomalous images")
     p.add_argument("--sample", type=int, default=12, help="thumbnails of a random sample of the rest")
     p.add_argument("--thumb-size", type=int, default=256, help="longest side of a thumbnail, px")
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> str:
     t0 = time.perf_counter()
     out = write_overview(args.scores, args.out, day=args.day, nights=args.nights,
                          top=args.top) if args.plant else write_report(args.scores, args.out, labels_root=args.labels, run_id=args.run_id,
-                       top=args.top, sample=args.sample, thumb_size=args.thumb_size,
+                       product=args.product, top=args.top, sample=args.sample, thumb_size=args.thumb_size,
                        days=args.days)
     log.info("report written in %.1f s", time.perf_counter() - t0)
     print(f"report    {out}")

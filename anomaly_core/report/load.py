@@ -13,22 +13,28 @@ from anomaly_core import storage
 from anomaly_core.scoring.runs import RUNS_DIR
 
 LIGHT_COLUMNS = ["uri", "score", "score_normalized", "is_anomalous", "error", "run_id",
-                 "model_version", "width", "height", "dt", "model"]
+                 "model_version", "width", "height", "dt", "product", "version"]
 
 
 def finished_runs(scores: str) -> list[dict[str, Any]]:
-    """Every finished run's _SUCCESS.json under `scores` (the score job's --output)."""
+    """Every finished run under `scores` (the score job's --output), one entry per product it
+    scored (a fleet run has many): its _SUCCESS.json with that product's counts and model."""
     runs_dir = storage.join(scores, RUNS_DIR)
     if not storage.exists(runs_dir):
         raise FileNotFoundError(f"{scores} holds no scoring runs ({runs_dir} is missing): pass the "
                                 "score job's --output as --scores, or run python -m jobs.score first")
     found = [f for f in storage.list_files(runs_dir, extensions=[".json"])
              if f.endswith("/_SUCCESS.json")]
-    return [json.loads(storage.read_bytes(f)) for f in found]
+    entries = []
+    for summary in (json.loads(storage.read_bytes(f)) for f in found):
+        products = summary.pop("products")
+        entries += [{**summary, **product} for product in products.values()]
+    return entries
 
 
-def load_summary(scores: str, run_id: str | None) -> dict[str, Any]:
-    """The run's _SUCCESS.json: the given run, else the last to finish on the latest day."""
+def load_summary(scores: str, run_id: str | None, product: str | None = None) -> dict[str, Any]:
+    """A product's entry of a run's _SUCCESS.json: the given run, else the last to finish on the
+    latest day; the given product, else the run's only one."""
     summaries = finished_runs(scores)
     runs_dir = storage.join(scores, RUNS_DIR)
     if run_id:
@@ -36,20 +42,32 @@ def load_summary(scores: str, run_id: str | None) -> dict[str, Any]:
         if not summaries:
             raise ValueError(f"run {run_id} has not finished under {scores} (no "
                              f"{runs_dir}/{run_id}/_SUCCESS.json); finish it by running it again")
+    if product:
+        summaries = [s for s in summaries if s["product"] == product]
+        if not summaries:
+            raise ValueError(f"no finished run under {scores} scored product {product!r}"
+                             + (f" (run {run_id})" if run_id else ""))
     if not summaries:
         raise ValueError(f"no finished run under {scores}: the score job writes _SUCCESS.json last; "
                          "run it (again) to finish its run")
-    return max(summaries, key=lambda s: (s["day"], s["finished_at"]))
+    last = max(summaries, key=lambda s: (s["day"], s["finished_at"]))
+    products = sorted({s["product"] for s in summaries if s["run_id"] == last["run_id"]})
+    if len(products) > 1:
+        raise ValueError(f"run {last['run_id']} scored {len(products)} products "
+                         f"({', '.join(products[:10])}); pass --product, or --plant for all")
+    return last
 
 
 def score_dataset(scores: str):
-    """The rows under `scores` as one dataset, dt= and model= as string partition columns, and
-    its filesystem."""
+    """The rows under `scores` as one dataset, its partitions (dt=, product=, version=) as
+    strings, and its filesystem."""
     import pyarrow as pa
     import pyarrow.dataset as pads
 
     fs, path = storage.filesystem(scores)
-    partitioning = pads.partitioning(pa.schema([("dt", pa.string()), ("model", pa.string())]),
+    from anomaly_core.scoring.schema import PARTITION_COLUMNS
+
+    partitioning = pads.partitioning(pa.schema([(c, pa.string()) for c in PARTITION_COLUMNS]),
                                      flavor="hive")
     return pads.dataset(path, filesystem=fs, format="parquet", partitioning=partitioning), fs
 
@@ -59,19 +77,19 @@ def read_run_rows(dataset, summary: dict):
     partition is read."""
     import pyarrow.compute as pc
 
-    condition = ((pc.field("dt") == summary["day"]) & (pc.field("model") == summary["model"])
+    condition = ((pc.field("dt") == summary["day"]) & (pc.field("product") == summary["product"])
                  & (pc.field("run_id") == summary["run_id"]))
     return dataset.to_table(columns=[*LIGHT_COLUMNS, "__filename"], filter=condition).to_pandas()
 
 
 def per_day(dataset, summary: dict, days: int):
-    """Rows, errors, anomalous images and the anomaly rate per dt= partition of the model, for
+    """Rows, errors, anomalous images and the anomaly rate per dt= partition of the product, for
     the `days` days up to the run's; partitions outside them are never opened."""
     import pyarrow.compute as pc
 
     last = datetime.date.fromisoformat(summary["day"])
     first = (last - datetime.timedelta(days=days - 1)).isoformat()
-    condition = ((pc.field("model") == summary["model"]) & (pc.field("dt") >= first)
+    condition = ((pc.field("product") == summary["product"]) & (pc.field("dt") >= first)
                  & (pc.field("dt") <= last.isoformat()))
     table = dataset.to_table(columns=["dt", "error", "is_anomalous"], filter=condition)
     return day_counts(table.to_pandas())

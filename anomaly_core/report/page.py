@@ -16,7 +16,7 @@ figcaption{word-break:break-all}.bad{color:#b00;font-weight:bold}.ok{color:#070}
 """
 METRIC_COLUMNS = ["category", "defect", "images", "defective", "image_auroc", "pixel_auroc",
                   "aupro", "image_f1_max", "accuracy"]
-SUMMARY_FIELDS = ("run_id", "model", "model_version", "model_uri", "day", "source", "incremental",
+SUMMARY_FIELDS = ("run_id", "product", "version", "detector", "model_version", "model_uri", "day", "source", "incremental",
                   "resumed", "inputs", "rows", "scored", "errors", "skipped", "images_per_s",
                   "timings_s", "created_at", "finished_at", "partition")
 
@@ -66,8 +66,8 @@ def _summary_rows(s: dict) -> list[dict]:
 def render(context: dict) -> str:
     """The page from what write_report gathered (its keys are the sections' contents)."""
     s, parts = context["summary"], []
-    parts.append(f"<h1>Anomaly report: {html.escape(s['model'])} @ {html.escape(s['model_version'])}"
-                 f", run {html.escape(s['run_id'])}</h1>")
+    parts.append(f"<h1>Anomaly report: {html.escape(s['product'])} version "
+                 f"{html.escape(str(s['version']))}, run {html.escape(s['run_id'])}</h1>")
     root = (f" Image paths are below {html.escape(context['root'])}."
             if context.get("root") else "")
     parts.append(f"<p>{s['scored']} images scored, {s['errors']} errors, {s['skipped']} skipped; "

@@ -23,10 +23,6 @@ STYLE = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}
          "td:first-child,th:first-child{text-align:left}.far{background:#fdd}")
 
 
-def product_of(summary: dict[str, Any]) -> str:
-    return (summary.get("registered") or {}).get("product") or summary["model"]
-
-
 def product_line(dataset, summary: dict[str, Any]) -> dict[str, Any]:
     """One product's numbers on one night, from its run's rows and its validation scores."""
     rows = load.read_run_rows(dataset, summary)
@@ -40,14 +36,12 @@ def product_line(dataset, summary: dict[str, Any]) -> dict[str, Any]:
                 if len(reference) and threshold is not None else None)
     drift = (load.drift(values, reference)["ks_distance"]
              if len(reference) >= 2 and len(values) >= 2 else None)
-    registered = summary.get("registered") or {}
-    return {"product": product_of(summary), "run_id": summary["run_id"], "day": summary["day"],
+    return {"product": summary["product"], "run_id": summary["run_id"], "day": summary["day"],
             "images": int(summary["rows"]), "errors": int(summary["errors"]),
             "anomaly_rate": rate, "validation_rate": expected, "drift": drift,
-            "model_version": summary["model_version"] if "model_version" in summary else
-            (rows["model_version"].iloc[0] if len(rows) else None),
-            "registered_version": registered.get("version"),
-            "aliases": ",".join(registered.get("aliases") or []),
+            "model_version": summary.get("model_version"),
+            "registered_version": summary.get("registered"),
+            "aliases": summary.get("alias") or "",
             # how far from normal: the drift, else the excess of anomalies over validation's
             "distance": drift if drift is not None else max(rate - (expected or 0.0), 0.0)}
 
@@ -72,13 +66,14 @@ def write_overview(scores: str, out: str, *, day: str | None = None, nights: int
     def last_per_product(night: str) -> dict[str, dict]:
         latest: dict[str, dict] = {}
         for r in sorted((r for r in runs if r["day"] == night), key=lambda r: r["finished_at"]):
-            latest[product_of(r)] = r
+            latest[r["product"]] = r
         return latest
 
     tonight = [product_line(dataset, s) for s in last_per_product(day).values()]
     tonight.sort(key=lambda line: -line["distance"])
     for line in tonight:
-        write_report(scores, storage.join(out, line["product"]), run_id=line["run_id"], top=top)
+        write_report(scores, storage.join(out, line["product"]), run_id=line["run_id"],
+                     product=line["product"], top=top)
     page = storage.join(out, "index.html")
     storage.write_bytes(page, _night_page(day, tonight, scores).encode())
     recent = days[-nights:]

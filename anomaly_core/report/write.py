@@ -16,10 +16,10 @@ log = logging.getLogger(__name__)
 
 
 def write_report(scores: str, out: str, *, labels_root: str | None = None,
-                 run_id: str | None = None, top: int = 24, sample: int = 12,
-                 thumb_size: int = 256, days: int = 30) -> str:
-    """Write <out>/index.html about the run `run_id` under `scores` (else the last finished one
-    of the latest day): thumbnails of its `top` most anomalous images and of a random `sample`
+                 run_id: str | None = None, product: str | None = None, top: int = 24,
+                 sample: int = 12, thumb_size: int = 256, days: int = 30) -> str:
+    """Write <out>/index.html about `product` (needed when the run scored several) in the run
+    `run_id` under `scores` (else the last finished one of the latest day): thumbnails of its `top` most anomalous images and of a random `sample`
     of the rest, its scores against the validation ones, `days` days of its model, and, with
     `labels_root` (an MVTec-layout root), its metrics against the labels. Returns the page's URI.
 
@@ -29,7 +29,7 @@ def write_report(scores: str, out: str, *, labels_root: str | None = None,
     from anomaly_core.scoring.schema import utc_now
 
     truth = labels.ground_truth(labels_root) if labels_root else {}
-    summary = load.load_summary(scores, run_id)
+    summary = load.load_summary(scores, run_id, product)
     dataset, fs = load.score_dataset(scores)
     run_rows = load.read_run_rows(dataset, summary)
     scored = run_rows[run_rows["error"].isna()].sort_values("score", ascending=False)

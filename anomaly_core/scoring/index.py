@@ -6,9 +6,9 @@ without error" by reading every row ever written (linear in history). This index
 question for a given list of uris, reading the index's footers (O(files), files = O(log history))
 and only the row groups whose uri range contains one of those uris.
 
-Layout, under <output>/_index/<model>/<model_version>/ (hidden from readers of the results:
-names starting with "_"; and no "model=" in the path, which `runs.scan_history` would take for a
-results partition and read):
+Layout, under <output>/_index/<product>/<model_version>/ (hidden from readers of the results:
+names starting with "_"; and no "product=" in the path, which `runs.scan_history` would take for
+a results partition and read):
     index.json                 the state: the current data files, oldest first, with row counts
     delta-<name>-<id>.parquet  one added batch (a run's rows), named after the caller's name
     merged-<id>.parquet        several files compacted into one

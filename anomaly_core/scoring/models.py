@@ -71,12 +71,11 @@ def read_artifacts(models: tuple[RunModel, ...]) -> tuple[dict[str, ArtifactInfo
 
 
 def product_summary(model: RunModel, info: ArtifactInfo) -> dict[str, Any]:
-    """What _SUCCESS.json records of a product's model: the report reads these."""
-    registered = ({"product": model.product, "version": model.registered,
-                   "aliases": [model.alias] if model.alias else [],
-                   "registry": registry.shown_uri()} if model.registered else None)
+    """What _SUCCESS.json records of a product's model besides the RunModel: the report reads
+    these."""
     return {"model_uri": model.uri, "calibration": info.calibration.to_dict(),
-            "registered": registered, "validation_metrics": info.validation_metrics}
+            "registry": registry.shown_uri() if model.registered else None,
+            "validation_metrics": info.validation_metrics}
 
 
 def no_model_reason(product: str | None, alias: str, problems: dict[str, str]) -> str:

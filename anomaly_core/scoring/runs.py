@@ -457,10 +457,12 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
         n_rows = rows.num_rows
         n_errors = n_rows - (rows["error"].null_count if n_rows else 0)
         anomalous = pc.sum(rows["is_anomalous"]).as_py() if n_rows else 0
+        inputs = (pc.sum(pc.equal(run.inputs["product"], product)).as_py() or 0 if product
+                  else run.inputs["product"].null_count)
         products[product or NO_MODEL] = {
-            **(asdict(model) if model else {"product": product, "version": NO_MODEL}),
-            "inputs": pc.sum(pc.equal(run.inputs["product"], product)).as_py() or 0
-            if product else run.inputs["product"].null_count,
+            **(asdict(model) if model else {"product": product or NO_MODEL,
+                                            "version": NO_MODEL}),
+            "inputs": inputs, "skipped": inputs - n_rows,
             "rows": n_rows, "scored": n_rows - n_errors, "errors": n_errors,
             "anomalous": anomalous or 0, "files": len(mine), "partition": partition,
             **((per_product or {}).get(product) or {}),

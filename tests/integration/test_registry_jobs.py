@@ -49,17 +49,18 @@ def test_train_registers_promote_moves_the_champion_and_scoring_by_alias_follows
 
     summary, rows = _score(f"models:/{product}@champion", data, str(tmp_path / "scores-1"))
     expected = read_metadata(str(tmp_path / "v1"))["model_version"]
-    assert rows and all(r["product"] == product and r["registered_version"] == 1 for r in rows)
+    assert rows and all(r["product"] == product and r["version"] == 1 for r in rows)
     assert all(r["model_version"] == expected for r in rows)
     success = json.loads(open(os.path.join(
         tmp_path, "scores-1", "_runs", summary["run_id"], "_SUCCESS.json")).read())
-    assert success["registered"]["version"] == 1 and success["registered"]["product"] == product
-    assert success["model_uri"] == os.path.abspath(tmp_path / "v1")
+    scored = success["products"][product]
+    assert (scored["product"], scored["registered"], scored["alias"]) == (product, 1, "champion")
+    assert scored["model_uri"] == os.path.abspath(tmp_path / "v1")
 
     models.main(["promote", product])  # the candidate, version 2, goes live
     _, rows = _score(f"models:/{product}@champion", data, str(tmp_path / "scores-2"))
     expected = read_metadata(str(tmp_path / "v2"))["model_version"]
-    assert {(r["registered_version"], r["model_version"]) for r in rows} == {(2, expected)}
+    assert {(r["version"], r["model_version"]) for r in rows} == {(2, expected)}
 
     models.main(["rollback", product])
     assert registry.resolve(f"models:/{product}@champion").version == 1

@@ -76,7 +76,8 @@ def test_folder_in_folder_out_one_row_per_image_readable_as_one_table_and_rerun_
     assert summary["scored"] == len(listed) and summary["errors"] == 0 and summary["files"] >= 2
     # Decoding ran in its own CPU tasks, not fused into the model actor.
     assert {"MapBatches(read_images)", "MapBatches(ScoringActor)"} <= set(summary["stages"])
-    assert set(COLUMNS) <= set(rows[0]) and {r["model"] for r in rows} == {"padim"}
+    assert set(COLUMNS) <= set(rows[0]) and {(r["product"], r["version"]) for r in rows} == {
+        ("padim", summary["products"]["padim"]["model_version"])}
     first = rows[0]
     mask = np.asarray(Image.open(io.BytesIO(first["mask_png"])))
     heat = np.asarray(Image.open(io.BytesIO(first["heatmap_png"])))
@@ -87,15 +88,16 @@ def test_folder_in_folder_out_one_row_per_image_readable_as_one_table_and_rerun_
     assert len(pd.read_parquet(out)) == len(listed)
     import duckdb
 
-    count = duckdb.sql(f"select count(*), count(distinct uri) from read_parquet('{out}/dt=*/model=*/*.parquet',"
-                       " hive_partitioning = true) where model = 'padim'").fetchall()[0]
+    count = duckdb.sql(f"select count(*), count(distinct uri) from read_parquet("
+                       f"'{out}/dt=*/product=*/version=*/*.parquet', hive_partitioning = true) "
+                       "where product = 'padim'").fetchall()[0]
     assert count == (len(listed), len(listed))
     manifest = json.loads((tmp_path / "out" / "_runs" / summary["run_id"] / "_SUCCESS.json").read_text())
     assert manifest["scored"] == len(listed) and manifest["skipped"] == 0 and "timings_s" in manifest
     # The same command again: the finished run is resumed and writes nothing new.
-    files = sorted(os.listdir(next((tmp_path / "out").glob("dt=*/model=padim"))))
+    files = sorted(os.listdir(next((tmp_path / "out").glob("dt=*/product=padim/version=*"))))
     again = run_score(model, source, out)
-    assert again["resumed"] and sorted(os.listdir(next((tmp_path / "out").glob("dt=*/model=padim")))) == files
+    assert again["resumed"] and sorted(os.listdir(next((tmp_path / "out").glob("dt=*/product=padim/version=*")))) == files
     assert len(read_rows(out)) == again["rows"] == len(listed)
 
 
@@ -235,7 +237,7 @@ def test_killed_driver_resumes_to_exactly_one_row_per_image(model, data, tmp_pat
     env = dict(os.environ, AWS_SECRET_ACCESS_KEY="s3cr3t-never-logged")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while time.time() < deadline and len(list(out.glob("dt=*/model=*/part-*.parquet"))) < 3:
+    while time.time() < deadline and len(list(out.glob("dt=*/product=*/version=*/part-*.parquet"))) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

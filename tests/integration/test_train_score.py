@@ -89,12 +89,13 @@ def check_report(out: str, data: str, summary: dict, tmp_path) -> None:
     from tests.helpers import open_in_chromium
 
     # An earlier night of another run beside it: the report adds a per-day section.
-    first = sorted(storage.list_files(summary["partition"], extensions=[".parquet"]))[0]
+    partition = summary["products"]["padim"]["partition"]
+    first = sorted(storage.list_files(partition, extensions=[".parquet"]))[0]
     older = pq.read_table(first)
     older = older.set_column(older.schema.get_field_index("run_id"), "run_id",
                              pa.array(["older-run"] * older.num_rows))
     day = (datetime.date.fromisoformat(summary["day"]) - datetime.timedelta(days=1)).isoformat()
-    earlier = tmp_path / "scores" / f"dt={day}" / "model=padim"
+    earlier = tmp_path / "scores" / f"dt={day}" / "product=padim" / partition.rsplit("/", 1)[1]
     earlier.mkdir(parents=True)
     pq.write_table(older, earlier / "part-older.parquet")
     page = report.main(["--scores", out, "--labels", data, "--out", str(tmp_path / "report"),

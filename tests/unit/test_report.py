@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anomaly_core.report import labels, load
-from anomaly_core.scoring.runs import ScoreRun, finish, publish_part, stage_part
+from anomaly_core.scoring.runs import RunModel, ScoreRun, finish, publish_part, stage_part
 from anomaly_core.scoring.schema import utc_now
 from anomaly_core.scoring.scorer import encode_png
 from anomaly_core.training import metrics
@@ -20,30 +20,44 @@ ROWS, FILES = 20_000, 10
 
 
 def write_run(output: str, n: int, files: int, day: str = "2026-11-30", run_id: str = "r1",
-              shift: float = 0.0, registered: dict | None = None) -> dict:
-    """A finished run of n rows (every 1000th an error) over `files` part files, as the score job
-    writes them; the images themselves do not exist."""
+              shifts: dict[str, float] | None = None, registered: int | None = None) -> dict:
+    """A finished run of n rows per product (every 1000th an error) over `files` part files per
+    product, as the score job writes them; the images themselves do not exist. One product
+    (padim, an artifact) by default; several: a fleet run, each product's scores shifted."""
     import pyarrow as pa
 
-    run = ScoreRun(run_id, output, "padim", "v1", day, "/nowhere", False, f"{day}T00:00:00", inputs=pa.table({"uri": [f"/nowhere/{i:06d}.png" for i in range(n)]}))
+    shifts = shifts or {"padim": 0.0}
+    models = tuple(RunModel(product=p, version=str(registered or "v1"), model_version="v1",
+                            detector="padim", uri=f"/m/{p}", registered=registered,
+                            alias="champion" if registered else None) for p in shifts)
+    single = len(shifts) == 1 and not registered
+
+    def uri(product: str, i: int) -> str:
+        return f"/nowhere/{i:06d}.png" if single else f"/nowhere/{product}/{i:06d}.png"
+
+    inputs = pa.table({"uri": [uri(p, i) for p in shifts for i in range(n)],
+                       "product": [p for p in shifts for _ in range(n)]})
+    run = ScoreRun(run_id, output, day, "/nowhere", False, f"{day}T00:00:00", models,
+                   fleet=not single, inputs=inputs)
     rng = np.random.default_rng(0)
     heat, mask = encode_png(np.zeros((32, 32))), encode_png(np.zeros((32, 32)))
-    now, rows = utc_now(), []
-    for i, score in enumerate(rng.normal(1.0 + shift, 0.1, n)):
-        row = {"uri": f"/nowhere/{i:06d}.png", "model_version": "v1", "scored_at": now,
-               "run_id": run_id, "width": 32, "height": 32}
-        if i % 1000 == 7:
-            row["error"] = f"/nowhere/{i:06d}.png: not a recognised image"
-        else:
-            row.update(score=float(score), is_anomalous=bool(score > 1.2), heatmap_png=heat,
-                       mask_png=mask)
-        rows.append(row)
-    for k in range(files):
-        publish_part(run, stage_part(run, rows[k::files]))
     calibration = {"threshold": 1.2, "pixel_threshold": 0.5,
                    "normal_scores": sorted(rng.normal(1.0, 0.1, 200).tolist())}
-    return finish(run, {"total": 1.0}, {"calibration": calibration, "model_uri": "/m",
-                                        "registered": registered})
+    for product, shift in shifts.items():
+        now, rows = utc_now(), []
+        for i, score in enumerate(rng.normal(1.0 + shift, 0.1, n)):
+            row = {"uri": uri(product, i), "model_version": "v1", "scored_at": now,
+                   "run_id": run_id, "width": 32, "height": 32}
+            if i % 1000 == 7:
+                row["error"] = f"{uri(product, i)}: not a recognised image"
+            else:
+                row.update(score=float(score), is_anomalous=bool(score > 1.2), heatmap_png=heat,
+                           mask_png=mask)
+            rows.append(row)
+        for k in range(files):
+            publish_part(run, stage_part(run, rows[k::files], product))
+    return finish(run, {"total": 1.0}, None,
+                  {p: {"calibration": calibration, "model_uri": f"/m/{p}"} for p in shifts})
 
 
 def test_tens_of_thousands_of_rows_read_only_the_thumbnails_images(tmp_path, monkeypatch):
@@ -179,11 +193,11 @@ def test_the_plant_overview_orders_products_by_drift_and_leads_to_the_worst_imag
     from tests.helpers import CHROMIUM, CHROMIUM_ARGS
 
     out = str(tmp_path / "scores")
-    for night, shift in (("2026-11-29", 0.0), ("2026-11-30", 0.3)):
-        write_run(out, 300, 2, day=night, run_id=f"washer-{night}",
-                  registered={"product": "washer", "version": 3, "aliases": ["champion"]})
-        write_run(out, 300, 2, day=night, run_id=f"bolt-{night}", shift=shift,
-                  registered={"product": "bolt", "version": 1, "aliases": ["champion"]})
+    for night, shift in (("2026-11-29", 0.0), ("2026-11-30", 0.3)):  # one fleet run a night
+        write_run(out, 300, 2, day=night, run_id=f"fleet-{night}", registered=3,
+                  shifts={"washer": 0.0, "bolt": shift})
+    with pytest.raises(ValueError, match="scored 2 products .bolt, washer.; pass --product"):
+        report.main(["--scores", out, "--out", str(tmp_path / "one")])
     page = write_overview(out, str(tmp_path / "plant"), top=3)
     text = open(page).read()
     assert text.index('data-product="bolt"') < text.index('data-product="washer"')  # drifted

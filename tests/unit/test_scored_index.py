@@ -131,8 +131,8 @@ def test_same_answer_as_the_full_scan_of_the_results(tmp_path):
                       [("bad" if rng.random() < 0.1 else None) for _ in uris])
         table = table.append_column("model_version", pa.array([version] * len(uris)))
         day = T0 + timedelta(days=night)
-        storage.write_bytes(storage.join(partition_path(output, "padim", day), "part-0.parquet"),
-                            parquet_bytes(table))
+        partition = partition_path(output, f"{day:%Y-%m-%d}", "padim", version)
+        storage.write_bytes(storage.join(partition, "part-0.parquet"), parquet_bytes(table))
         if version == "v1":
             index.add(table, f"night-{night}")
     tonight = rng.sample(population, 300)

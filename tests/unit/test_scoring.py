@@ -255,18 +255,19 @@ def test_old_artifacts_without_a_pixel_window_render_with_the_image_window():
 
 def test_rows_from_maps_rendered_in_the_actor_equal_rows_rendered_in_the_row_task():
     from anomaly_core.scoring.rows import make_rows
-    from anomaly_core.scoring.runs import RunAttempt
+    from anomaly_core.scoring.runs import RunAttempt, RunModel
 
-    cal = _calibration()
-    run = RunAttempt(run_id="r", output="/tmp/out", model="padim", model_version="v",
-                     day="2026-11-30", source="/in", incremental=False, created_at="now",
-                     attempt="a")
+    cal = {"padim": _calibration()}
+    model = RunModel(product="padim", version="v", model_version="v", detector="padim", uri="/m")
+    run = RunAttempt(run_id="r", output="/tmp/out", day="2026-11-30", source="/in",
+                     incremental=False, created_at="now", models=(model,), attempt="a")
     raw = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 4
     base = {"uri": ["a", "b", "c"], "etag": ["e1", "e2", "e3"], "error": ["", "", "broken"],
             "size_bytes": [1, 2, 3], "width": [40, 16, -1], "height": [30, 16, -1],
-            "skipped": np.array([False, False, False]), "raw_score": np.array([0.5, 1.5, np.nan])}
+            "skipped": np.array([False, False, False]), "raw_score": np.array([0.5, 1.5, np.nan]),
+            "product": ["padim"] * 3}
     from_maps = make_rows({**base, "raw_map": raw.numpy()}, run, cal, None)
-    masks, heats = render_maps(raw[:2], [(30, 40), (16, 16)], cal)
+    masks, heats = render_maps(raw[:2], [(30, 40), (16, 16)], cal["padim"])
     rendered = {**base, "mask_u8": [m.tobytes() for m in masks] + [b""],
                 "heat_u8": [h.tobytes() for h in heats] + [b""]}
     from_actor = make_rows(rendered, run, cal, None)
@@ -351,8 +352,8 @@ def test_the_decode_stage_reads_decodes_and_resizes_without_importing_torch(tmp_
     code = f"""
 import sys
 from anomaly_core.scoring.rows import read_images
-out = read_images({{"uri": [{str(tmp_path / "a.png")!r}], "etag": [None], "prev_etag": [None]}},
-                  (32, 48), 10**8, None)
+out = read_images({{"uri": [{str(tmp_path / "a.png")!r}], "etag": [None], "prev_etag": [None],
+                   "product": ["p"]}}, {{"p": (32, 48)}}, 10**8, None)
 assert out["image"].shape == (1, 3, 32, 48) and out["error"] == [""], out["error"]
 print("torch" in sys.modules)
 """
