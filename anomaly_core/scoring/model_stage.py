@@ -25,7 +25,7 @@ class ResidentModels:
     input blocks hold one product each, so nearly always one). Each batch out counts the loads
     and evictions it caused (`model_loads`, `model_evictions` on its first row)."""
 
-    def __init__(self, config: ScoringConfig, uri: str, node: str = "") -> None:
+    def __init__(self, config: ScoringConfig, node: str = "") -> None:
         self.config, self.node = config, node
         self.budget = config.models_memory_mb * 2**20
         self.resident: OrderedDict[str, tuple[ModelStage, int]] = OrderedDict()
