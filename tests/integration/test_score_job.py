@@ -145,7 +145,7 @@ def test_a_new_model_version_rescores_everything(model, data, tmp_path):
     artifact.detector.mean += 0.01  # a retrained model: different weights, new version
     artifact.save(str(other))
     second = run_score(str(other), source, out, "--incremental")
-    assert artifact.model_version != first["model_version"]
+    assert artifact.model_version != first["products"]["padim"]["model_version"]
     assert second["scored"] == first["scored"] and second["skipped"] == 0
 
 
