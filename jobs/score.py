@@ -32,6 +32,7 @@ from jobs.common import (
     redacted,
     run_job,
     setup_logging,
+    streaming_context,
     use_storage_flags,
 )
 from jobs.preflight import check_nodes, check_replicas, check_resources
@@ -78,10 +79,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds to wait for every model actor to load its model before any "
                         "image is sent, so all replicas share the work from the start")
     p.add_argument("--model-threads", type=int,
-                   help="CPU only: threads of each model actor's torch (default: Ray's, the "
-                        "actor's --cpus-per-actor). On a small CPU node a heavy model can take "
-                        "every core while reserving less, e.g. 2 cores: --cpus-per-actor 0.5 "
-                        "--decode-cpus 0.5 --model-threads 2")
+                   help="CPU only: each model actor's torch threads (default: its "
+                        "--cpus-per-actor); e.g. 2 cores: --cpus-per-actor 0.5 --model-threads 2")
     p.add_argument("--decode-cpus", type=float, default=1, help="CPUs per decode task")
     p.add_argument("--decode-memory-mb", type=float, default=512,
                    help="memory Ray reserves per decode task (MiB); raise it for very large images")
@@ -109,12 +108,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     add_cluster_flags(p)
     args = p.parse_args(argv)
-    if args.product_from and not args.fleet:
-        p.error("--product-from says where --fleet finds each image's product; pass --fleet")
+    if (args.product_from and not args.fleet) or (args.product_from == "column" and not args.manifest):
+        p.error("--product-from says where --fleet finds each image's product (column: in --manifest)")
     if args.fleet and not args.product_from:
         args.product_from = "column" if args.manifest else "hive:product"
-    if args.product_from == "column" and not args.manifest:
-        p.error("--product-from column reads the `product` column of a --manifest")
     if args.batch_size < 1 or args.rows_per_file < 1 or args.num_actors < 1:
         p.error("--batch-size, --rows-per-file and --num-actors must be at least 1")
     if args.batches_in_flight is None:
@@ -174,9 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
         models=[chosen] if chosen else models.fleet_models(args.fleet), extensions=extensions,
         incremental=args.incremental, run_id=args.run_id, product_from=args.product_from,
     )
-    infos, problems = models.read_artifacts(run.models)
-    for product, problem in problems.items():
-        log.error("product %s is not scored: %s", product, problem)
+    infos, problems = models.read_artifacts(run.models)  # a fleet's unusable: error rows
     todo = runs.publish_without_model(run, runs.pending(run), set(infos), lambda p: (
         models.no_model_reason(p, args.fleet or "champion", problems)))
     t_plan = time.perf_counter() - t0
@@ -197,19 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
                         f"--decode-cpus {args.decode_cpus:g} with --decode-memory-mb "
                         f"{args.decode_memory_mb:g}", "lower --decode-cpus or --decode-memory-mb")
 
-        # Every actor up (model loaded) before images flow: otherwise the first replica ready
-        # takes what the others were started for, and a pool that cannot start says so.
-        context = ray.data.DataContext.get_current()
-        context.wait_for_min_actors_s = args.actor_start_timeout
-        # Each stage hands on a block per batch instead of collecting 128 MiB (Ray's default) of
-        # decoded images or maps first: with a few large input blocks, that would hold back the
-        # first rows for thousands of small images.
         pixels = max(h * w for h, w in (i.input_size for i in infos.values()))
-        context.target_max_block_size = max(args.batch_size * 3 * pixels * 4, 1 << 20)
-        # Ray Data's per-operator CPU reservation gave the row tasks none on small clusters
-        # (decode 1 CPU + actor 1 CPU of 2): no part file until every image was decoded (none
-        # after 150 s of a 100,000-image run on 2 CPUs; 22 s without it, same images/s).
-        context.op_resource_reservation_enabled = False
+        streaming_context(args.actor_start_timeout, args.batch_size * 3 * pixels * 4)
         t1 = time.perf_counter()
         blocks = runs.input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
         log.info("planned in %.2f s; %d inputs to Ray Data in %d blocks", t_plan, todo.num_rows,

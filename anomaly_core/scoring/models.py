@@ -5,6 +5,7 @@ artifact's model.json (never the weights): one --model for every image, or for a
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -13,6 +14,8 @@ from anomaly_core.errors import ArtifactError
 from anomaly_core.model import registry
 from anomaly_core.model.info import ArtifactInfo
 from anomaly_core.scoring.runs import RunModel
+
+log = logging.getLogger(__name__)
 
 
 def single_model(uri: str) -> RunModel:
@@ -66,8 +69,10 @@ def read_artifacts(models: tuple[RunModel, ...]) -> tuple[dict[str, ArtifactInfo
 
     with ThreadPoolExecutor(8) as pool:
         found = dict(zip((m.product for m in models), pool.map(read, models)))
-    infos = {p: v for p, v in found.items() if isinstance(v, ArtifactInfo)}
-    return infos, {p: v for p, v in found.items() if isinstance(v, str)}
+    problems = {p: v for p, v in found.items() if isinstance(v, str)}
+    for product, problem in problems.items():
+        log.error("product %s cannot be scored: %s", product, problem)
+    return {p: v for p, v in found.items() if isinstance(v, ArtifactInfo)}, problems
 
 
 def product_summary(model: RunModel, info: ArtifactInfo) -> dict[str, Any]:
