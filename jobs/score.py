@@ -109,7 +109,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_cluster_flags(p)
     args = p.parse_args(argv)
     if (args.product_from and not args.fleet) or (args.product_from == "column" and not args.manifest):
-        p.error("--product-from says where --fleet finds each image's product (column: in --manifest)")
+        p.error("--product-from says where --fleet finds each image's product (column: in "
+                "--manifest); pass --fleet")
     if args.fleet and not args.product_from:
         args.product_from = "column" if args.manifest else "hive:product"
     if args.batch_size < 1 or args.rows_per_file < 1 or args.num_actors < 1:
@@ -226,15 +227,14 @@ def main(argv: list[str] | None = None) -> dict:
         t_score, t_first = time.perf_counter() - t1, progress.first
         # The operators as Ray ran them ("A->B" when fused): decoding must not be in the actor.
         stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)
-        loads = {"loads": progress.loads, "evictions": progress.evictions}
     else:
-        t_score, t_first, stages, nodes, loads = 0.0, None, [], {}, {}
+        t_score, t_first, stages, nodes, progress = 0.0, None, [], {}, runs.Progress(0, 0)
     # first_rows: from the dataset's creation to the first part file (actors' start included)
     summary = runs.finish(run, {"plan": t_plan, "first_rows": t_first, "score": t_score,
                           "total": time.perf_counter() - t0},
                           {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
                            # the Ray nodes that ran the model actors and wrote the rows
-                           "nodes": nodes, "stages": stages, "models_loaded": loads},
+                           "nodes": nodes, "stages": stages, "models_loaded": progress.models},
                           # what each product's rows were scored with; the report reads these
                           {m.product: models.product_summary(m, infos[m.product])
                            for m in run.models if m.product in infos})

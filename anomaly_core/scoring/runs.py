@@ -338,6 +338,11 @@ class Progress:
         self.first: float | None = None  # seconds until the first rows came out
         self.loads = self.evictions = 0  # models the actors loaded, and evicted for others
 
+    @property
+    def models(self) -> dict[str, int]:
+        """Models the actors loaded, and evicted to make room for others."""
+        return {"loads": self.loads, "evictions": self.evictions}
+
     def update(self, images: int, errors: int, loads: int = 0, evictions: int = 0) -> None:
         """Count a row task's images and errors (and the model loads and evictions of the
         batches it wrote); log a line when one is due."""

@@ -141,3 +141,17 @@ def test_auto_pick_smoke(tmp_path):
     assert row["auto_pick"] in ("padim-n_features-8", "padim-n_features-16")
     assert 0.0 <= row["given_up"] <= 1.0 and row["hit"] == (row["given_up"] == 0.0)
     assert result["summary"]["cases"] == 1
+
+
+@pytest.mark.usefixtures("ray_cluster")
+def test_fleet_smoke(tmp_path):
+    import ray
+
+    result = run_bench("fleet", tmp_path / "fleet.json", "--smoke",
+                       env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
+    cases = {r["case"]: r for r in result["rows"]}
+    assert set(cases) == {"fleet", "one model", "separate", "budget 1 of 2", "train fleet",
+                          "train separate"}
+    assert all(_positive(r["wall_s"]) for r in result["rows"])
+    assert cases["separate"]["jobs"] == 2 and cases["fleet"]["loads"] == 2
+    assert cases["budget 1 of 2"]["evictions_per_1000"] > 0  # one model held, two products

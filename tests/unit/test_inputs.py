@@ -364,3 +364,29 @@ def test_bad_date_options_are_rejected_before_any_listing(tmp_path, kwargs, matc
     with pytest.raises(ValueError, match="manifest .* already names every image"):
         inputs.list_inputs(str(tmp_path / "m.csv"), extensions=EXT, manifest=True,
                            since="2024-05-01", date_prefix="%Y/%m/%d/")
+
+
+def test_a_fleet_takes_each_images_product_from_a_hive_key_or_a_folder_level():
+    from anomaly_core.scoring.inputs import products_from_paths
+
+    uris = ["s3://b/in/2026-12-01/product=washer/a.png", "s3://b/in/line=7/bolt/b.png",
+            "s3://b/in/c.png", "s3://b/in/product=/d.png"]
+    table = pa.table({"uri": uris, "size_bytes": [1] * 4, "etag": [None] * 4,
+                      "prev_etag": [None] * 4, "product": [None] * 4}).cast(inputs.INPUT_SCHEMA)
+    found = products_from_paths(table, "s3://b/in/", "hive:product")["product"].to_pylist()
+    assert found == ["washer", None, None, None]  # no key, or an empty value: no product
+    assert products_from_paths(table, "s3://b/in", "hive:line")["product"].to_pylist() == \
+        [None, "7", None, None]
+    assert products_from_paths(table, "s3://b/in", "folder:2")["product"].to_pylist() == \
+        ["product=washer", "bolt", None, None]
+    for bad in ("hive:", "folder:0", "folder:x", "path"):
+        with pytest.raises(ValueError, match="expected hive:KEY .* or folder:N"):
+            products_from_paths(table, "s3://b/in", bad)
+
+
+def test_a_manifest_may_name_each_images_product(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,product\n/a.png,washer\n/b.png,bolt\n")
+    table = inputs.list_inputs(str(manifest), extensions=[], manifest=True)
+    assert table.schema == inputs.INPUT_SCHEMA
+    assert table["product"].to_pylist() == ["washer", "bolt"]

@@ -189,3 +189,18 @@ def test_training_config_carries_the_training_flags_and_refuses_half_a_tiling():
     with pytest.raises(ValueError, match="--tile and --tiled-size go together"):
         TrainingConfig.from_args(train.parse_args([*flags, "--tile", "32"]), "padim", options,
                                  train_records, val_records, "/m")
+
+
+def test_fleet_flags_choose_where_each_images_product_comes_from(capsys):
+    base = ["--input", "/in", "--output", "/o"]
+    assert score.parse_args(["--fleet", *base]).product_from == "hive:product"
+    assert score.parse_args(["--fleet", *base]).fleet == "champion"
+    assert score.parse_args(["--fleet", "candidate", *base]).fleet == "candidate"
+    manifest = ["--fleet", "--manifest", "/m.csv", "--output", "/o"]
+    assert score.parse_args(manifest).product_from == "column"
+    for bad, says in ((["--model", "/m", "--product-from", "folder:1", *base], "pass --fleet"),
+                      (["--fleet", "--product-from", "column", *base], "in --manifest"),
+                      (["--model", "/m", "--fleet", *base], "not allowed with argument")):
+        with pytest.raises(SystemExit):
+            score.parse_args(bad)
+        assert says in capsys.readouterr().err
