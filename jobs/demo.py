@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"pixel AUROC   {result['pixel_auroc']:.3f}   (same, per pixel, from the 8-bit heatmaps in the Parquet rows)")
     print(f"accuracy      {result['accuracy']:.3f}   at the threshold calibrated on held-out normal images")
     print(f"model         {registered} ({model})")
-    print(f"scores        {scored['partition']}")
+    print(f"scores        {next(iter(scored['products'].values()))['partition']}")
     print(f"report        {page}")
     print(f"ray logs      {ray_log}")
     print(f"wall time     {wall:.0f} s")
