@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-images", type=int, default=24, help="good images per product to fit")
     p.add_argument("--skip-training", action="store_true")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--extra", default="",
+                   help="more jobs.score flags for every scoring job, e.g. --extra=--use-gpu")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster the jobs run on (default: RAY_ADDRESS, else one started here)")
     p.add_argument("--smoke", action="store_true")
@@ -164,7 +166,7 @@ def bench_detector(detector: str, sets: dict, args, work: str, root: str, train_
         artifacts.append(path)
     weights_mb = os.path.getsize(os.path.join(artifacts[0], WEIGHTS_FILE)) / 2**20
     common = ["--batch-size", str(args.batch_size), "--address", address,
-              "--progress-every", "60"]
+              "--progress-every", "60", *args.extra.split()]
     total = args.products * args.images
 
     def score(case: str, *flags: str, jobs: int = 1) -> dict:
