@@ -24,11 +24,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from anomaly_core.errors import RegistryError
+from anomaly_core.scoring.schema import PRODUCT_NAME
 
 CHAMPION, CANDIDATE = "champion", "candidate"
 DEFAULT_HOME = "mlruns"  # the embedded store's folder, relative to where the job runs
 MOVE_TAG = "moved."
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))?/?$")
 
 
@@ -55,7 +55,7 @@ def is_registry_uri(uri: str) -> bool:
 
 def check_product(name: str) -> str:
     """A product name that is also a valid registered model name and Hive partition value."""
-    if not _NAME.match(name or ""):
+    if not PRODUCT_NAME.fullmatch(name or ""):
         raise ValueError(f"product {name!r}: use letters, digits, '_', '-' or '.', starting with a "
                          "letter or digit (it names the registered model and a partition)")
     return name

@@ -14,6 +14,7 @@ from anomaly_core.errors import ArtifactError
 from anomaly_core.model import registry
 from anomaly_core.model.info import ArtifactInfo
 from anomaly_core.scoring.runs import RunModel
+from anomaly_core.scoring.schema import PRODUCT_NAME
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +86,12 @@ def product_summary(model: RunModel, info: ArtifactInfo) -> dict[str, Any]:
 
 def no_model_reason(product: str | None, alias: str, problems: dict[str, str]) -> str:
     """An error row's reason for an image that no model scores."""
-    if product is None:
+    if not product:
         return ("no product in its path or manifest row; check --product-from (hive:KEY, "
                 "folder:N or column)")
+    if not PRODUCT_NAME.fullmatch(product):
+        return (f"product {product!r} is not a product name (letters, digits, '_', '-' and '.', "
+                "starting with a letter or digit); fix the manifest or the folder")
     if product in problems:
         return f"product {product!r}: {problems[product]}"
     return (f"product {product!r} has no model registered as models:/{product}@{alias}; train "

@@ -44,6 +44,7 @@ from anomaly_core.scoring.index import INDEX_DIR, ScoredIndex
 from anomaly_core.scoring.inputs import INPUT_SCHEMA, list_inputs, products_from_paths
 from anomaly_core.scoring.schema import (
     NO_MODEL,
+    PRODUCT_NAME,
     parquet_bytes,
     partition_path,
     score_table,
@@ -88,10 +89,12 @@ class RunAttempt:
         return next((m for m in self.models if m.product == product), None)
 
     def partition(self, product: str | None) -> str:
-        """The folder of a product's rows (version=none: its images have no model)."""
+        """The folder of a product's rows (version=none: its images have no model; product=none:
+        they have no product, or a name no partition can hold)."""
+        if not (product and PRODUCT_NAME.fullmatch(product)):
+            return partition_path(self.output, self.day, NO_MODEL, NO_MODEL)
         model = self.model(product)
-        return partition_path(self.output, self.day, product or NO_MODEL,
-                              model.version if model else NO_MODEL)
+        return partition_path(self.output, self.day, product, model.version if model else NO_MODEL)
 
     @property
     def run_dir(self) -> str:
@@ -448,9 +451,12 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
         storage.delete(f)
     files = [f for f in files if f not in late]
     storage.delete(storage.join(run.run_dir, "staging"))
+    partitions: dict[str, list[str | None]] = {}  # products without one share product=none
+    for product in sorted(set(run.inputs["product"].to_pylist()), key=str):
+        partitions.setdefault(run.partition(product), []).append(product)
     products = {}
-    for product in sorted({p for p in run.inputs["product"].to_pylist()}, key=str):
-        model, partition = run.model(product), run.partition(product)
+    for partition, names in partitions.items():
+        model = run.model(names[0]) if len(names) == 1 else None
         mine = [f for f in files if f.startswith(partition + "/")]
         rows = read_parquet(mine, ["uri", "etag", "scored_at", "error", "is_anomalous"])
         if model:
@@ -462,15 +468,15 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
         n_rows = rows.num_rows
         n_errors = n_rows - (rows["error"].null_count if n_rows else 0)
         anomalous = pc.sum(rows["is_anomalous"]).as_py() if n_rows else 0
-        inputs = (pc.sum(pc.equal(run.inputs["product"], product)).as_py() or 0 if product
-                  else run.inputs["product"].null_count)
-        products[product or NO_MODEL] = {
-            **(asdict(model) if model else {"product": product or NO_MODEL,
-                                            "version": NO_MODEL}),
+        inputs = sum(pc.sum(pc.equal(run.inputs["product"], p)).as_py() or 0 if p is not None
+                     else run.inputs["product"].null_count for p in names)
+        name = partition.rsplit("/product=", 1)[1].split("/", 1)[0]
+        products[name] = {
+            **(asdict(model) if model else {"product": name, "version": NO_MODEL}),
             "inputs": inputs, "skipped": inputs - n_rows,
             "rows": n_rows, "scored": n_rows - n_errors, "errors": n_errors,
             "anomalous": anomalous or 0, "files": len(mine), "partition": partition,
-            **((per_product or {}).get(product) or {}),
+            **((per_product or {}).get(names[0]) or {}),
         }
     summary = {
         **run.meta(),

@@ -12,6 +12,7 @@ is a string: read it as one where artifacts and registered versions share an out
 from __future__ import annotations
 
 import io
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,6 +21,8 @@ import pyarrow.parquet as pq
 
 PARTITION_COLUMNS = ("dt", "product", "version")
 NO_MODEL = "none"  # the version= of rows whose product has no model (error rows)
+# A product's name: a registered model's name and a partition value (no "/", "=" or spaces).
+PRODUCT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]*")
 FILE_SCHEMA = pa.schema(
     [
         pa.field("uri", pa.string(), nullable=False),

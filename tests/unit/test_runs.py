@@ -1,6 +1,8 @@
 """The run protocol on its own (no Ray): exactly one row per image for readers after a killed
 attempt, whatever its stragglers and its driver's last copy do afterwards."""
 
+import os
+
 import duckdb
 import pandas as pd
 import pyarrow as pa
@@ -212,3 +214,22 @@ def test_a_fleet_run_is_exactly_once_per_product_and_keeps_rows_of_products_with
     assert summary["rows"] == summary["inputs"] == 37
     errors = pd.read_parquet(output, filters=[("product", "==", "ghost")])["error"]
     assert errors.str.endswith("product ghost has no model").all()
+
+
+def test_a_manifests_product_names_no_partition_can_hold_go_to_product_none(tmp_path):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("uri,product\n/a.png,washer\n/b.png,../etc\n/c.png,\n")
+    output = str(tmp_path / "out")
+    run = runs.open_run(source=str(manifest), manifest=True, output=output, run_id="m",
+                        models=lambda products: [_model("1", p) for p in products],
+                        extensions=[], product_from="column")
+    todo = runs.publish_without_model(run, runs.pending(run), {"washer"},
+                                      lambda p: f"no model for {p}")
+    assert todo["uri"].to_pylist() == ["/a.png"]
+    _publish(run, _rows(["/a.png"], "a"), "washer")
+    summary = runs.finish(run, {"total": 1.0})
+    assert {p: (c["inputs"], c["rows"], c["errors"]) for p, c in summary["products"].items()} == {
+        "none": (2, 2, 2), "washer": (1, 1, 0)}
+    assert sorted({os.path.relpath(f, output).split("/part-")[0]
+                   for f in storage.list_files(output) if "/_" not in f}) == [
+        f"dt={run.day}/product=none/version=none", f"dt={run.day}/product=washer/version=1"]
