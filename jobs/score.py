@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         models.no_model_reason(p, args.fleet or "champion", problems)))
     t_plan = time.perf_counter() - t0
     log.info("run %s (%s): %d images listed, %d to score; %s; rows to %s; options %s",
-             run.run_id, "resumed" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
+             run.run_id, f"resumed, started {run.created_at}" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
              ", ".join(f"{m.product}@{m.version}" for m in run.models) or "no models",
              storage.join(run.output, f"dt={run.day}"), json.dumps(redacted(vars(args))))
     if todo.num_rows:

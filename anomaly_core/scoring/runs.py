@@ -197,8 +197,9 @@ def open_run(
     fleet = callable(models)
     what = "|".join(str(x) for x in (source, ",".join(extensions), inventory, since, date_prefix,
                                      product_from) if x is not None)
-    run_id = run_id or default_run_id(day, "fleet" if fleet else models[0].model_version, what,
-                                      incremental)
+    if run_id is None:
+        run_id = _unfinished_or(output, default_run_id(
+            day, "fleet" if fleet else models[0].model_version, what, incremental))
     run_dir = storage.join(output, RUNS_DIR, run_id)
     meta_uri, inputs_uri = storage.join(run_dir, "run.json"), storage.join(run_dir, "inputs.arrow")
     if storage.exists(meta_uri):
@@ -236,6 +237,25 @@ def open_run(
     storage.write_bytes(inputs_uri, sink.getvalue().to_pybytes())
     storage.write_bytes(meta_uri, json.dumps(run.meta(), indent=2).encode())
     return run
+
+
+def _unfinished_or(output: str, run_id: str) -> str:
+    """`run_id` (today's run of a command), unless it has not started and an earlier day's run
+    of the same command never finished: then that one, so a rerun after midnight resumes it
+    instead of scoring its images again in a new run."""
+    runs_dir = storage.join(output, RUNS_DIR)
+    if not storage.exists(runs_dir):
+        return run_id
+    same = run_id.split("-", 1)[1]
+    started, finished = set(), set()
+    for f in storage.list_files(runs_dir, extensions=[".json"]):
+        parts = f[len(runs_dir):].strip("/").split("/")
+        if len(parts) == 2 and parts[0].split("-", 1)[-1] == same:
+            (finished if parts[1] == "_SUCCESS.json" else started).add(parts[0])
+    if run_id in started:
+        return run_id
+    unfinished = sorted(r for r in started - finished if r < run_id)
+    return unfinished[-1] if unfinished else run_id
 
 
 def _with_prev_etags(inputs: pa.Table, output: str, models: list[RunModel]) -> pa.Table:

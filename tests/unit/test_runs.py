@@ -104,6 +104,34 @@ def test_a_resumed_attempt_keeps_what_earlier_attempts_published_before_it_plann
     assert first.rsplit("/", 1)[-1].encode() in record
 
 
+def test_a_rerun_after_midnight_resumes_the_unfinished_run_and_then_starts_a_new_one(
+        source, tmp_path, monkeypatch):
+    output = str(tmp_path / "out")
+    day = utc_now()
+
+    def open_on(when):
+        monkeypatch.setattr(runs, "utc_now", lambda: when)
+        return runs.open_run(source=source, output=output, models=[_model()],
+                             extensions=[".png"])
+
+    a = open_on(day)
+    todo = runs.pending(a)["uri"].to_pylist()
+    _publish(a, _rows(todo[:15], "a"))  # then the driver dies, before midnight
+    b = open_on(day + pd.Timedelta(hours=5))  # rerun the next morning
+    assert (b.run_id, b.day, b.resumed) == (a.run_id, a.day, True)
+    assert runs.pending(b)["uri"].to_pylist() == todo[15:]
+    _publish(b, _rows(todo[15:], "b"))
+    runs.finish(b, {"total": 1.0})
+    assert sorted(pd.read_parquet(output)["uri"]) == sorted(todo)  # once each, one day
+    # Once it finished, that day's command starts its own run; another model version's run
+    # never resumes this one.
+    c = open_on(day + pd.Timedelta(days=1))
+    assert c.run_id != a.run_id and not c.resumed and c.day != a.day
+    monkeypatch.setattr(runs, "utc_now", lambda: day + pd.Timedelta(days=2))
+    d = runs.open_run(source=source, output=output, models=[_model("v2")], extensions=[".png"])
+    assert not d.resumed and d.run_id not in (a.run_id, c.run_id)
+
+
 def test_only_the_attempts_own_staged_files_are_published(source, tmp_path):
     output = str(tmp_path / "out")
     a = _open(source, output)
