@@ -9,16 +9,37 @@ import functools
 import hashlib
 import os
 import posixpath
+import random
 import shutil
+import threading
+import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from urllib.parse import unquote, urlparse
 
 import pyarrow.fs as pafs
 
 
 class StorageError(RuntimeError):
-    """A storage operation failed; the message names the URI and what to do (never credentials)."""
+    """A storage operation failed; the message names the URI and what to do (never credentials).
+    `transient`: the store was unreachable, throttled or failed on its side, so the same call
+    may succeed later (retried by this module's retry policy)."""
+
+    def __init__(self, message: str, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+    def __reduce__(self):  # keep `transient` across processes (a Ray task's error)
+        return type(self), (str(self), self.transient)
+
+
+class StoreUnavailable(StorageError):
+    """The object store did not serve a call within the retry budget. Nothing is wrong with the
+    input: a batch job stops (exit 4) rather than record the image as unreadable, and a rerun
+    resumes."""
 
 
 def is_s3(uri: str) -> bool:
@@ -38,6 +59,9 @@ def join(uri: str, *parts: str) -> str:
 # the endpoint ones (apache/arrow#49643), so this module is the one place that does.
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
 REGION_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION")
+RETRY_VARIABLES = ("AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
+# What a job's driver hands its Ray workers, so that every process uses the same store the same way.
+AWS_VARIABLES = (*ENDPOINT_VARIABLES, *REGION_VARIABLES, *RETRY_VARIABLES)
 
 
 def endpoint() -> str | None:
@@ -68,23 +92,106 @@ def _check_endpoint(url: str):
     return parsed
 
 
+# Retries: the AWS SDKs' own settings (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS), one policy for every
+# S3 call of a job. This module's functions retry themselves, so that each retry is counted
+# (retries(); the score job sums them into _SUCCESS.json); pyarrow's SDK then tries once. A
+# FileSystem handed out by filesystem() (Parquet datasets, Ray Train's checkpoints) retries
+# inside the SDK, uncounted, with the same budget.
+DEFAULT_MAX_ATTEMPTS = 10
+# Errors after which the same call may succeed: unreachable, reset, timed out (curl 28: under 1
+# byte/s for 3 s, as from a paused server), throttled (503 SlowDown) or failed server-side.
+TRANSIENT_MARKS = ("NETWORK_CONNECTION", "SLOW_DOWN", "SERVICE_UNAVAILABLE", "THROTTLING",
+                   "INTERNAL_FAILURE", "REQUEST_TIMEOUT", "HTTP status 5", "curlCode: 28")
+TRANSIENT_CODES = ("SlowDown", "ServiceUnavailable", "Throttling", "ThrottlingException",
+                   "RequestTimeout", "InternalError", "500", "502", "503", "504")
+_retry_lock = threading.Lock()
+_retries: Counter[str] = Counter()
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How S3 calls are retried: `mode` (standard or adaptive, as the AWS SDKs name them;
+    adaptive also rate-limits the listing client after throttling) and `max_attempts` per call.
+    Backoff doubles from 1 s up to 20 s, half of it random (jitter) and half fixed, so that the
+    budget outlasts a stall: 10 attempts wait at least 60 s in all."""
+
+    mode: str = "standard"
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    max_backoff_s: float = 20.0
+
+    def backoff(self, attempt: int) -> float:
+        cap = min(2.0 ** (attempt - 1), self.max_backoff_s)
+        return cap / 2 + random.uniform(0, cap / 2)
+
+
+def retry_policy() -> RetryPolicy:
+    """The retry policy the AWS environment names (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS)."""
+    mode = os.environ.get("AWS_RETRY_MODE", "standard")
+    attempts = os.environ.get("AWS_MAX_ATTEMPTS", str(DEFAULT_MAX_ATTEMPTS))
+    if mode not in ("standard", "adaptive", "legacy") or not attempts.isdigit() or int(attempts) < 1:
+        raise StorageError(f"AWS_RETRY_MODE={mode!r} / AWS_MAX_ATTEMPTS={attempts!r}: use "
+                           "standard or adaptive and a whole number of attempts, at least 1")
+    return RetryPolicy("standard" if mode == "legacy" else mode, int(attempts))
+
+
+def retries() -> dict[str, int]:
+    """S3 calls this process retried, by operation (read, write, list, ...), since it started."""
+    with _retry_lock:
+        return dict(_retries)
+
+
+def _retried(action: str) -> Callable:
+    """Retry a storage function on transient S3 errors under the retry policy, counting each
+    retry; past the budget, StoreUnavailable naming the call, the bucket and the budget."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def call(uri: str, *args, **kwargs):
+            policy, start = retry_policy(), time.monotonic()
+            for attempt in range(1, policy.max_attempts + 1):
+                try:
+                    return fn(uri, *args, **kwargs)
+                except StorageError as exc:
+                    if not exc.transient:
+                        raise
+                    if attempt == policy.max_attempts:
+                        raise StoreUnavailable(
+                            f"{exc} (failed {attempt} times in {time.monotonic() - start:.0f} s, "
+                            f"AWS_MAX_ATTEMPTS={policy.max_attempts}); nothing was lost: run the "
+                            "same command again to resume", transient=True) from exc
+                    with _retry_lock:
+                        _retries[action] += 1
+                    time.sleep(policy.backoff(attempt))
+            raise AssertionError("unreachable")
+
+        return call
+
+    return wrap
+
+
 @functools.cache
-def _s3_filesystem(url: str | None, region: str) -> pafs.S3FileSystem:
+def _s3_filesystem(url: str | None, region: str, attempts: int) -> pafs.S3FileSystem:
+    # allow_delayed_open: a small file is one PutObject rather than a three-call multipart
+    # upload, so one try of a part file's write is one request that may fail.
+    options = {"region": region, "allow_delayed_open": True,
+               "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=attempts)}
     if url is None:
-        return pafs.S3FileSystem(region=region)
+        return pafs.S3FileSystem(**options)
     # pyarrow wants host:port and the scheme apart.
     parsed = _check_endpoint(url)
     host = parsed.netloc.rsplit("@", 1)[-1]  # host:port, [v6]:port; drops any user:pass@
-    return pafs.S3FileSystem(endpoint_override=host, scheme=parsed.scheme, region=region)
+    return pafs.S3FileSystem(endpoint_override=host, scheme=parsed.scheme, **options)
 
 
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The filesystem holding `uri` and the path inside it (absolute, or bucket/key for S3)."""
+def filesystem(uri: str, *, retrying: bool = True) -> tuple[pafs.FileSystem, str]:
+    """The filesystem holding `uri` and the path inside it (absolute, or bucket/key for S3).
+    Its S3 calls retry inside the SDK; retrying=False: once (this module retries and counts)."""
     if is_s3(uri):
         path = uri[len("s3://") :].strip("/")
         if not path:
             raise StorageError(f"{uri!r} names no bucket; use s3://bucket/prefix")
-        return _s3_filesystem(endpoint(), region()), path
+        attempts = retry_policy().max_attempts if retrying else 1
+        return _s3_filesystem(endpoint(), region(), attempts), path
     if uri.startswith("file://"):
         uri = unquote(urlparse(uri).path)
     elif "://" in uri:
@@ -129,9 +236,12 @@ def storage_error(exc: OSError, uri: str, action: str) -> StorageError:
         )
     if "NETWORK_CONNECTION" in text:
         return StorageError(
-            f"cannot reach S3 at {where} to {action} {uri}; check AWS_ENDPOINT_URL "
-            "(or --s3-endpoint) and that it is up"
-        )
+            f"cannot reach S3 at {where} to {action} {uri} (bucket {bucket!r}); check "
+            "AWS_ENDPOINT_URL (or --s3-endpoint) and that it is up", transient=True)
+    if any(mark in text for mark in TRANSIENT_MARKS):
+        reason = text.split(": AWS Error ", 1)[-1]
+        return StorageError(f"S3 at {where} did not {action} {uri} (bucket {bucket!r}): "
+                            f"{reason}", transient=True)
     if isinstance(exc, FileNotFoundError):
         # pyarrow reports a missing bucket as a missing key on reads; tell the two apart.
         try:
@@ -144,9 +254,10 @@ def storage_error(exc: OSError, uri: str, action: str) -> StorageError:
     return StorageError(f"could not {action} {uri} at {where}: {text}")
 
 
+@_retried("read")
 def read_bytes(uri: str) -> bytes:
     """The whole content of one file."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, retrying=False)
     try:
         with fs.open_input_stream(path, compression=None) as f:
             return f.readall()
@@ -154,9 +265,10 @@ def read_bytes(uri: str) -> bytes:
         raise storage_error(exc, uri, "read") from exc
 
 
+@_retried("write")
 def write_bytes(uri: str, data: bytes) -> None:
     """Write a file, creating parent folders; readers never see a partly written file."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, retrying=False)
     try:
         if is_s3(uri):
             # An S3 upload becomes visible only when complete. Always close streams explicitly:
@@ -182,6 +294,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         raise storage_error(exc, uri, "write") from exc
 
 
+@_retried("copy")
 def copy_file(src: str, dst: str, *, chunk_size: int = 8 << 20) -> str:
     """Stream one file between local paths and s3:// URIs, a chunk at a time; returns its sha256 hex.
 
@@ -189,8 +302,8 @@ def copy_file(src: str, dst: str, *, chunk_size: int = 8 << 20) -> str:
     partly written dst: a local one is renamed into place when complete, an S3 upload appears
     when complete.
     """
-    src_fs, src_path = filesystem(src)
-    dst_fs, dst_path = filesystem(dst)
+    src_fs, src_path = filesystem(src, retrying=False)
+    dst_fs, dst_path = filesystem(dst, retrying=False)
     digest = hashlib.sha256()
 
     def pump(source, write) -> None:
@@ -240,15 +353,25 @@ def copy_file(src: str, dst: str, *, chunk_size: int = 8 << 20) -> str:
     return digest.hexdigest()
 
 
+@_retried("move")
 def move(src: str, dst: str) -> None:
     """Move one file within one filesystem: a same-filesystem rename locally (atomic), a
     server-side copy then a delete on S3 (the copy appears whole or not at all)."""
-    fs, src_path = filesystem(src)
-    _, dst_path = filesystem(dst)
+    fs, src_path = filesystem(src, retrying=False)
+    _, dst_path = filesystem(dst, retrying=False)
     try:
         if is_s3(src):
-            fs.copy_file(src_path, dst_path)
-            fs.delete_file(src_path)
+            try:
+                fs.copy_file(src_path, dst_path)
+            except OSError:
+                if (_info(fs, src_path, src).type != pafs.FileType.NotFound
+                        or _info(fs, dst_path, dst).type != pafs.FileType.File):
+                    raise
+                return  # an earlier try moved it, then failed on what pyarrow does after
+            try:
+                fs.delete_file(src_path)
+            except FileNotFoundError:
+                pass  # an earlier try's delete landed and its answer was lost
         else:
             os.makedirs(os.path.dirname(dst_path), exist_ok=True)
             os.replace(src_path, dst_path)
@@ -263,21 +386,24 @@ def _info(fs: pafs.FileSystem, path: str, uri: str) -> pafs.FileInfo:
         raise storage_error(exc, uri, "look up") from exc
 
 
+@_retried("look up")
 def size(uri: str) -> int:
     """The size in bytes of one file."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, retrying=False)
     info = _info(fs, path, uri)
     if info.type != pafs.FileType.File:
         raise storage_error(FileNotFoundError(uri), uri, "look up")
     return info.size
 
 
+@_retried("look up")
 def exists(uri: str) -> bool:
     """True if a file or folder/prefix exists at `uri` (a missing bucket counts as absent)."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, retrying=False)
     return _info(fs, path, uri).type != pafs.FileType.NotFound
 
 
+@_retried("list")
 def list_files(
     uri: str,
     *,
@@ -285,7 +411,7 @@ def list_files(
     recursive: bool = True,
 ) -> list[str]:
     """Sorted full URIs of the files under a folder/prefix, optionally only some extensions."""
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, retrying=False)
     suffixes = None
     if extensions is not None:
         suffixes = tuple("." + e.lower().lstrip(".") for e in extensions)
@@ -306,12 +432,13 @@ def list_files(
     )
 
 
+@_retried("delete")
 def delete(uri: str) -> None:
     """Delete a file, or a folder/prefix with everything under it; absent is not an error.
 
     On a bare s3://bucket this empties the bucket but keeps it.
     """
-    fs, path = filesystem(uri)
+    fs, path = filesystem(uri, retrying=False)
     kind = _info(fs, path, uri).type
     try:
         if kind == pafs.FileType.File:
@@ -328,11 +455,15 @@ def delete(uri: str) -> None:
 
 
 @functools.cache
-def _s3_client(url: str | None, region_name: str):
+def _s3_client(url: str | None, region_name: str, policy: RetryPolicy):
     import boto3
+    from botocore.config import Config
 
     # boto3 only for listing: it pages and returns ETags, which pyarrow's listing does not.
-    return boto3.client("s3", endpoint_url=url, region_name=region_name)
+    # botocore retries each page itself (standard or adaptive); pages count their retries.
+    retries = {"mode": policy.mode, "max_attempts": policy.max_attempts}
+    return boto3.client("s3", endpoint_url=url, region_name=region_name,
+                        config=Config(retries=retries))
 
 
 def _boto_error(exc: Exception, uri: str) -> StorageError:
@@ -349,8 +480,17 @@ def _boto_error(exc: Exception, uri: str) -> StorageError:
             f"access denied to list {uri} at {where}; check AWS_ACCESS_KEY_ID / "
             "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and the bucket policy"
         )
-    if type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError"):
-        return StorageError(f"cannot reach S3 at {where} to list {uri}; check AWS_ENDPOINT_URL (or --s3-endpoint)")
+    attempts = retry_policy().max_attempts
+    if type(exc).__name__ in ("EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError",
+                              "ConnectionClosedError"):
+        return StoreUnavailable(
+            f"cannot reach S3 at {where} to list {uri} (bucket {bucket!r}) in {attempts} "
+            "attempts (AWS_MAX_ATTEMPTS); check AWS_ENDPOINT_URL (or --s3-endpoint) and that it "
+            "is up, then run the same command again", transient=True)
+    if code in TRANSIENT_CODES:
+        return StoreUnavailable(
+            f"S3 at {where} did not list {uri} (bucket {bucket!r}): {code} in {attempts} "
+            "attempts (AWS_MAX_ATTEMPTS); run the same command again", transient=True)
     return StorageError(f"could not list {uri} at {where}: {code or type(exc).__name__}")
 
 
@@ -372,15 +512,18 @@ def list_objects(
 
     found = False
     if is_s3(uri):
-        _, path = filesystem(uri)
+        _, path = filesystem(uri, retrying=False)
         bucket, _, prefix = path.partition("/")
         prefix = prefix + "/" if prefix else ""
-        client = _s3_client(endpoint(), region())
+        client = _s3_client(endpoint(), region(), retry_policy())
         pages = client.get_paginator("list_objects_v2").paginate(
             Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": page_size}
         )
         try:
             for page in pages:
+                if retried := page.get("ResponseMetadata", {}).get("RetryAttempts", 0):
+                    with _retry_lock:
+                        _retries["list"] += retried
                 found = found or bool(page.get("Contents"))
                 batch = [
                     (f"s3://{bucket}/{o['Key']}", int(o["Size"]), o["ETag"].strip('"'))
@@ -394,7 +537,7 @@ def list_objects(
                 raise
             raise _boto_error(exc, uri) from exc
     else:
-        _, root = filesystem(uri)
+        _, root = filesystem(uri, retrying=False)
         if not os.path.isdir(root):
             raise StorageError(f"{uri} is not a folder; check the path")
         batch: list[tuple[str, int, str | None]] = []

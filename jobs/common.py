@@ -79,8 +79,7 @@ def init_ray(address: str | None) -> None:
     # variable that both name.
     submitted = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
     given = (submitted.get("runtime_env") or {}).get("env_vars") or {}
-    env = {v: os.environ[v] for v in (*storage.ENDPOINT_VARIABLES, *storage.REGION_VARIABLES)
-           if os.environ.get(v) and v not in given}
+    env = {v: os.environ[v] for v in storage.AWS_VARIABLES if os.environ.get(v) and v not in given}
     context = ray.init(address=address, log_to_driver=True,
                        runtime_env={"env_vars": env} if env else None)
     log.info("ray cluster resources: %s", json.dumps(ray.cluster_resources()))
@@ -114,17 +113,23 @@ def run_job(main) -> None:
     """Run a job's main; the reason for a failure is always the last log line.
 
     Exit codes: 2 bad input or configuration (before any work), 3 the job's own check failed
-    (e.g. --max-error-rate), 1 anything unexpected.
+    (e.g. --max-error-rate), 4 the object store did not answer within the retry budget (a
+    rerun resumes), 1 anything unexpected.
     """
     from anomaly_core.errors import (  # no torch here
         ArtifactError,
         RegistryError,
         WeightsUnavailableError,
     )
-    from anomaly_core.storage import StorageError
+    from anomaly_core.storage import StorageError, StoreUnavailable
 
     try:
-        main()
+        try:
+            main()
+        except Exception as exc:
+            if unavailable := _cause(exc, StoreUnavailable):  # also out of a Ray task
+                _fail(4, str(unavailable))
+            raise
     except (ArtifactError, RegistryError, StorageError, WeightsUnavailableError, ValueError,
             FileNotFoundError) as exc:
         _fail(2, str(exc))
@@ -137,6 +142,17 @@ def run_job(main) -> None:
     except Exception as exc:  # an unexpected failure: keep the traceback, end on the reason
         log.exception("unexpected error")
         _fail(1, f"{type(exc).__name__}: {exc}")
+
+
+def _cause(exc: BaseException | None, kind: type) -> BaseException | None:
+    """`exc` or the first exception of `kind` it was raised from (Ray wraps a task's)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fail(code: int, reason: str) -> None:

@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "total": time.perf_counter() - t0},
                           {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
                            # the Ray nodes that ran the model actors and wrote the rows
-                           "nodes": nodes, "stages": stages, "models_loaded": progress.models},
+                           "nodes": nodes, "stages": stages, **progress.counts},
                           # what each product's rows were scored with; the report reads these
                           {m.product: models.product_summary(m, infos[m.product])
                            for m in run.models if m.product in infos})

@@ -352,6 +352,8 @@ def read_image(
         pixels = decode_image(data, uri, max_pixels=max_pixels, target=size)
         row["height"], row["width"] = displayed_size(data, uri, max_pixels=max_pixels)
         row["image"] = resize_pixels(pixels, size)
+    except storage.StoreUnavailable:
+        raise  # the store, not the image: the job stops and a rerun resumes (no error row)
     except (storage.StorageError, ImageDecodeError) as exc:
         row["error"] = str(exc)
     except Exception as exc:  # never lose a row to a surprise in a decoder

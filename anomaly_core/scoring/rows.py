@@ -23,8 +23,10 @@ def read_images(batch: dict, sizes: dict[str, tuple[int, int]], max_pixels: int,
     """bytes -> decoded image per row, resized to its product's model input (`sizes`); failures
     keep the row with `error`. With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their
     bytes in `jpeg`. Products of different input sizes in one batch give a ragged column."""
+    from anomaly_core import storage
     from anomaly_core.data.decode import read_image  # torch-free
 
+    retried = sum(storage.retries().values())
     shapes = [tuple(sizes[p]) for p in batch["product"]]
     rows = [
         read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,
@@ -39,6 +41,9 @@ def read_images(batch: dict, sizes: dict[str, tuple[int, int]], max_pixels: int,
     out["image"] = stacked([np.zeros((3, *size), dtype=np.uint8) if r["image"] is None
                             else r["image"] for r, size in zip(rows, shapes)])
     out["jpeg"] = [r["jpeg"] or b"" for r in rows]
+    # S3 calls this batch retried, on its first row (the row stage sums them)
+    out["storage_retries"] = np.zeros(len(rows), dtype=np.int64)
+    out["storage_retries"][:1] = sum(storage.retries().values()) - retried
     return out
 
 
@@ -93,8 +98,10 @@ def write_part(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration
     """The row stage: raw outputs -> schema rows -> a part file per product in the attempt's
     staging folder (the driver publishes them); returns the counts, the staged files (one per
     line) and the model nodes."""
+    from anomaly_core import storage
     from anomaly_core.scoring.runs import stage_part
 
+    retried = sum(storage.retries().values())
     rows = make_rows(batch, run, calibrations, mask_size)
     products = [p for p, s in zip(batch["product"], batch["skipped"]) if not s]
     groups: dict[str, list] = {}
@@ -102,7 +109,9 @@ def write_part(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration
         groups.setdefault(product, []).append(row)
     staged = [stage_part(run, group, product) for product, group in groups.items()]
     errors = sum(r["error"] is not None for r in rows)
+    retried = sum(storage.retries().values()) - retried + int(np.sum(batch["storage_retries"]))
     return {"images": [len(batch["uri"])], "rows": [len(rows)], "errors": [errors],
+            "storage_retries": [retried],
             "staged": ["\n".join(staged)],
             "model_node": [",".join(sorted(set(map(str, batch["model_node"]))))],
             **{k: [int(np.sum(batch[k]))] for k in ("model_loads", "model_evictions")}}

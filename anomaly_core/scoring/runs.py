@@ -29,6 +29,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -113,6 +114,8 @@ class ScoreRun(RunAttempt):
     inputs: pa.Table = field(default=None, repr=False)
     # the part files published when this attempt planned (filled by pending(); see finish)
     planned_files: set[str] = field(default_factory=set, repr=False)
+    # this process's S3 retries when the attempt started: finish counts the driver's since
+    retries_at_start: dict[str, int] = field(default_factory=storage.retries, repr=False)
 
     def describe(self) -> RunAttempt:
         """What the run is, and this attempt: what its row tasks receive."""
@@ -360,19 +363,24 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.first: float | None = None  # seconds until the first rows came out
         self.loads = self.evictions = 0  # models the actors loaded, and evicted for others
+        self.retries = 0  # S3 calls the decode and row tasks retried
 
     @property
-    def models(self) -> dict[str, int]:
-        """Models the actors loaded, and evicted to make room for others."""
-        return {"loads": self.loads, "evictions": self.evictions}
+    def counts(self) -> dict[str, Any]:
+        """For _SUCCESS.json: models the actors loaded, and evicted to make room for others;
+        S3 calls the tasks retried."""
+        return {"models_loaded": {"loads": self.loads, "evictions": self.evictions},
+                "storage_retries_in_tasks": self.retries}
 
-    def update(self, images: int, errors: int, loads: int = 0, evictions: int = 0) -> None:
-        """Count a row task's images and errors (and the model loads and evictions of the
-        batches it wrote); log a line when one is due."""
+    def update(self, images: int, errors: int, loads: int = 0, evictions: int = 0,
+               retries: int = 0) -> None:
+        """Count a row task's images and errors (and the model loads and evictions and S3
+        retries of the batches it wrote); log a line when one is due."""
         self.done += images
         self.errors += errors
         self.loads += loads
         self.evictions += evictions
+        self.retries += retries
         now = time.perf_counter()
         if self.first is None:
             self.first = now - self.start
@@ -383,7 +391,8 @@ class Progress:
         eta = (self.total - self.done) / rate if rate else float("inf")
         self.log(f"scored {self.done}/{self.total} images "
                  f"({100 * self.done / max(self.total, 1):.0f}%), {self.errors} errors, "
-                 f"{rate:.1f} images/s, ETA {eta:.0f} s")
+                 f"{rate:.1f} images/s, ETA {eta:.0f} s"
+                 + (f", {self.retries} S3 calls retried" if self.retries else ""))
 
 
 def publish_all(run: ScoreRun, results: Iterable[dict[str, Any]],
@@ -398,7 +407,7 @@ def publish_all(run: ScoreRun, results: Iterable[dict[str, Any]],
             for staged in filter(None, counts["staged"].split("\n")):
                 published.append(publisher.submit(publish_part, run, staged))
             progress.update(counts["images"], counts["errors"], counts["model_loads"],
-                            counts["model_evictions"])
+                            counts["model_evictions"], counts["storage_retries"])
             nodes["model"].update(n for n in counts["model_node"].split(",") if n)
             nodes["rows"].add(counts["rows_node"])
         for future in published:
@@ -512,6 +521,12 @@ def finish(run: ScoreRun, timings: dict[str, float | None], extra: dict[str, Any
         **(extra or {}),
         "products": products,
     }
+    # Every S3 call retried: by the tasks (reported with their rows) and by this driver.
+    driver = Counter(storage.retries())
+    driver.subtract(run.retries_at_start)
+    tasks = summary.pop("storage_retries_in_tasks", 0)
+    summary["storage_retries"] = {"tasks": tasks, "driver": {k: v for k, v in driver.items() if v},
+                                  "total": tasks + driver.total()}
     body = json.dumps(summary, indent=2, sort_keys=True, default=str).encode()
     storage.write_bytes(storage.join(run.run_dir, "_SUCCESS.json"), body)
     return summary
