@@ -145,14 +145,17 @@ def run_job(main) -> None:
 
 
 def _cause(exc: BaseException | None, kind: type) -> BaseException | None:
-    """`exc` or the first exception of `kind` it was raised from (Ray wraps a task's)."""
-    seen = set()
+    """`exc` or the first exception of `kind` it was raised from. Ray Data hands the driver a
+    task's exception as text in its own (UserCodeException): then one made from that text."""
+    seen, text = set(), str(exc)
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, kind):
             return exc
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    name = f"{kind.__module__}.{kind.__qualname__}: "
+    lines = [line.split(name, 1)[1] for line in text.splitlines() if name in line]
+    return kind(lines[-1]) if lines else None
 
 
 def _fail(code: int, reason: str) -> None:

@@ -251,3 +251,85 @@ def test_killed_driver_resumes_to_exactly_one_row_per_image(model, data, tmp_pat
     assert "resumed" in finished.stderr
     for text in (finished.stdout, finished.stderr, *[p.read_text() for p in out.glob("_runs/*/*.json")]):
         assert "s3cr3t-never-logged" not in text
+
+
+def _s3_images(data: str, bucket: str, n: int) -> str:
+    originals = storage.list_files(f"{data}/capsule/test")
+    for i in range(n):
+        storage.copy_file(originals[i % len(originals)], f"{bucket}/in/{i:04d}.png")
+    return f"{bucket}/in"
+
+
+def _score_through(proxy, model: str, source: str, out: str, **env: str):
+    """The score job in its own process, its S3 calls through the fault proxy."""
+    import ray
+
+    cmd = [sys.executable, "-m", "jobs.score", "--model", model, "--input", source,
+           "--output", out, "--batch-size", "4", "--rows-per-file", "8", "--progress-every", "1",
+           "--address", ray.get_runtime_context().gcs_address]
+    return subprocess.Popen(cmd, env=dict(os.environ, AWS_ENDPOINT_URL_S3=proxy.url, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _when_rows_appear(out: str, proc, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if storage.exists(out) and any(f.startswith(f"{out}/dt=") for f in storage.list_files(out)):
+            return
+        time.sleep(0.2)
+    raise AssertionError("no part file was published")
+
+
+def test_throttling_resets_and_a_30_s_stall_cost_no_row_and_are_counted(model, data, s3_bucket,
+                                                                         s3_endpoint):
+    from tests.s3_faults import FaultProxy
+
+    source, out = _s3_images(data, s3_bucket, 96), f"{s3_bucket}/out"
+    with FaultProxy(s3_endpoint, slow_down=0.08, reset=0.04, seed=3) as proxy:
+        proc = _score_through(proxy, model, source, out)
+        _when_rows_appear(out, proc)
+        proxy.stall(30)  # as the S3 server paused mid-run
+        stdout, stderr = proc.communicate(timeout=400)
+        faults = dict(proxy.faults)
+    assert proc.returncode == 0, stderr[-3000:]
+    rows = read_rows(out)
+    assert len(rows) == len({r["uri"] for r in rows}) == 96
+    assert all(r["error"] is None for r in rows)  # no image became an "unreachable" error row
+    summary = _success(out)
+    assert faults["slow_down"] > 0 and faults["stalled"] > 0, faults
+    retried = summary["storage_retries"]
+    assert retried["total"] >= faults["slow_down"] and retried["tasks"] > 0, (retried, faults)
+    assert "S3 calls retried" in stderr
+
+
+def _success(out: str) -> dict:
+    (path,) = [f for f in storage.list_files(f"{out}/_runs") if f.endswith("/_SUCCESS.json")]
+    return json.loads(storage.read_bytes(path))
+
+
+def test_past_the_retry_budget_the_job_stops_with_exit_4_and_a_rerun_resumes_exactly_once(
+        model, data, s3_bucket, s3_endpoint):
+    from tests.s3_faults import FaultProxy
+
+    source, out = _s3_images(data, s3_bucket, 96), f"{s3_bucket}/out"
+    with FaultProxy(s3_endpoint, seed=5) as proxy:
+        proc = _score_through(proxy, model, source, out, AWS_MAX_ATTEMPTS="2")
+        _when_rows_appear(out, proc)
+        proxy.set_faults(slow_down=1.0)  # S3 throttles everything from now on
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 4, stderr[-3000:]
+        reason = stderr.strip().splitlines()[-1]
+        bucket = s3_bucket[len("s3://"):]
+        assert "failed: " in reason and bucket in reason and "SLOW_DOWN" in reason, reason
+        assert "run the same command again" in reason
+        partial = read_rows(out)
+        assert 0 < len(partial) < 96 and all(r["error"] is None for r in partial)
+
+        proxy.set_faults(slow_down=0.0)
+        rerun = _score_through(proxy, model, source, out, AWS_MAX_ATTEMPTS="2")
+        _, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr[-3000:]
+    assert "resumed" in stderr
+    rows = read_rows(out)
+    assert len(rows) == len({r["uri"] for r in rows}) == 96
+    assert all(r["error"] is None for r in rows)
