@@ -1,0 +1,167 @@
+"""What object-store faults cost a nightly score job: rows lost, rows duplicated, S3 calls
+retried, runs needed and extra wall time. Prints a table and writes JSON.
+
+Images and results in a bucket of a loopback S3 server (moto) reached through the S3 fault
+proxy of the tests (tests/s3_faults.py); every job a fresh `python -m jobs.score` process on
+one local Ray, as `ray job submit` runs it. Cases, each into a fresh output prefix:
+  none       no fault: the baseline
+  throttle   503 SlowDown on --slow-down of the requests and TCP resets on --reset of them
+  stall      every request held for --stall seconds once the first rows are published
+  budget     everything answered 503 once the first rows are published, with AWS_MAX_ATTEMPTS=2:
+             the job stops (exit 4); then the same command again on a healthy store
+
+    python -m bench.faults [--images 500] [--size 128] [--stall 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+
+from bench.common import (
+    REPO,
+    bench_artifact,
+    detector_at_defaults,
+    image_set,
+    machine,
+    module_command,
+    print_table,
+    set_env,
+    write_json,
+)
+from bench.fleet import RAY, start_ray
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=500)
+    p.add_argument("--size", type=int, default=128, help="image side and model input (px)")
+    p.add_argument("--slow-down", type=float, default=0.05)
+    p.add_argument("--reset", type=float, default=0.03)
+    p.add_argument("--stall", type=float, default=30.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench-results/faults.json")
+    args = p.parse_args(argv)
+    set_env()
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                      AWS_REGION="us-east-1")
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    from moto.server import ThreadedMotoServer
+
+    work = tempfile.mkdtemp(prefix="bench-faults-")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    address = start_ray(work)
+    try:
+        s3 = "http://{}:{}".format(*server.get_host_and_port())
+        bucket = upload_images(s3, work, args.images, args.size)
+        model = os.path.join(work, "model")
+        bench_artifact(detector_at_defaults("padim", "cpu", 32, {
+            "backbone": "mobilenet_v2", "image_size": args.size})).save(model)
+        rows = []
+        for case in ("none", "throttle", "stall", "budget"):
+            rows.append(run_case(case, args, s3, bucket, model, address))
+            rows[-1]["extra_wall_s"] = round(rows[-1]["wall_s"] - rows[0]["wall_s"], 1)
+    finally:
+        subprocess.run([RAY, "stop", "--force"], capture_output=True)
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, [("case", "fault"), ("runs", "runs"), ("exit_codes", "exits"),
+                       ("inputs", "inputs"), ("rows", "rows"), ("lost", "rows lost"),
+                       ("duplicated", "duplicated"), ("error_rows", "error rows"),
+                       ("faults", "faults injected"), ("retries", "S3 retries"),
+                       ("wall_s", "wall s"), ("extra_wall_s", "extra s")])
+    result = {"machine": machine(), "images": args.images, "size": args.size, "rows": rows}
+    write_json(args.out, result)
+    return result
+
+
+def upload_images(s3: str, work: str, n: int, size: int) -> str:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    client.create_bucket(Bucket="plant")
+    for path in image_set(os.path.join(work, "images"), n, size):
+        client.upload_file(path, "plant", f"in/{os.path.basename(path)}")
+    return "s3://plant"
+
+
+def run_case(case: str, args, s3: str, bucket: str, model: str, address: str) -> dict:
+    from anomaly_core import storage
+    from tests.s3_faults import FaultProxy
+
+    out = f"{bucket}/out-{case}"
+    cmd = module_command("jobs.score", "--model", model, "--input", f"{bucket}/in",
+                         "--output", out, "--address", address, "--progress-every", "5")
+    env = dict(os.environ)
+    if case == "budget":
+        env["AWS_MAX_ATTEMPTS"] = "2"
+    exits, retries = [], 0
+    start = time.perf_counter()
+    with FaultProxy(s3, seed=args.seed) as proxy:
+        env["AWS_ENDPOINT_URL_S3"] = proxy.url
+        if case == "throttle":
+            proxy.set_faults(slow_down=args.slow_down, reset=args.reset)
+        job = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        if case in ("stall", "budget"):
+            wait_for_rows(out, s3, job)
+            if case == "stall":
+                proxy.stall(args.stall)
+            else:
+                proxy.set_faults(slow_down=1.0)
+        job.communicate()
+        exits.append(job.returncode)
+        if case == "budget":
+            proxy.set_faults(slow_down=0.0)
+            exits.append(subprocess.run(cmd, cwd=REPO, env=env, capture_output=True).returncode)
+        wall = time.perf_counter() - start
+        faults = proxy.faults["slow_down"] + proxy.faults["reset"] + proxy.faults["stalled"]
+    os.environ["AWS_ENDPOINT_URL_S3"] = s3
+    try:
+        uris = read_uris(out)
+        summary = [f for f in storage.list_files(f"{out}/_runs") if f.endswith("_SUCCESS.json")]
+        if summary:
+            retries = json.loads(storage.read_bytes(summary[0]))["storage_retries"]["total"]
+    finally:
+        os.environ.pop("AWS_ENDPOINT_URL_S3")
+    distinct = len(set(u for u, _ in uris))
+    return {"case": case, "runs": len(exits), "exit_codes": ",".join(map(str, exits)),
+            "inputs": args.images, "rows": len(uris), "lost": args.images - distinct,
+            "duplicated": len(uris) - distinct, "error_rows": sum(e is not None for _, e in uris),
+            "faults": faults, "retries": retries, "wall_s": round(wall, 1)}
+
+
+def wait_for_rows(out: str, s3: str, job: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the job has published its first part file (read past the proxy)."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=s3, region_name="us-east-1")
+    bucket, prefix = out[len("s3://"):].split("/", 1)
+    deadline = time.time() + timeout
+    while time.time() < deadline and job.poll() is None:
+        listed = client.list_objects_v2(Bucket=bucket, Prefix=f"{prefix}/dt=")
+        if listed.get("KeyCount"):
+            return
+        time.sleep(0.2)
+
+
+def read_uris(out: str) -> list[tuple[str, str | None]]:
+    import pyarrow.dataset as pads
+
+    from anomaly_core import storage
+
+    fs, path = storage.filesystem(out)
+    table = pads.dataset(path, filesystem=fs, format="parquet", partitioning="hive").to_table(
+        columns=["uri", "error"])
+    return list(zip(table["uri"].to_pylist(), table["error"].to_pylist()))
+
+
+if __name__ == "__main__":
+    main()
