@@ -9,8 +9,15 @@ one local Ray, as `ray job submit` runs it. Cases, each into a fresh output pref
   stall      every request held for --stall seconds once the first rows are published
   budget     everything answered 503 once the first rows are published, with AWS_MAX_ATTEMPTS=2:
              the job stops (exit 4); then the same command again on a healthy store
+Then node loss, on two Ray nodes on loopback (tests/e2e/ray_nodes.py: head and worker, 2 CPUs
+each, a model actor on each), images and results in a local folder both see:
+  nodes      no fault: the baseline on two nodes
+  lost       the worker node killed (SIGKILL, every process) at --kill-at of the baseline's time
+  replaced   the same, and a new worker node joining 10 s later
+  stuck      a model actor stopped (SIGSTOP) at the same point: its batches wait until
+             --stall-timeout (20 s) ends the attempt and a new one redoes them
 
-    python -m bench.faults [--images 500] [--size 128] [--stall 30]
+    python -m bench.faults [--images 500] [--size 128] [--stall 30] [--cases store,nodes]
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -46,40 +54,123 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reset", type=float, default=0.03)
     p.add_argument("--stall", type=float, default=30.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kill-at", type=float, default=0.4)
+    p.add_argument("--cases", default="store,nodes", help="store, nodes or both")
     p.add_argument("--out", default="bench-results/faults.json")
     args = p.parse_args(argv)
     set_env()
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                       AWS_REGION="us-east-1")
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    from moto.server import ThreadedMotoServer
 
     work = tempfile.mkdtemp(prefix="bench-faults-")
+    rows = []
+    try:
+        model = os.path.join(work, "model")
+        bench_artifact(detector_at_defaults("padim", "cpu", 32, {
+            "backbone": "mobilenet_v2", "image_size": args.size})).save(model)
+        if "store" in args.cases:
+            rows += store_cases(args, work, model)
+        if "nodes" in args.cases:
+            rows += node_cases(args, work, model)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print_table(rows, [("case", "fault"), ("runs", "runs"), ("exit_codes", "exits"),
+                       ("inputs", "inputs"), ("rows", "rows"), ("lost", "rows lost"),
+                       ("duplicated", "duplicated"), ("error_rows", "error rows"),
+                       ("faults", "faults injected"), ("retries", "S3 retries"),
+                       ("redone", "images redone"), ("wall_s", "wall s"),
+                       ("extra_wall_s", "extra s")])
+    result = {"machine": machine(), "images": args.images, "size": args.size, "rows": rows}
+    write_json(args.out, result)
+    return result
+
+
+def store_cases(args, work: str, model: str) -> list[dict]:
+    from moto.server import ThreadedMotoServer
+
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     address = start_ray(work)
     try:
         s3 = "http://{}:{}".format(*server.get_host_and_port())
         bucket = upload_images(s3, work, args.images, args.size)
-        model = os.path.join(work, "model")
-        bench_artifact(detector_at_defaults("padim", "cpu", 32, {
-            "backbone": "mobilenet_v2", "image_size": args.size})).save(model)
         rows = []
         for case in ("none", "throttle", "stall", "budget"):
             rows.append(run_case(case, args, s3, bucket, model, address))
             rows[-1]["extra_wall_s"] = round(rows[-1]["wall_s"] - rows[0]["wall_s"], 1)
+        return rows
     finally:
         subprocess.run([RAY, "stop", "--force"], capture_output=True)
         server.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    print_table(rows, [("case", "fault"), ("runs", "runs"), ("exit_codes", "exits"),
-                       ("inputs", "inputs"), ("rows", "rows"), ("lost", "rows lost"),
-                       ("duplicated", "duplicated"), ("error_rows", "error rows"),
-                       ("faults", "faults injected"), ("retries", "S3 retries"),
-                       ("wall_s", "wall s"), ("extra_wall_s", "extra s")])
-    result = {"machine": machine(), "images": args.images, "size": args.size, "rows": rows}
-    write_json(args.out, result)
-    return result
+
+
+def node_cases(args, work: str, model: str) -> list[dict]:
+    """The node-loss cases on two loopback nodes; the kill point is a share of the baseline's
+    time from the dataset's start."""
+    import signal
+
+    from tests.e2e.ray_nodes import LoopbackCluster, run_and_kill
+
+    images = os.path.dirname(image_set(os.path.join(work, "local"), args.images, args.size)[0])
+    nodes = LoopbackCluster(REPO, os.path.dirname(sys.executable), cpus=2)
+    rows, running = [], None
+    try:
+        nodes.start_head()
+        nodes.add_worker()
+        for case in ("nodes", "lost", "replaced", "stuck"):
+            out = os.path.join(work, f"out-{case}")
+            cmd = module_command("jobs.score", "--model", model, "--input", images, "--output",
+                                 out, "--address", nodes.address, "--num-actors", "2",
+                                 "--cpus-per-actor", "1.5", "--decode-cpus", "0.25",
+                                 "--row-cpus", "0.25", "--batch-size", "8",
+                                 "--stall-timeout", "20", "--progress-every", "5")
+            kill_after = None if case == "nodes" else args.kill_at * running
+            code, output, events = run_and_kill(
+                nodes, cmd, ready=lambda text: "Running Dataset" in text, kill_after=kill_after,
+                replace_after=10.0 if case == "replaced" else None, timeout=900,
+                fault=(lambda: _signal_an_actor(signal.SIGSTOP)) if case == "stuck" else None)
+            if case == "nodes":  # the dataset's running time: the kill point is a share of it
+                running = events["ended"] - events["ready"]
+            if case == "stuck":
+                _signal_an_actor(signal.SIGCONT)
+            elif case != "nodes" and nodes.alive_nodes() < 2:
+                nodes.add_worker()
+            summary = _success_local(out)
+            uris = read_uris(out)
+            distinct = len({u for u, _ in uris})
+            rows.append({"case": case, "runs": 1, "exit_codes": str(code),
+                         "inputs": args.images, "rows": len(uris),
+                         "lost": args.images - distinct, "duplicated": len(uris) - distinct,
+                         "error_rows": sum(e is not None for _, e in uris), "faults": 0 if
+                         case == "nodes" else 1, "retries": 0,
+                         "redone": sum(r["images"] for r in summary.get("restarts", [])),
+                         "wall_s": round(events["ended"] - events["started"], 1)})
+            rows[-1]["extra_wall_s"] = round(rows[-1]["wall_s"] - rows[0]["wall_s"], 1)
+    finally:
+        nodes.stop()
+    return rows
+
+
+def _signal_an_actor(sig: int) -> float:
+    """Send `sig` to the first model actor process found; returns the time."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if b"ScoringActor" in f.read():
+                        os.kill(int(entry), sig)
+                        break
+            except OSError:
+                continue
+    return time.time()
+
+
+def _success_local(out: str) -> dict:
+    import glob
+
+    found = glob.glob(os.path.join(out, "_runs", "*", "_SUCCESS.json"))
+    return json.loads(open(found[0]).read()) if found else {}
 
 
 def upload_images(s3: str, work: str, n: int, size: int) -> str:

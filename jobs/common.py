@@ -91,7 +91,8 @@ class JobFailed(RuntimeError):
     """The job ran, and its own check of the outcome failed (exit code 3)."""
 
 
-def streaming_context(actor_start_timeout: float, batch_bytes: int) -> None:
+def streaming_context(actor_start_timeout: float, batch_bytes: int,
+                      stall_timeout: float = 300) -> None:
     """Ray Data settings of a streaming job (the score job): images flow batch by batch."""
     import ray
 
@@ -107,14 +108,17 @@ def streaming_context(actor_start_timeout: float, batch_bytes: int) -> None:
     # (decode 1 CPU + actor 1 CPU of 2): no part file until every image was decoded (none
     # after 150 s of a 100,000-image run on 2 CPUs; 22 s without it, same images/s).
     context.op_resource_reservation_enabled = False
+    # A batch held by an actor that cannot restart (its node lost, no room elsewhere) waits
+    # forever; Ray Data's no-progress guard ends the wait so the job can start again.
+    context.execution_no_progress_timeout_s = stall_timeout
 
 
 def run_job(main) -> None:
     """Run a job's main; the reason for a failure is always the last log line.
 
     Exit codes: 2 bad input or configuration (before any work), 3 the job's own check failed
-    (e.g. --max-error-rate), 4 the object store did not answer within the retry budget (a
-    rerun resumes), 1 anything unexpected.
+    (e.g. --max-error-rate), 4 the object store did not answer within the retry budget, or
+    nodes were lost past what the job rides out (a rerun resumes), 1 anything unexpected.
     """
     from anomaly_core.errors import (  # no torch here
         ArtifactError,
@@ -122,6 +126,7 @@ def run_job(main) -> None:
         WeightsUnavailableError,
     )
     from anomaly_core.storage import StorageError, StoreUnavailable
+    from jobs.nodes import ClusterGaveOut
 
     try:
         try:
@@ -135,6 +140,8 @@ def run_job(main) -> None:
         _fail(2, str(exc))
     except JobFailed as exc:
         _fail(3, str(exc))
+    except ClusterGaveOut as exc:
+        _fail(4, str(exc))
     except SystemExit as exc:
         if isinstance(exc.code, str):  # a usage problem found by the job: the reason goes last
             _fail(2, exc.code)

@@ -35,6 +35,7 @@ from jobs.common import (
     streaming_context,
     use_storage_flags,
 )
+from jobs.nodes import NodeWatch, next_scoring_attempt, node_loss_errors
 from jobs.preflight import check_nodes, check_replicas, check_resources
 
 
@@ -82,6 +83,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU only: each model actor's torch threads (default: its "
                         "--cpus-per-actor); e.g. 2 cores: --cpus-per-actor 0.5 --model-threads 2")
     p.add_argument("--decode-cpus", type=float, default=1, help="CPUs per decode task")
+    p.add_argument("--row-cpus", type=float,
+                   help="CPUs per row task (default: --decode-cpus); rows stream only if a "
+                        "row task fits beside the model actors on a node")
+    p.add_argument("--stall-timeout", type=float, default=300,
+                   help="seconds without progress (a lost node's batches waiting on an actor "
+                        "that cannot restart) before the images not yet written start again")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="new attempts after lost nodes before the job stops (exit 4; rerun)")
     p.add_argument("--decode-memory-mb", type=float, default=512,
                    help="memory Ray reserves per decode task (MiB); raise it for very large images")
     p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
@@ -115,6 +124,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.product_from = "column" if args.manifest else "hive:product"
     if args.batch_size < 1 or args.rows_per_file < 1 or args.num_actors < 1:
         p.error("--batch-size, --rows-per-file and --num-actors must be at least 1")
+    if args.row_cpus is None:
+        args.row_cpus = args.decode_cpus
+    if args.stall_timeout <= 0 or args.max_restarts < 0:
+        p.error("--stall-timeout must be positive and --max-restarts at least 0")
     if args.batches_in_flight is None:
         args.batches_in_flight = 2 if args.use_gpu else 1
     if args.render_on_device is None:
@@ -151,6 +164,35 @@ def write_rows(batch: dict, run: runs.RunAttempt, calibrations: dict[str, Calibr
             "rows_node": [ray.get_runtime_context().get_node_id()]}
 
 
+def scoring_dataset(todo, run: runs.ScoreRun, args: argparse.Namespace, config: ScoringConfig,
+                    infos: dict, actors: int):
+    """The pipeline over `todo`: decode tasks -> model actors -> row tasks."""
+    import ray
+
+    blocks = runs.input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
+    log.info("%d inputs to Ray Data in %d blocks", todo.num_rows, len(blocks))
+    ds = ray.data.from_arrow(blocks).map_batches(
+        read_images, batch_size=args.batch_size, fn_kwargs={
+            "sizes": config.input_sizes, "max_pixels": config.max_pixels,
+            "keep_jpeg": config.keep_jpeg},
+        # A memory reservation the model actor does not have keeps Ray Data from fusing
+        # decoding into the actor (it fuses maps with equal resources): decoding scales
+        # out on CPU tasks, the actor only runs the model.
+        num_cpus=args.decode_cpus, memory=int(args.decode_memory_mb * 2**20),
+    )
+    ds = ds.map_batches(
+        ScoringActor, fn_constructor_args=(config,),
+        compute=ray.data.ActorPoolStrategy(
+            size=actors, max_concurrent_calls_per_actor=args.batches_in_flight,
+            enable_true_multi_threading=args.batches_in_flight > 1),
+        batch_size=args.batch_size, num_cpus=args.cpus_per_actor,
+        num_gpus=1 if args.use_gpu else 0,
+    )
+    return ds.map_batches(write_rows, batch_size=args.rows_per_file, num_cpus=args.row_cpus,
+                          fn_kwargs={"run": run.describe(), "mask_size": config.mask_size,
+                                     "calibrations": {p: i.calibration for p, i in infos.items()}})
+
+
 def main(argv: list[str] | None = None) -> dict:
     setup_logging()
     args = parse_args(argv)
@@ -176,13 +218,14 @@ def main(argv: list[str] | None = None) -> dict:
     todo = runs.publish_without_model(run, runs.pending(run), set(infos), lambda p: (
         models.no_model_reason(p, args.fleet or "champion", problems)))
     t_plan = time.perf_counter() - t0
-    log.info("run %s (%s): %d images listed, %d to score; %s; rows to %s; options %s",
-             run.run_id, f"resumed, started {run.created_at}" if run.resumed else "new", run.inputs.num_rows, todo.num_rows,
+    log.info("run %s (%s), planned in %.2f s: %d images listed, %d to score; %s; rows to %s; "
+             "options %s", run.run_id,
+             f"resumed, started {run.created_at}" if run.resumed else "new", t_plan,
+             run.inputs.num_rows, todo.num_rows,
              ", ".join(f"{m.product}@{m.version}" for m in run.models) or "no models",
              storage.join(run.output, f"dt={run.day}"), json.dumps(redacted(vars(args))))
     if todo.num_rows:
         init_ray(args.address)
-        import ray
 
         if args.address and run.fleet:
             check_nodes([info.uri for info in infos.values()])
@@ -194,47 +237,38 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{args.decode_memory_mb:g}", "lower --decode-cpus or --decode-memory-mb")
 
         pixels = max(h * w for h, w in (i.input_size for i in infos.values()))
-        streaming_context(args.actor_start_timeout, args.batch_size * 3 * pixels * 4)
+        streaming_context(args.actor_start_timeout, args.batch_size * 3 * pixels * 4,
+                          args.stall_timeout)
         t1 = time.perf_counter()
-        blocks = runs.input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
-        log.info("planned in %.2f s; %d inputs to Ray Data in %d blocks", t_plan, todo.num_rows,
-                 len(blocks))
         config = ScoringConfig.from_args(args, {p: (i.uri, i.input_size) for p, i in infos.items()})
-        ds = ray.data.from_arrow(blocks)
-        ds = ds.map_batches(
-            read_images, batch_size=args.batch_size, fn_kwargs={
-                "sizes": config.input_sizes, "max_pixels": config.max_pixels,
-                "keep_jpeg": config.keep_jpeg},
-            # A memory reservation the model actor does not have keeps Ray Data from fusing
-            # decoding into the actor (it fuses maps with equal resources): decoding scales
-            # out on CPU tasks, the actor only runs the model.
-            num_cpus=args.decode_cpus, memory=decode_memory,
-        )
-        ds = ds.map_batches(
-            ScoringActor, fn_constructor_args=(config,),
-            compute=ray.data.ActorPoolStrategy(
-                size=args.num_actors, max_concurrent_calls_per_actor=args.batches_in_flight,
-                enable_true_multi_threading=args.batches_in_flight > 1),
-            batch_size=args.batch_size,
-            num_cpus=args.cpus_per_actor,
-            num_gpus=1 if args.use_gpu else 0,
-        )
-        ds = ds.map_batches(write_rows, batch_size=args.rows_per_file, fn_kwargs={
-            "run": run.describe(), "mask_size": config.mask_size,
-            "calibrations": {p: i.calibration for p, i in infos.items()}})
         progress = runs.Progress(todo.num_rows, args.progress_every, log.info)
-        nodes = runs.publish_all(run, ds.iter_rows(), progress)
+        actors, restarts = args.num_actors, []
+        # Attempts of the run: a new one over the images not yet written when a lost node
+        # stops the pipeline (jobs/nodes.py); the part files written stay.
+        with NodeWatch(progress.state, progress.node_lost, what="scoring") as watch:
+            while True:
+                ds = scoring_dataset(todo, run, args, config, infos, actors)
+                try:
+                    nodes = runs.publish_all(run, ds.iter_rows(), progress)
+                    break
+                except node_loss_errors() as exc:
+                    run, todo, actors = next_scoring_attempt(run, args, exc, restarts, watch,
+                                                             progress)
         t_score, t_first = time.perf_counter() - t1, progress.first
+        lost, drained = watch.lost, watch.draining
         # The operators as Ray ran them ("A->B" when fused): decoding must not be in the actor.
         stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)
     else:
         t_score, t_first, stages, nodes, progress = 0.0, None, [], {}, runs.Progress(0, 0)
+        restarts, lost, drained = [], [], []
     # first_rows: from the dataset's creation to the first part file (actors' start included)
     summary = runs.finish(run, {"plan": t_plan, "first_rows": t_first, "score": t_score,
                           "total": time.perf_counter() - t0},
                           {"images_per_s": round(todo.num_rows / t_score, 2) if t_score else None,
                            # the Ray nodes that ran the model actors and wrote the rows
-                           "nodes": nodes, "stages": stages, **progress.counts},
+                           "nodes": nodes, "stages": stages, **progress.counts,
+                           "nodes_lost": lost, "nodes_drained": drained,
+                           "restarts": restarts},
                           # what each product's rows were scored with; the report reads these
                           {m.product: models.product_summary(m, infos[m.product])
                            for m in run.models if m.product in infos})

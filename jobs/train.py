@@ -113,7 +113,18 @@ def candidate_config(args, candidate, options: dict, output: str) -> tuple[str, 
 def fit_with_ray_train(settings: TrainerSettings, config: TrainingConfig) -> None:
     """One Ray Train run of `config`; a set-up error every attempt would repeat is not retried
     and raises as bad input."""
-    result = make_trainer(settings, config).fit()
+    from anomaly_core.detectors import detector_class
+    from jobs.nodes import NodeWatch
+
+    if detector_class(config.detector).family == "memory":
+        then = ("Ray Train restarts the workers once there is room for all of them, and this "
+                "memory detector's single pass starts over (it has no checkpoint within it)")
+    else:
+        then = ("Ray Train restarts the workers once there is room for all of them and resumes "
+                "from the last epoch's checkpoint")
+    with NodeWatch(lambda: f"up to {settings.max_failures} worker failures survived", then=then,
+                   what=f"training {config.detector}"):
+        result = make_trainer(settings, config).fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
     fatal = (result.metrics or {}).get("fatal_error")

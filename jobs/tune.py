@@ -178,10 +178,20 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space, tune_config=tune_config,
+            # A trial whose own actor was on a lost node runs again (its Ray Train run,
+            # named after the trial, resumes from its last checkpoint); a lost training
+            # worker is Ray Train's to replace (--max-failures both).
             run_config=tune.RunConfig(name=sweep, storage_path=storage_path,
-                                      storage_filesystem=storage_fs),
+                                      storage_filesystem=storage_fs,
+                                      failure_config=tune.FailureConfig(
+                                          max_failures=args.max_failures)),
         )
-    grid = tuner.fit()
+    from jobs.nodes import NodeWatch
+
+    with NodeWatch(lambda: f"{args.max_concurrent} trial(s) at a time", what=f"sweep {sweep}",
+                   then="each trial on it resumes from its last checkpoint (its Ray Train "
+                        "workers, or the whole trial when its own actor was there)"):
+        grid = tuner.fit()
     table = sweep_lib.results_table(grid, names)
     storage.write_bytes(storage.join(args.output, "results.parquet"), parquet_bytes(table))
     rows = table.to_pylist()

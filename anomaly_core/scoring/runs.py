@@ -32,7 +32,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -124,6 +124,13 @@ class ScoreRun(RunAttempt):
     def meta(self) -> dict[str, Any]:
         """run.json: what the run is (every attempt the same)."""
         return {k: v for k, v in asdict(self.describe()).items() if k != "attempt"}
+
+
+def next_attempt(run: ScoreRun) -> ScoreRun:
+    """Another attempt of the same run in this process, after its pipeline stopped on a lost
+    node: a staging folder of its own; pending() on it plans what is not published yet (what
+    the earlier attempt published counts as planned, so finish() keeps it)."""
+    return replace(run, attempt=new_attempt(), planned_files=set())
 
 
 def new_attempt() -> str:
@@ -364,6 +371,8 @@ class Progress:
         self.first: float | None = None  # seconds until the first rows came out
         self.loads = self.evictions = 0  # models the actors loaded, and evicted for others
         self.retries = 0  # S3 calls the decode and row tasks retried
+        self.nodes_lost = 0  # Ray nodes lost during the run (the job's NodeWatch counts)
+        self.redone = 0  # images scheduled again by a new attempt after a lost node
 
     @property
     def counts(self) -> dict[str, Any]:
@@ -392,7 +401,17 @@ class Progress:
         self.log(f"scored {self.done}/{self.total} images "
                  f"({100 * self.done / max(self.total, 1):.0f}%), {self.errors} errors, "
                  f"{rate:.1f} images/s, ETA {eta:.0f} s"
-                 + (f", {self.retries} S3 calls retried" if self.retries else ""))
+                 + (f", {self.retries} S3 calls retried" if self.retries else "")
+                 + (f", {self.nodes_lost} node(s) lost" if self.nodes_lost else "")
+                 + (f", {self.redone} images redone" if self.redone else ""))
+
+    def node_lost(self) -> None:
+        self.nodes_lost += 1
+
+    def state(self) -> str:
+        """Where the run stands, for a log line: images written of all."""
+        return (f"{self.done}/{self.total} images written, "
+                f"{100 * self.done / max(self.total, 1):.0f}%")
 
 
 def publish_all(run: ScoreRun, results: Iterable[dict[str, Any]],

@@ -14,14 +14,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.ray_nodes import free_port, stop_node, synthetic_bucket
+from tests.e2e.ray_nodes import LoopbackCluster, synthetic_bucket
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -62,54 +61,21 @@ def cluster(s3_endpoint: str, tmp_path_factory) -> Iterator[Cluster]:
     bucket = synthetic_bucket(s3_endpoint, str(tmp_path_factory.mktemp("mn-data")), "mn", CATEGORY,
                               size=SIZE, n_train=12, n_test_good=3, n_test_defect=3)
     shadowed = tempfile.mkdtemp(prefix="mn-shadow-", dir="/tmp")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    # Multi-node needs RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, which maps 127.0.0.1 to the machine's
-    # outward address; the nodes take 127.0.0.2 and 127.0.0.3 instead: still loopback only.
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(REPO),
-               RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="1", RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", ANOMALY_OFFLINE="1",
-               RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.25")
-    temp_dir = tempfile.mkdtemp(prefix="rmn-", dir="/tmp")
-    gcs_port = free_port()
-    common = ["--num-cpus=2", "--object-store-memory=400000000", "--disable-usage-stats"]
-    head_cmd = ["ray", "start", "--head", "--node-ip-address=127.0.0.2", f"--port={gcs_port}",
-                "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
-                f"--temp-dir={temp_dir}", *common]
-    worker_cmd = ["ray", "start", f"--address=127.0.0.2:{gcs_port}", "--node-ip-address=127.0.0.3",
-                  *common, "--block",
-                  f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-                  f"--dashboard-agent-listen-port={free_port()}",
-                  f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-                  f"--runtime-env-agent-port={free_port()}"]
-    if _can_unshare():
-        # The worker node sees an empty tmpfs where the driver sees `shadowed`.
-        script = f"mount -t tmpfs tmpfs {shadowed} && exec {' '.join(worker_cmd)}"
-        worker_cmd = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
-    procs = []
+    nodes = LoopbackCluster(str(REPO), str(VENV_BIN), cpus=2)
     try:
-        head = subprocess.Popen(head_cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        procs.append(head)
-        output, _ = head.communicate(timeout=120)
-        assert head.returncode == 0, f"ray start --head failed:\n{output}"
-        procs.append(subprocess.Popen(worker_cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True))
-        address = f"127.0.0.2:{gcs_port}"
+        nodes.start_head()
+        worker = nodes.worker_command()
+        if _can_unshare():
+            # The worker node sees an empty tmpfs where the driver sees `shadowed`.
+            script = f"mount -t tmpfs tmpfs {shadowed} && exec {' '.join(worker)}"
+            worker = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script]
+        nodes.add_worker(worker)
         # The driver joins as a client of the head's node; the jobs' init_ray then finds it.
-        ray.init(address=address, _node_ip_address="127.0.0.2", log_to_driver=False)
-        deadline = time.time() + 90
-        while len([n for n in ray.nodes() if n["Alive"]]) < 2:
-            assert time.time() < deadline, "the worker node never joined"
-            time.sleep(1)
-        yield Cluster(address, s3_endpoint, bucket, f"{bucket}/data", shadowed)
+        ray.init(address=nodes.address, _node_ip_address="127.0.0.2", log_to_driver=False)
+        yield Cluster(nodes.address, s3_endpoint, bucket, f"{bucket}/data", shadowed)
     finally:
         ray.shutdown()
-        left = set()
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            left |= stop_node(proc.pid, temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        left = nodes.stop()
         shutil.rmtree(shadowed, ignore_errors=True)
         assert not left, f"Ray processes survived SIGKILL: {sorted(left)}"
 

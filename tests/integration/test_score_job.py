@@ -333,3 +333,67 @@ def test_past_the_retry_budget_the_job_stops_with_exit_4_and_a_rerun_resumes_exa
     rows = read_rows(out)
     assert len(rows) == len({r["uri"] for r in rows}) == 96
     assert all(r["error"] is None for r in rows)
+
+
+def _processes_named(word: bytes) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if word in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
+def test_a_batch_stuck_in_a_model_actor_is_started_again_and_written_exactly_once(
+        model, data, tmp_path):
+    """A model actor that stops answering (SIGSTOP: like one whose node is cut off, or one that
+    has no room to restart after its node was lost) holds its batches forever; once Ray Data
+    sees no progress for --stall-timeout seconds the job starts a new attempt of the run over
+    the images not yet written, and every image ends up with exactly one row."""
+    import threading
+
+    source = tmp_path / "in"
+    source.mkdir()
+    for i in range(5):
+        for rec in mvtec_records(data, "capsule", "test"):
+            shutil.copyfile(rec.uri, source / f"{i}-{os.path.basename(os.path.dirname(rec.uri))}-"
+                                              f"{os.path.basename(rec.uri)}")
+    stopped: list[int] = []
+
+    def stop_a_model_actor() -> None:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            pids = _processes_named(b"ScoringActor")
+            if len(pids) == 2:
+                time.sleep(1.0)  # the pool is up and batches are flowing
+                os.kill(pids[0], signal.SIGSTOP)
+                stopped.append(pids[0])
+                return
+            time.sleep(0.05)
+
+    stopper = threading.Thread(target=stop_a_model_actor, daemon=True)
+    stopper.start()
+    out = str(tmp_path / "out")
+    try:
+        summary = run_score(model, str(source), out, "--num-actors", "2", "--decode-cpus", "0.5",
+                            "--row-cpus", "0.5", "--batch-size", "2", "--stall-timeout", "5")
+    finally:
+        stopper.join(timeout=5)
+        for pid in stopped:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+    assert stopped, "no model actor was stopped"
+    n = len(os.listdir(source))
+    assert summary["rows"] == n and summary["errors"] == 0
+    assert len(summary["restarts"]) == 1, summary["restarts"]
+    restart = summary["restarts"][0]
+    assert restart["reason"].startswith("no progress for 5 s") and 0 < restart["images"] < n
+    uris = [r["uri"] for r in read_rows(out)]
+    assert len(uris) == len(set(uris)) == n
+    assert not list((tmp_path / "out").glob("_runs/*/staging/**/*.parquet"))
