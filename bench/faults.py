@@ -124,6 +124,7 @@ def node_cases(args, work: str, model: str) -> list[dict]:
                                  out, "--address", nodes.address, "--num-actors", "2",
                                  "--cpus-per-actor", "1.5", "--decode-cpus", "0.25",
                                  "--row-cpus", "0.25", "--batch-size", "8",
+                                 "--rows-per-file", "32",
                                  "--stall-timeout", "20", "--progress-every", "5")
             kill_after = None if case == "nodes" else args.kill_at * running
             code, output, events = run_and_kill(
@@ -134,7 +135,8 @@ def node_cases(args, work: str, model: str) -> list[dict]:
                 running = events["ended"] - events["ready"]
             if case == "stuck":
                 _signal_an_actor(signal.SIGCONT)
-            elif case != "nodes" and nodes.alive_nodes() < 2:
+            elif case == "lost":  # the next case starts on two nodes again
+                nodes.wait_for_nodes(1)
                 nodes.add_worker()
             summary = _success_local(out)
             uris = read_uris(out)

@@ -36,14 +36,18 @@ def node_loss_errors() -> tuple[type[BaseException], ...]:
             rex.ActorDiedError, rex.ActorUnavailableError, rex.WorkerCrashedError)
 
 
-def replicas_that_fit(bundle: dict[str, float], count: int) -> int:
-    """How many of `count` replicas (each `bundle`) the live nodes could hold now, at most
-    `count`; `count` where an autoscaler can add nodes that fit them."""
+def replicas_that_fit(bundle: dict[str, float], count: int, free: bool = False) -> int:
+    """How many of `count` replicas (each `bundle`) the live nodes could hold (with `free`:
+    in what they have free now), at most `count`; `count` where an autoscaler can add nodes
+    that hold them."""
     import ray
+    from ray._private.state import available_resources_per_node
 
     from jobs.preflight import autoscaler_node_types, placement_problem
 
-    nodes, types = [n["Resources"] for n in ray.nodes() if n.get("Alive")], autoscaler_node_types()
+    nodes = (list(available_resources_per_node().values()) if free
+             else [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    types = autoscaler_node_types()
     return next((n for n in range(count, 0, -1) if not placement_problem(bundle, n, nodes, types)),
                 0)
 
@@ -57,7 +61,8 @@ class NodeWatch:
                  every: float = 1.0, what: str = "the job",
                  then: str = "Ray reruns the tasks it held and restarts its actors on the nodes "
                              "left; the images whose work was there are done again") -> None:
-        self.state, self.on_lost, self.every, self.what, self.then = state, on_lost, every, what, then
+        self.state, self.on_lost, self.every = state, on_lost, every
+        self.what, self.then = what, then
         self.lost: list[dict[str, Any]] = []
         self.joined: list[dict[str, Any]] = []
         self.draining: list[dict[str, Any]] = []  # drain notices (preemption, idle removal)
@@ -135,17 +140,19 @@ def next_scoring_attempt(run, args, exc: BaseException, restarts: list[dict], wa
         raise ClusterGaveOut(f"scoring stopped ({why}) after {len(restarts)} restart(s) "
                              f"(--max-restarts); the rows written are kept: run the same command "
                              "again to score the rest") from exc
-    actors = replicas_that_fit({"CPU": args.cpus_per_actor, "GPU": 1.0 if args.use_gpu else 0},
-                               args.num_actors)
-    if not actors:
+    bundle = {"CPU": args.cpus_per_actor, "GPU": 1.0 if args.use_gpu else 0}
+    if not replicas_that_fit(bundle, args.num_actors):
         raise ClusterGaveOut(f"scoring stopped ({why}) and no node left can hold a model actor "
                              f"({args.cpus_per_actor:g} CPUs{gpu}); the rows written are kept: "
                              "run the same command again once nodes are back") from exc
+    # The new pool starts with the actors that fit in what is free now (an actor that hangs
+    # may hold its CPUs a while after the old pipeline let it go) and grows to --num-actors.
+    actors = (max(replicas_that_fit(bundle, args.num_actors, free=True), 1), args.num_actors)
     run = runs.next_attempt(run)
     todo = runs.pending(run)
     restarts.append({"reason": why, "attempt": run.attempt, "images": todo.num_rows,
-                     "model_actors": actors, "state": progress.state()})
+                     "model_actors": actors[0], "state": progress.state()})
     progress.redone += todo.num_rows
-    log.warning("%s (%s): attempt %s scores the %d images not yet written, with %d model "
-                "actor(s)", why, progress.state(), run.attempt, todo.num_rows, actors)
+    log.warning("%s (%s): attempt %s scores the %d images not yet written, with %d to %d model "
+                "actor(s)", why, progress.state(), run.attempt, todo.num_rows, *actors)
     return run, todo, actors

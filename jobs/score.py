@@ -165,8 +165,8 @@ def write_rows(batch: dict, run: runs.RunAttempt, calibrations: dict[str, Calibr
 
 
 def scoring_dataset(todo, run: runs.ScoreRun, args: argparse.Namespace, config: ScoringConfig,
-                    infos: dict, actors: int):
-    """The pipeline over `todo`: decode tasks -> model actors -> row tasks."""
+                    infos: dict, actors: tuple[int, int]):
+    """The pipeline over `todo`: decode tasks -> (least, most) model actors -> row tasks."""
     import ray
 
     blocks = runs.input_blocks(todo, ray.cluster_resources().get("CPU", 1), args.batch_size)
@@ -183,7 +183,8 @@ def scoring_dataset(todo, run: runs.ScoreRun, args: argparse.Namespace, config: 
     ds = ds.map_batches(
         ScoringActor, fn_constructor_args=(config,),
         compute=ray.data.ActorPoolStrategy(
-            size=actors, max_concurrent_calls_per_actor=args.batches_in_flight,
+            min_size=actors[0], max_size=actors[1],
+            max_concurrent_calls_per_actor=args.batches_in_flight,
             enable_true_multi_threading=args.batches_in_flight > 1),
         batch_size=args.batch_size, num_cpus=args.cpus_per_actor,
         num_gpus=1 if args.use_gpu else 0,
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
         t1 = time.perf_counter()
         config = ScoringConfig.from_args(args, {p: (i.uri, i.input_size) for p, i in infos.items()})
         progress = runs.Progress(todo.num_rows, args.progress_every, log.info)
-        actors, restarts = args.num_actors, []
+        actors, restarts = (args.num_actors, args.num_actors), []
         # Attempts of the run: a new one over the images not yet written when a lost node
         # stops the pipeline (jobs/nodes.py); the part files written stay.
         with NodeWatch(progress.state, progress.node_lost, what="scoring") as watch:

@@ -113,6 +113,7 @@ def test_wrong_credentials_give_access_denied_without_the_secret(
 def test_unreachable_endpoint_error_names_endpoint(monkeypatch):
     endpoint = f"http://127.0.0.1:{_free_port()}"
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # the default budget waits a minute or more
     with pytest.raises(StorageError, match="cannot reach S3") as err:
         storage.read_bytes("s3://some-bucket/x.png")
     assert endpoint in str(err.value)
