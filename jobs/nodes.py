@@ -7,8 +7,8 @@ finish a batch held by an actor that has no room left to restart in, or rows who
 lived only on the lost node and need that actor to be made again. The score job therefore
 runs its pipeline in attempts: when Ray Data reports no progress for --stall-timeout seconds
 (its no-progress guard), or passes on a lost node's error, the job starts a new attempt of
-the same run over the images not yet written, with the model actors that fit the nodes left
-(see jobs/score.py).
+the same run over the images not yet written, its model actors sized to the nodes left (see
+jobs/score.py).
 """
 
 from __future__ import annotations
@@ -125,9 +125,8 @@ def next_scoring_attempt(run, args, exc: BaseException, restarts: list[dict], wa
                          progress):
     """After the score job's pipeline stopped on a lost node (or made no progress for
     --stall-timeout seconds): a new attempt of the same run (anomaly_core.scoring.runs) over
-    the images not yet written, with the model actors the nodes left can hold. Returns the
-    attempt, its images and its number of actors; ClusterGaveOut past --max-restarts or when
-    no node can hold an actor."""
+    the images not yet written. Returns the attempt, its images and its (least, most) model
+    actors; ClusterGaveOut past --max-restarts or when no node left can ever hold an actor."""
     from ray.data.exceptions import ExecutionTimeoutError
 
     from anomaly_core.scoring import runs
