@@ -380,7 +380,7 @@ def test_a_batch_stuck_in_a_model_actor_is_started_again_and_written_exactly_onc
     out = str(tmp_path / "out")
     try:
         summary = run_score(model, str(source), out, "--num-actors", "2", "--decode-cpus", "0.5",
-                            "--row-cpus", "0.5", "--batch-size", "2", "--stall-timeout", "5")
+                            "--row-cpus", "0.5", "--batch-size", "2", "--stall-timeout", "8")
     finally:
         stopper.join(timeout=5)
         for pid in stopped:
@@ -391,9 +391,12 @@ def test_a_batch_stuck_in_a_model_actor_is_started_again_and_written_exactly_onc
     assert stopped, "no model actor was stopped"
     n = len(os.listdir(source))
     assert summary["rows"] == n and summary["errors"] == 0
-    assert len(summary["restarts"]) == 1, summary["restarts"]
-    restart = summary["restarts"][0]
-    assert restart["reason"].startswith("no progress for 5 s") and 0 < restart["images"] < n
+    # One new attempt for the stopped actor; on a busy 2-core machine a second one can follow
+    # while the new pool grows (a short --stall-timeout).
+    restarts = summary["restarts"]
+    assert 1 <= len(restarts) <= 2, restarts
+    assert all(r["reason"].startswith("no progress for 8 s") for r in restarts), restarts
+    assert 0 < restarts[0]["images"] < n
     uris = [r["uri"] for r in read_rows(out)]
     assert len(uris) == len(set(uris)) == n
     assert not list((tmp_path / "out").glob("_runs/*/staging/**/*.parquet"))
