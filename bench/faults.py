@@ -156,15 +156,10 @@ def node_cases(args, work: str, model: str) -> list[dict]:
 
 def _signal_an_actor(sig: int) -> float:
     """Send `sig` to the first model actor process found; returns the time."""
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"ScoringActor" in f.read():
-                        os.kill(int(entry), sig)
-                        break
-            except OSError:
-                continue
+    from tests.helpers import pids_named
+
+    for pid in pids_named(b"ScoringActor")[:1]:
+        os.kill(pid, sig)
     return time.time()
 
 

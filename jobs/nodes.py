@@ -55,7 +55,7 @@ def replicas_that_fit(bundle: dict[str, float], count: int, free: bool = False) 
 class NodeWatch:
     """A thread polling the cluster's node table every `every` seconds while a job runs: a node
     lost or joined is logged at once, with `state()` (what the job has done) and `then` (what
-    happens next), and `on_lost()` called; `lost` and `joined` keep them for the summary."""
+    happens next), and `on_lost()` called; `lost` and `draining` keep them for the summary."""
 
     def __init__(self, state: Callable[[], str], on_lost: Callable[[], Any] = lambda: None,
                  every: float = 1.0, what: str = "the job",
@@ -64,7 +64,6 @@ class NodeWatch:
         self.state, self.on_lost, self.every = state, on_lost, every
         self.what, self.then = what, then
         self.lost: list[dict[str, Any]] = []
-        self.joined: list[dict[str, Any]] = []
         self.draining: list[dict[str, Any]] = []  # drain notices (preemption, idle removal)
         self._stop = threading.Event()
         self._start = time.perf_counter()
@@ -115,7 +114,6 @@ class NodeWatch:
                 log.warning("node %s lost %.0f s into %s (%s): %s", ip, after, self.what, state,
                             self.then)
             for node in sorted(set(alive) - set(self._known)):
-                self.joined.append({"node": alive[node], "node_id": node, "after_s": after})
                 log.info("node %s joined %.0f s into %s: the work still waiting can use it",
                          alive[node], after, self.what)
             self._known = alive

@@ -99,3 +99,18 @@ def open_in_chromium(page: str, screenshot: str) -> dict:
         tab.screenshot(path=screenshot, full_page=True)
         browser.close()
     return out
+
+
+def pids_named(word: bytes) -> list[int]:
+    """Processes whose command line holds `word` (Ray titles actor processes after their
+    class, e.g. b"ScoringActor" or b"RayTrainWorker"), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if word in f.read():
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids

@@ -25,6 +25,7 @@ from anomaly_core.training.evaluate import calibrate, predict
 from anomaly_core.training.fit import fit
 from jobs import score
 from jobs.common import JobFailed
+from tests.helpers import pids_named
 
 SIZE = 64
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -335,19 +336,6 @@ def test_past_the_retry_budget_the_job_stops_with_exit_4_and_a_rerun_resumes_exa
     assert all(r["error"] is None for r in rows)
 
 
-def _processes_named(word: bytes) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if word in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
-
-
 def test_a_batch_stuck_in_a_model_actor_is_started_again_and_written_exactly_once(
         model, data, tmp_path):
     """A model actor that stops answering (SIGSTOP: like one whose node is cut off, or one that
@@ -367,7 +355,7 @@ def test_a_batch_stuck_in_a_model_actor_is_started_again_and_written_exactly_onc
     def stop_a_model_actor() -> None:
         deadline = time.time() + 120
         while time.time() < deadline:
-            pids = _processes_named(b"ScoringActor")
+            pids = pids_named(b"ScoringActor")
             if len(pids) == 2:
                 time.sleep(1.0)  # the pool is up and batches are flowing
                 os.kill(pids[0], signal.SIGSTOP)

@@ -10,22 +10,9 @@ import pytest
 from anomaly_core.data.synthetic import generate
 from anomaly_core.model.artifact import ModelArtifact
 from jobs import train
+from tests.helpers import pids_named
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
-
-
-def train_worker_pids() -> list[int]:
-    """Processes of Ray Train workers (Ray titles them after the actor class)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if b"RayTrainWorker" in f.read():
-                        pids.append(int(entry))
-            except OSError:
-                continue
-    return pids
 
 
 def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
@@ -40,7 +27,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(tmp_path):
             # A checkpoint folder appears before Ray registers it; the controller's snapshot
             # appears once one is registered, so a restart after that must begin from it.
             if any(results.glob("**/checkpoint_manager_snapshot.json")):
-                pids = train_worker_pids()
+                pids = pids_named(b"RayTrainWorker")
                 if pids:
                     os.kill(pids[-1], signal.SIGKILL)
                     killed.append(pids[-1])
