@@ -25,6 +25,7 @@ class ScoringConfig:
     compile: bool = False  # torch.compile the model in each actor
     render_on_device: bool = False  # masks and heatmaps rendered by the model actor
     mask_size: tuple[int, int] | None = None  # (height, width) of masks; None: each image's
+    heatmaps: str = "anomalous"  # rows with a heatmap PNG: all, anomalous or none
     model_threads: int | None = None  # CPU only: each actor's torch threads; None: Ray's
     max_pixels: int = 100_000_000  # larger images are refused (decompression bombs)
     keep_jpeg: bool = False  # plain JPEGs left for the model actor to decode (--gpu-decode)
@@ -41,6 +42,7 @@ class ScoringConfig:
             use_gpu=args.use_gpu, precision=args.precision, compile=args.compile,
             render_on_device=args.render_on_device,
             mask_size=tuple(args.mask_size) if args.mask_size else None,
+            heatmaps=args.heatmaps,
             model_threads=args.model_threads, max_pixels=args.max_pixels,
             keep_jpeg=args.gpu_decode, models_memory_mb=args.models_memory_mb,
         )

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
                      f"{trained['registered']['version']}"  # the version this fit registered
         scored = score.main([
             "--model", registered, "--input", os.path.join(data, args.category, "test"),
-            "--output", scores, "--num-actors", "1", *common,
+            "--output", scores, "--num-actors", "1", "--heatmaps", "all", *common,
         ])
         page = report.main(["--scores", scores, "--labels", data,
                             "--out", os.path.join(work, "report")])
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = next(r for r in table if r["category"] == args.category and r["defect"] == "all")
     if result["images"] != scored["inputs"]:
         raise SystemExit(f"{scored['inputs'] - result['images']} of {scored['inputs']} test images "
-                         f"have no heatmap in run {scored['run_id']}: see its rows under {scores}")
+                         f"have no score in run {scored['run_id']}: see its rows under {scores}")
     wall = time.perf_counter() - start
     print("\n=== demo result ===")
     print(f"detector      {args.detector}, backbone {why}")

@@ -110,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with --use-gpu)")
     p.add_argument("--mask-size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
                    help="mask/heatmap size (default: each image's own size)")
+    p.add_argument("--heatmaps", choices=("all", "anomalous", "none"), default="anomalous",
+                   help="rows that get a heatmap PNG: all, anomalous (at or above the image "
+                        "threshold; the default) or none; every row gets its mask. The report's "
+                        "pixel metrics count only rows with heatmaps: pass all to evaluate")
     p.add_argument("--max-pixels", type=int, default=100_000_000,
                    help="refuse images with more pixels (decompression bombs)")
     p.add_argument("--max-error-rate", type=float, default=1.0,
@@ -156,11 +160,11 @@ class ScoringActor(ResidentModels):
 
 
 def write_rows(batch: dict, run: runs.RunAttempt, calibrations: dict[str, Calibration],
-               mask_size) -> dict:
+               mask_size, heatmaps: str) -> dict:
     """CPU task: the row stage (anomaly_core.scoring.rows.write_part), and where it ran."""
     import ray
 
-    return {**write_part(batch, run, calibrations, mask_size),
+    return {**write_part(batch, run, calibrations, mask_size, heatmaps),
             "rows_node": [ray.get_runtime_context().get_node_id()]}
 
 
@@ -191,6 +195,7 @@ def scoring_dataset(todo, run: runs.ScoreRun, args: argparse.Namespace, config: 
     )
     return ds.map_batches(write_rows, batch_size=args.rows_per_file, num_cpus=args.row_cpus,
                           fn_kwargs={"run": run.describe(), "mask_size": config.mask_size,
+                                     "heatmaps": config.heatmaps,
                                      "calibrations": {p: i.calibration for p, i in infos.items()}})
 
 

@@ -40,10 +40,11 @@ def read_mask(uri: str) -> np.ndarray:
 
 def labelled_images(run_rows, truth: dict, pngs: dict,
                     true_mask: Callable[[str], np.ndarray] = read_mask) -> list[dict]:
-    """The run's labelled images with a heatmap: each with its facts, score, verdict and its
-    heatmap's pixels counted per level against the true mask (metrics.level_counts). A mask of
-    another size than the heatmap is resized to it (nearest); a defect without a mask counts as
-    normal pixels, as a good image."""
+    """The run's labelled, scored images: each with its facts, score, verdict and, where the
+    run wrote its heatmap, the heatmap's pixels counted per level against the true mask
+    (metrics.level_counts; else None: --heatmaps anomalous writes heatmaps for anomalous
+    images only). A mask of another size than the heatmap is resized to it (nearest); a defect
+    without a mask counts as normal pixels, as a good image."""
     from PIL import Image
 
     from anomaly_core.scoring.scorer import decode_png
@@ -51,16 +52,18 @@ def labelled_images(run_rows, truth: dict, pngs: dict,
     out = []
     for row in run_rows.itertuples():
         facts = truth.get(label_key(row.uri))
-        if facts is None or row.uri not in pngs or not pngs[row.uri]["heatmap_png"]:
+        if facts is None or row.uri not in pngs or row.score is None or np.isnan(row.score):
             continue
-        heat = decode_png(pngs[row.uri]["heatmap_png"])
-        mask = np.zeros(heat.shape, dtype=bool)
-        if facts["mask_uri"]:
-            mask = true_mask(facts["mask_uri"])
-            if mask.shape != heat.shape:
-                resized = Image.fromarray(mask).resize(heat.shape[::-1], Image.NEAREST)
-                mask = np.asarray(resized)
-        normal, regions = metrics.level_counts(mask, heat)
+        normal = regions = None
+        if pngs[row.uri]["heatmap_png"]:
+            heat = decode_png(pngs[row.uri]["heatmap_png"])
+            mask = np.zeros(heat.shape, dtype=bool)
+            if facts["mask_uri"]:
+                mask = true_mask(facts["mask_uri"])
+                if mask.shape != heat.shape:
+                    resized = Image.fromarray(mask).resize(heat.shape[::-1], Image.NEAREST)
+                    mask = np.asarray(resized)
+            normal, regions = metrics.level_counts(mask, heat)
         out.append({**facts, "score": row.score, "predicted": bool(row.is_anomalous),
                     "normal": normal, "regions": regions})
     return out
@@ -68,18 +71,26 @@ def labelled_images(run_rows, truth: dict, pngs: dict,
 
 def measure(images: list[dict]) -> dict[str, Any]:
     """Image AUROC, pixel AUROC, AUPRO, image F1-max and the accuracy of the run's verdicts over
-    some labelled_images; None for a metric one class alone leaves undefined."""
+    some labelled_images; None for a metric one class alone leaves undefined, and for the pixel
+    metrics where some image has no heatmap (`heatmaps` counts those that have one)."""
     labels = np.array([i["label"] for i in images])
     scores = np.array([i["score"] for i in images])
     predicted = np.array([i["predicted"] for i in images])
-    normal = np.sum([i["normal"] for i in images], axis=0)
-    regions = np.concatenate([i["regions"] for i in images])
+    with_heat = [i for i in images if i["normal"] is not None]
     out: dict[str, Any] = {"images": len(images), "defective": int(labels.sum()),
+                           "heatmaps": len(with_heat),
                            "accuracy": float((predicted == (labels == 1)).mean())}
+    pixel = len(with_heat) == len(images)
+    if pixel:
+        normal = np.sum([i["normal"] for i in images], axis=0)
+        regions = np.concatenate([i["regions"] for i in images])
     for key, fn in (("image_auroc", lambda: metrics.image_auroc(labels, scores)),
                     ("pixel_auroc", lambda: metrics.pixel_auroc_of_counts(normal, regions.sum(0))),
                     ("aupro", lambda: metrics.aupro_of_counts(normal, regions)),
                     ("image_f1_max", lambda: metrics.f1_max(labels, scores)[0])):
+        if key in ("pixel_auroc", "aupro") and not pixel:
+            out[key] = None  # heatmaps of part of the images would bias them
+            continue
         try:
             out[key] = fn()
         except ValueError:  # one class only (e.g. no defects of a category were scored)

@@ -14,8 +14,8 @@ th{background:#f4f4f4}.grid{display:flex;flex-wrap:wrap;gap:12px}
 figure.thumb{margin:0;width:%(side)dpx;font-size:12px}figure.thumb img{display:block;max-width:100%%}
 figcaption{word-break:break-all}.bad{color:#b00;font-weight:bold}.ok{color:#070}.note{color:#666}
 """
-METRIC_COLUMNS = ["category", "defect", "images", "defective", "image_auroc", "pixel_auroc",
-                  "aupro", "image_f1_max", "accuracy"]
+METRIC_COLUMNS = ["category", "defect", "images", "defective", "heatmaps", "image_auroc",
+                  "pixel_auroc", "aupro", "image_f1_max", "accuracy"]
 SUMMARY_FIELDS = ("run_id", "product", "version", "detector", "model_version", "model_uri", "day", "source", "incremental",
                   "resumed", "inputs", "rows", "scored", "errors", "skipped", "images_per_s",
                   "timings_s", "created_at", "finished_at", "partition")
@@ -98,8 +98,10 @@ def render(context: dict) -> str:
                      + _table(rows, ["dt", "scored", "errors", "anomalous", "anomaly_rate"]))
     if context["labelled"]:
         parts.append(f"<h2>Against labels ({context['labelled']} labelled images)</h2>"
-                     "<p>Pixel metrics on the heatmaps at the size the run wrote them; accuracy "
-                     "of the run's verdicts at its threshold.</p>"
+                     "<p>Pixel metrics on the heatmaps at the size the run wrote them, where "
+                     "every image has one (score with <code>--heatmaps all</code> to evaluate; "
+                     "the default writes them for anomalous images only); accuracy of the run's "
+                     "verdicts at its threshold.</p>"
                      + _table(context["metrics"], METRIC_COLUMNS))
         if context.get("curves"):
             parts.append(f'<img src="{context["curves"]}" alt="ROC and PR curves">')

@@ -101,13 +101,14 @@ class ModelStage:
         self.scorer = Scorer(artifact, device=device, precision=config.precision,
                              compile=config.compile)
         self.render_on_device, self.mask_size = config.render_on_device, config.mask_size
+        self.heatmaps = config.heatmaps
 
     def __call__(self, batch: dict) -> dict:
         with self.scorer.streamed():  # this thread's copies, model and rendering on its stream
             return self._score(batch)
 
     def _score(self, batch: dict) -> dict:
-        from anomaly_core.scoring.scorer import render_maps
+        from anomaly_core.scoring.scorer import render_maps, wants_heatmap
 
         n = len(batch["uri"])
         out = {k: v for k, v in batch.items() if k not in ("image", "jpeg")}
@@ -123,8 +124,10 @@ class ModelStage:
             scores[ok] = result.score.cpu().numpy()
             if self.render_on_device:
                 sizes = [output_size(batch, i, self.mask_size) for i in ok]
-                for i, m, h in zip(ok, *render_maps(result.map, sizes, self.calibration)):
-                    masks[i], heats[i] = m.tobytes(), h.tobytes()
+                wanted = [wants_heatmap(self.heatmaps, s >= self.calibration.threshold)
+                          for s in scores[ok]]
+                for i, m, h in zip(ok, *render_maps(result.map, sizes, self.calibration, wanted)):
+                    masks[i], heats[i] = m.tobytes(), b"" if h is None else h.tobytes()
             else:
                 maps[ok] = result.map.cpu().numpy()
         if self.render_on_device:

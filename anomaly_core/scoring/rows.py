@@ -61,14 +61,14 @@ def output_size(batch: dict, i: int, mask_size) -> tuple[int, int]:
 
 
 def make_rows(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration],
-              mask_size) -> list[dict[str, Any]]:
+              mask_size, heatmaps: str = "anomalous") -> list[dict[str, Any]]:
     """Raw outputs (maps, or masks and heatmaps rendered by the model stage) -> schema rows: PNG
-    mask and heatmap, normalized score (by the row's product's calibration); skipped images get
-    none."""
+    mask, heatmap PNG where `heatmaps` (all, anomalous, none) asks for one, normalized score
+    (by the row's product's calibration); skipped images get none."""
     import torch
 
     from anomaly_core.scoring.schema import utc_now
-    from anomaly_core.scoring.scorer import outputs, render_maps
+    from anomaly_core.scoring.scorer import outputs, render_maps, wants_heatmap
 
     now, rows = utc_now(), []
     for i in range(len(batch["uri"])):
@@ -81,20 +81,23 @@ def make_rows(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration]
                    run_id=run.run_id)
         if row["error"] is None:
             size, calibration = output_size(batch, i, mask_size), calibrations[batch["product"][i]]
+            score = float(batch["raw_score"][i])
+            heat_wanted = wants_heatmap(heatmaps, score >= calibration.threshold)
             if "raw_map" in batch:
                 # A copy: Ray hands the batch over read-only, which torch.from_numpy warns of.
                 raw = torch.tensor(batch["raw_map"][i][None])
-                (mask,), (heat,) = render_maps(raw, [size], calibration)
+                (mask,), (heat,) = render_maps(raw, [size], calibration, [heat_wanted])
             else:  # rendered by the model actor (--render-on-device)
                 mask = np.frombuffer(batch["mask_u8"][i], np.uint8).reshape(size)
-                heat = np.frombuffer(batch["heat_u8"][i], np.uint8).reshape(size)
-            row.update(outputs(float(batch["raw_score"][i]), mask, heat, calibration))
+                heat = (np.frombuffer(batch["heat_u8"][i], np.uint8).reshape(size)
+                        if heat_wanted else None)
+            row.update(outputs(score, mask, heat, calibration))
         rows.append(row)
     return rows
 
 
 def write_part(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration],
-               mask_size) -> dict:
+               mask_size, heatmaps: str = "anomalous") -> dict:
     """The row stage: raw outputs -> schema rows -> a part file per product in the attempt's
     staging folder (the driver publishes them); returns the counts, the staged files (one per
     line) and the model nodes."""
@@ -102,7 +105,7 @@ def write_part(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration
     from anomaly_core.scoring.runs import stage_part
 
     retried = sum(storage.retries().values())
-    rows = make_rows(batch, run, calibrations, mask_size)
+    rows = make_rows(batch, run, calibrations, mask_size, heatmaps)
     products = [p for p, s in zip(batch["product"], batch["skipped"]) if not s]
     groups: dict[str, list] = {}
     for product, row in zip(products, rows, strict=True):

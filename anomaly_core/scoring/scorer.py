@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import struct
 import threading
 import zlib
 from typing import Any
@@ -23,7 +24,11 @@ from anomaly_core.features.precision import compute_precision, resolve_precision
 from anomaly_core.model.artifact import ModelArtifact
 from anomaly_core.model.calibration import Calibration
 
-__all__ = ["Scorer", "decode_png", "encode_png", "outputs", "render_maps"]
+__all__ = ["HEATMAPS", "Scorer", "decode_png", "encode_mask_png", "encode_png", "outputs",
+           "render_maps", "wants_heatmap"]
+
+# --heatmaps: which rows get a heatmap PNG (masks are always made).
+HEATMAPS = ("all", "anomalous", "none")
 
 
 class Scorer:
@@ -191,58 +196,75 @@ def _resized_strips(amap: torch.Tensor, size: tuple[int, int], rows: int):
         yield u0 * p, u1 * p, part[(u0 - a0) * p:(u1 - a0) * p]
 
 
-def _render(part: torch.Tensor, t: float, span: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mask 0/255, 8-bit heatmap) as uint8 tensors from map values at their output size."""
+def _render(part: torch.Tensor, t: float, span: float,
+            heat: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mask 0/255, 8-bit heatmap or None) as uint8 tensors from map values at their output
+    size."""
     mask = (part >= t).to(torch.uint8) * 255
-    heat = ((part - t) / span + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
-    return mask, heat
+    if not heat:
+        return mask, None
+    return mask, ((part - t) / span + 0.5).clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
+
+
+def _resized(part: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps [B,h,w] at `size`, bilinear; antialiased where shrinking (enlarging, the kernel is
+    the same without it, at half the time: 0.57 against 1.02 ms for 256 to 512 px)."""
+    if tuple(part.shape[-2:]) == size:
+        return part
+    shrinking = size[0] < part.shape[-2] or size[1] < part.shape[-1]
+    return F.interpolate(part[:, None], size=size, mode="bilinear", align_corners=False,
+                         antialias=shrinking)[:, 0]
 
 
 def render_maps(
     maps: torch.Tensor,
     sizes: list[tuple[int, int]],
     calibration: Calibration,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    heats: list[bool] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """Masks (0/255) and 8-bit heatmaps, uint8 at each image's (height, width), from raw maps
     [B,h,w] on whatever device they are: resized bilinear there (antialiased when shrinking),
-    thresholded at the pixel threshold and windowed by the pixel calibration. Maps of one
-    output size are rendered together (one resize, one copy to the host per size: on a GPU the
-    per-image calls, not the pixels, would be the cost); large outputs are made a strip of rows
-    at a time (STRIP_PIXELS)."""
+    thresholded at the pixel threshold and windowed by the pixel calibration. `heats` says
+    which images need a heatmap (default all); the others get None. Maps of one output size
+    are rendered together (one resize, one copy to the host per size: on a GPU the per-image
+    calls, not the pixels, would be the cost); large outputs are made a strip of rows at a
+    time (STRIP_PIXELS)."""
     t, span = calibration.window(pixel=True)
     sizes = [(int(h), int(w)) for h, w in sizes]
+    heats = [True] * len(sizes) if heats is None else list(heats)
     masks: list[np.ndarray | None] = [None] * len(sizes)
-    heats: list[np.ndarray | None] = [None] * len(sizes)
-    groups: dict[tuple[int, int], list[int]] = {}
+    out_heats: list[np.ndarray | None] = [None] * len(sizes)
+    groups: dict[tuple[tuple[int, int], bool], list[int]] = {}
     for i, size in enumerate(sizes):
         if size[0] * size[1] > STRIP_PIXELS:
-            masks[i], heats[i] = _render_in_strips(maps[i].float(), size, t, span)
+            masks[i], out_heats[i] = _render_in_strips(maps[i].float(), size, t, span, heats[i])
         else:
-            groups.setdefault(size, []).append(i)
-    for size, members in groups.items():
+            groups.setdefault((size, heats[i]), []).append(i)
+    for (size, heat), members in groups.items():
         per = max(1, GROUP_PIXELS // (size[0] * size[1]))
         for start in range(0, len(members), per):
             chunk = members[start:start + per]
-            part = maps[chunk].float()
-            if tuple(part.shape[-2:]) != size:
-                part = F.interpolate(part[:, None], size=size, mode="bilinear",
-                                     align_corners=False, antialias=True)[:, 0]
-            mask, heat = (x.cpu().numpy() for x in _render(part, t, span))
+            mask, heat_u8 = _render(_resized(maps[chunk].float(), size), t, span, heat)
+            mask = mask.cpu().numpy()
+            heat_u8 = heat_u8.cpu().numpy() if heat_u8 is not None else None
             for j, i in enumerate(chunk):
-                masks[i], heats[i] = mask[j], heat[j]
-    return masks, heats
+                masks[i] = mask[j]
+                out_heats[i] = heat_u8[j] if heat_u8 is not None else None
+    return masks, out_heats
 
 
-def _render_in_strips(amap: torch.Tensor, size: tuple[int, int], t: float,
-                      span: float) -> tuple[np.ndarray, np.ndarray]:
+def _render_in_strips(amap: torch.Tensor, size: tuple[int, int], t: float, span: float,
+                      heat: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """render_maps for one large output, STRIP_ROWS rows at a time: an 8,000 x 8,000 map is
     never float at its full size."""
     mask = np.empty(size, dtype=np.uint8)
-    heat = np.empty(size, dtype=np.uint8)
+    out = np.empty(size, dtype=np.uint8) if heat else None
     for start, stop, part in _resized_strips(amap, size, STRIP_ROWS):
-        m, h = _render(part, t, span)
-        mask[start:stop], heat[start:stop] = m.cpu().numpy(), h.cpu().numpy()
-    return mask, heat
+        m, h = _render(part, t, span, heat)
+        mask[start:stop] = m.cpu().numpy()
+        if out is not None:
+            out[start:stop] = h.cpu().numpy()
+    return mask, out
 
 
 # zlib settings of the mask and heatmap PNGs. Pillow filters each row (sub/up/...) before
@@ -263,17 +285,47 @@ def encode_png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def outputs(score: float, mask: np.ndarray, heat: np.ndarray, calibration: Calibration) -> dict[str, Any]:
-    """Score-row fields from one raw score and its rendered mask and heatmap (render_maps)."""
+def _png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def encode_mask_png(mask: np.ndarray) -> bytes:
+    """A mask (nonzero: defect) as a 1-bit grayscale PNG, written directly: bits packed by
+    numpy, rows unfiltered, zlib run-length. 0.07 ms at 512 px and 1.5 ms at 2,048 px, against
+    0.96 and 14 ms for the 8-bit PNG through Pillow, in about 0.6x its bytes (one core,
+    2026-12-06). Pillow reads it as mode "1"; decode_png gives 0/255 as before."""
+    height, width = mask.shape
+    rows = np.zeros((height, (width + 7) // 8 + 1), dtype=np.uint8)  # filter byte 0: none
+    rows[:, 1:] = np.packbits(mask.astype(bool, copy=False), axis=1)
+    z = zlib.compressobj(PNG_LEVEL, zlib.DEFLATED, 15, 9, PNG_STRATEGY)
+    return (b"\x89PNG\r\n\x1a\n"
+            + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + _png_chunk(b"IDAT", z.compress(rows.data) + z.flush()) + _png_chunk(b"IEND", b""))
+
+
+def wants_heatmap(heatmaps: str, anomalous: bool) -> bool:
+    """Whether a row gets a heatmap under --heatmaps (all, anomalous or none)."""
+    if heatmaps not in HEATMAPS:
+        raise ValueError(f"heatmaps={heatmaps!r}: expected one of {', '.join(HEATMAPS)}")
+    return heatmaps == "all" or (heatmaps == "anomalous" and anomalous)
+
+
+def outputs(score: float, mask: np.ndarray, heat: np.ndarray | None,
+            calibration: Calibration) -> dict[str, Any]:
+    """Score-row fields from one raw score and its rendered mask and heatmap (render_maps); no
+    heatmap (None) leaves heatmap_png null."""
     return {
         "score": float(score),
         "score_normalized": float(calibration.normalize(score)),
         "is_anomalous": bool(score >= calibration.threshold),
-        "mask_png": encode_png(mask),
-        "heatmap_png": encode_png(heat),
+        "mask_png": encode_mask_png(mask),
+        "heatmap_png": None if heat is None else encode_png(heat),
     }
 
 
 def decode_png(data: bytes) -> np.ndarray:
-    """A mask or heatmap PNG from a score row back to a uint8 array."""
-    return np.asarray(Image.open(io.BytesIO(data)))
+    """A mask or heatmap PNG from a score row back to a uint8 array (a mask: 0 or 255)."""
+    image = Image.open(io.BytesIO(data))
+    if image.mode == "1":
+        return np.asarray(image).astype(np.uint8) * 255
+    return np.asarray(image)

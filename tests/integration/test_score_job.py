@@ -21,6 +21,7 @@ from anomaly_core.data.synthetic import generate
 from anomaly_core.detectors import build_detector
 from anomaly_core.model.artifact import ModelArtifact
 from anomaly_core.scoring.schema import COLUMNS
+from anomaly_core.scoring.scorer import decode_png
 from anomaly_core.training.evaluate import calibrate, predict
 from anomaly_core.training.fit import fit
 from jobs import score
@@ -79,11 +80,16 @@ def test_folder_in_folder_out_one_row_per_image_readable_as_one_table_and_rerun_
     assert {"MapBatches(read_images)", "MapBatches(ScoringActor)"} <= set(summary["stages"])
     assert set(COLUMNS) <= set(rows[0]) and {(r["product"], r["version"]) for r in rows} == {
         ("padim", summary["products"]["padim"]["model_version"])}
-    first = rows[0]
-    mask = np.asarray(Image.open(io.BytesIO(first["mask_png"])))
+    # --heatmaps anomalous (the default): a heatmap exactly where the image is anomalous, a
+    # mask on every row.
+    assert {r["heatmap_png"] is not None for r in rows} == {True, False}
+    assert all((r["heatmap_png"] is not None) == r["is_anomalous"] for r in rows)
+    first = next(r for r in rows if r["is_anomalous"])
+    mask = decode_png(first["mask_png"])
     heat = np.asarray(Image.open(io.BytesIO(first["heatmap_png"])))
     assert mask.shape == heat.shape == (first["height"], first["width"]) and heat.dtype == np.uint8
     assert set(np.unique(mask)) <= {0, 255} and first["etag"].startswith("sha256:")
+    assert all(r["mask_png"] for r in rows)
     import pandas as pd
 
     assert len(pd.read_parquet(out)) == len(listed)
@@ -111,11 +117,12 @@ def test_s3_in_s3_out_at_the_mask_size_asked_for_rendered_in_the_actor(
     out = f"{s3_bucket}/scores"
     # The GPU path's options on CPU: maps rendered in the actor, two batches in it at once.
     summary = run_score(model, src, out, "--s3-endpoint", s3_endpoint, "--mask-size", "16", "24",
-                        "--render-on-device", "--batches-in-flight", "2")
+                        "--render-on-device", "--batches-in-flight", "2", "--heatmaps", "all")
     rows = read_rows(out)
     assert len(rows) == len({r["uri"] for r in rows}) == len(local) == summary["scored"]
-    for column in ("mask_png", "heatmap_png"):  # --mask-size, not the image's size
-        assert np.asarray(Image.open(io.BytesIO(rows[0][column]))).shape == (16, 24)
+    for row in rows:  # every row a heatmap (--heatmaps all); --mask-size, not the image's size
+        for column in ("mask_png", "heatmap_png"):
+            assert np.asarray(Image.open(io.BytesIO(row[column]))).shape == (16, 24)
     assert all(r["uri"].startswith(src) for r in rows)
     assert all(r["etag"] and not r["etag"].startswith("sha256:") for r in rows)  # S3 ETags
     assert storage.exists(f"{out}/_runs/{summary['run_id']}/_SUCCESS.json")

@@ -187,6 +187,19 @@ def test_labelled_metrics_are_those_of_the_heatmaps_at_the_size_the_run_wrote_th
         assert table[0][key] == pytest.approx(value, abs=1e-12), key
     assert list(groups) == ["capsule"]
 
+    # --heatmaps anomalous: heatmaps of the anomalous images only. The image metrics still
+    # count every labelled image; the pixel metrics would count a biased part, so they are none.
+    some = {u: {**p, "heatmap_png": p["heatmap_png"] if r["is_anomalous"] else None}
+            for (u, p), r in zip(pngs.items(), rows)}
+    assert 0 < sum(r["is_anomalous"] for r in rows) < 10
+    partial = labels.metrics_table(
+        labels.labelled_images(pd.DataFrame(rows), truth, some, masks.__getitem__))[0][0]
+    assert partial["images"] == 10 and partial["heatmaps"] == sum(r["is_anomalous"] for r in rows)
+    assert partial["image_auroc"] == table[0]["image_auroc"]
+    assert partial["accuracy"] == table[0]["accuracy"]
+    assert partial["pixel_auroc"] is None and partial["aupro"] is None
+    assert table[0]["heatmaps"] == 10
+
 
 def test_the_plant_overview_orders_products_by_drift_and_leads_to_the_worst_images(tmp_path):
     from anomaly_core.report.plant import write_overview
