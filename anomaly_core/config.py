@@ -29,6 +29,7 @@ class ScoringConfig:
     model_threads: int | None = None  # CPU only: each actor's torch threads; None: Ray's
     max_pixels: int = 100_000_000  # larger images are refused (decompression bombs)
     keep_jpeg: bool = False  # plain JPEGs left for the model actor to decode (--gpu-decode)
+    resize_on_device: bool = False  # images shipped at decoded size, resized by the model actor
     # the models an actor keeps loaded at once, in MiB of weights (least recently used evicted
     # first); one model is always kept, whatever its size
     models_memory_mb: float = 8192
@@ -44,7 +45,8 @@ class ScoringConfig:
             mask_size=tuple(args.mask_size) if args.mask_size else None,
             heatmaps=args.heatmaps,
             model_threads=args.model_threads, max_pixels=args.max_pixels,
-            keep_jpeg=args.gpu_decode, models_memory_mb=args.models_memory_mb,
+            keep_jpeg=args.gpu_decode, resize_on_device=args.resize_on_device,
+            models_memory_mb=args.models_memory_mb,
         )
 
     @property

@@ -104,6 +104,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu-decode", action="store_true",
                    help="decode plain JPEGs in the model actor on its device (nvJPEG with "
                         "--use-gpu); other files still decode on CPU tasks")
+    p.add_argument("--resize-on-device", action="store_true",
+                   help="decode tasks ship images at their decoded size and the model actor "
+                        "resizes them on its device (antialiased bilinear, within a grey level "
+                        "of the CPU resize): 2 ms less CPU per 512 px image, 4x the bytes "
+                        "through the object store")
     p.add_argument("--render-on-device", action=argparse.BooleanOptionalAction, default=None,
                    help="resize, threshold and quantize the maps in the model actor (on the GPU) "
                         "instead of in the row tasks, whose CPUs bound a GPU node (default: on "
@@ -178,7 +183,7 @@ def scoring_dataset(todo, run: runs.ScoreRun, args: argparse.Namespace, config: 
     ds = ray.data.from_arrow(blocks).map_batches(
         read_images, batch_size=args.batch_size, fn_kwargs={
             "sizes": config.input_sizes, "max_pixels": config.max_pixels,
-            "keep_jpeg": config.keep_jpeg},
+            "keep_jpeg": config.keep_jpeg, "resize": not config.resize_on_device},
         # A memory reservation the model actor does not have keeps Ray Data from fusing
         # decoding into the actor (it fuses maps with equal resources): decoding scales
         # out on CPU tasks, the actor only runs the model.

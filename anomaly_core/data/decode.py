@@ -431,13 +431,16 @@ def read_image(
     prev_etag: str | None = None,
     max_pixels: int = MAX_PIXELS,
     keep_jpeg: bool = False,
+    resize: bool = True,
 ) -> dict[str, Any]:
     """One input row: file facts plus the resized uint8 image [3,H,W], or `error` and no image.
 
     `etag` is the listing's (S3); without one the content hash is the etag. A row whose etag
     equals `prev_etag` (already scored by this model version) comes back `skipped`, undecoded.
     With `keep_jpeg`, a plain JPEG (plain_jpeg_size) comes back undecoded with its bytes in
-    `jpeg`, for the model's device to decode (Scorer.decode_jpegs).
+    `jpeg`, for the model's device to decode (Scorer.decode_jpegs). Without `resize` the image
+    stays at its decoded size (a JPEG's reduced scale, never below `size`), for the model's
+    device to resize (Scorer.resize).
     """
     row: dict[str, Any] = {"uri": uri, "etag": etag, "size_bytes": None, "width": None,
                            "height": None, "error": None, "image": None, "skipped": False,
@@ -456,7 +459,8 @@ def read_image(
         # A JPEG much larger than `size` decodes at a reduced scale (never below `size`).
         pixels = decode_image(data, uri, max_pixels=max_pixels, target=size)
         row["height"], row["width"] = displayed_size(data, uri, max_pixels=max_pixels)
-        row["image"] = resize_pixels(pixels, size)
+        row["image"] = (resize_pixels(pixels, size) if resize
+                        else np.ascontiguousarray(pixels.transpose(2, 0, 1)))
     except storage.StoreUnavailable:
         raise  # the store, not the image: the job stops and a rerun resumes (no error row)
     except (storage.StorageError, ImageDecodeError) as exc:

@@ -138,19 +138,22 @@ class ModelStage:
         return out
 
     def decode_on_device(self, batch: dict, out: dict):
-        """The batch's images on the device, the JPEGs the decode tasks left (keep_jpeg)
-        decoded there; a JPEG that fails gets its row's `error` in `out`."""
+        """The batch's images on the device at the model's input size: the JPEGs the decode
+        tasks left (keep_jpeg) decoded there, images left at their decoded size
+        (--resize-on-device) resized there; a JPEG that fails gets its row's `error` in `out`."""
         images = batch["image"]
         jpegs = [i for i, data in enumerate(batch.get("jpeg", [])) if len(data)]
-        if not jpegs:
+        size = tuple(self.input_size)
+        ragged = isinstance(images, list) or tuple(images.shape[-2:]) != size
+        if not jpegs and not ragged:
             return images
-        images = self.scorer.to_device(np.ascontiguousarray(images))
-        decoded = self.scorer.decode_jpegs([bytes(batch["jpeg"][i]) for i in jpegs],
-                                           self.input_size)
-        out["error"] = list(out["error"])
-        for i, image in zip(jpegs, decoded):
-            if isinstance(image, str):
-                out["error"][i] = f"{batch['uri'][i]}: {image}"
-            else:
-                images[i] = image
-        return images
+        images = list(images) if ragged else self.scorer.to_device(np.ascontiguousarray(images))
+        if jpegs:
+            decoded = self.scorer.decode_jpegs([bytes(batch["jpeg"][i]) for i in jpegs], size)
+            out["error"] = list(out["error"])
+            for i, image in zip(jpegs, decoded):
+                if isinstance(image, str):
+                    out["error"][i] = f"{batch['uri'][i]}: {image}"
+                else:
+                    images[i] = image
+        return self.scorer.resize(images, size) if ragged else images

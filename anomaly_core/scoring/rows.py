@@ -19,10 +19,12 @@ INT_COLUMNS = ("size_bytes", "width", "height")
 
 
 def read_images(batch: dict, sizes: dict[str, tuple[int, int]], max_pixels: int,
-                keep_jpeg: bool = False) -> dict:
+                keep_jpeg: bool = False, resize: bool = True) -> dict:
     """bytes -> decoded image per row, resized to its product's model input (`sizes`); failures
     keep the row with `error`. With keep_jpeg (--gpu-decode) plain JPEGs stay undecoded, their
-    bytes in `jpeg`. Products of different input sizes in one batch give a ragged column."""
+    bytes in `jpeg`; without resize (--resize-on-device) images stay at their decoded size.
+    Products of different input sizes in one batch, or images of different sizes, give a
+    ragged column."""
     from anomaly_core import storage
     from anomaly_core.data.decode import read_image  # torch-free
 
@@ -30,7 +32,7 @@ def read_images(batch: dict, sizes: dict[str, tuple[int, int]], max_pixels: int,
     shapes = [tuple(sizes[p]) for p in batch["product"]]
     rows = [
         read_image(str(uri), size, etag=etag or None, prev_etag=prev or None,
-                   max_pixels=max_pixels, keep_jpeg=keep_jpeg)
+                   max_pixels=max_pixels, keep_jpeg=keep_jpeg, resize=resize)
         for uri, etag, prev, size in zip(batch["uri"], batch["etag"], batch["prev_etag"], shapes)
     ]
     # Ray turns an all-None column into floats; carry "" and -1 for missing, nulls again in rows.

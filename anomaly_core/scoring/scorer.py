@@ -114,11 +114,7 @@ class Scorer:
         from torchvision.io import ImageReadMode, decode_jpeg
 
         def resized(image: torch.Tensor) -> torch.Tensor:
-            if tuple(image.shape[-2:]) == tuple(size):
-                return image
-            out = F.interpolate(image[None].float(), size=size, mode="bilinear",
-                                align_corners=False, antialias=True)[0]
-            return out.round_().clamp_(0, 255).to(torch.uint8)
+            return resize_uint8(image, size)
 
         data = [torch.frombuffer(bytearray(f), dtype=torch.uint8) for f in files]
         stream = self._stream()
@@ -137,6 +133,19 @@ class Scorer:
                         out.append(f"cannot decode JPEG pixel data ({err}); the file is "
                                    "truncated or corrupt: re-export or re-upload it, or remove it")
         self._hand_over(stream, *(t for t in out if isinstance(t, torch.Tensor)))
+        return out
+
+    @torch.no_grad()
+    def resize(self, images: list, size: tuple[int, int]) -> torch.Tensor:
+        """uint8 images [3,h,w] of any sizes (arrays in host memory, or tensors already on the
+        device) as one uint8 batch [B,3,H,W] on the device, each resized there like
+        resize_image (bilinear, antialiased; within a grey level of Pillow's)."""
+        stream = self._stream()
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            out = torch.stack([resize_uint8(self.to_device(np.ascontiguousarray(im))
+                                            if not isinstance(im, torch.Tensor) else im, size)
+                               for im in images])
+        self._hand_over(stream, out)
         return out
 
     @torch.no_grad()
@@ -160,6 +169,16 @@ class Scorer:
             result = AnomalyOutput(score=out.score.float(), map=out.map.float())
         self._hand_over(stream, result.score, result.map)
         return result
+
+
+def resize_uint8(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """A uint8 image [3,h,w] at `size` (height, width), bilinear, antialiased when shrinking, on
+    its own device: the model device's counterpart of decode.resize_pixels (Pillow's)."""
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    out = F.interpolate(image[None].float(), size=tuple(size), mode="bilinear",
+                        align_corners=False, antialias=True)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
 # Masks and heatmaps above this many pixels are rendered a strip of rows at a time, so an

@@ -114,10 +114,17 @@ def test_s3_in_s3_out_at_the_mask_size_asked_for_rendered_in_the_actor(
     local = storage.list_files(f"{data}/capsule/test")
     for path in local:
         storage.write_bytes(src + path.split("/capsule/test", 1)[1], open(path, "rb").read())
+    # One image larger than the model's input: resized by the model actor, in a ragged batch.
+    larger = io.BytesIO()
+    Image.open(local[0]).resize((SIZE * 3 // 2, SIZE * 3 // 2)).save(larger, "PNG")
+    storage.write_bytes(f"{src}/larger.png", larger.getvalue())
+    local.append(f"{src}/larger.png")
     out = f"{s3_bucket}/scores"
-    # The GPU path's options on CPU: maps rendered in the actor, two batches in it at once.
+    # The GPU path's options on CPU: images resized and maps rendered in the actor, two batches
+    # in it at once.
     summary = run_score(model, src, out, "--s3-endpoint", s3_endpoint, "--mask-size", "16", "24",
-                        "--render-on-device", "--batches-in-flight", "2", "--heatmaps", "all")
+                        "--render-on-device", "--batches-in-flight", "2", "--heatmaps", "all",
+                        "--resize-on-device")
     rows = read_rows(out)
     assert len(rows) == len({r["uri"] for r in rows}) == len(local) == summary["scored"]
     for row in rows:  # every row a heatmap (--heatmaps all); --mask-size, not the image's size

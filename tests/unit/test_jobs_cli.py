@@ -139,18 +139,21 @@ def test_scoring_config_carries_the_score_flags_and_is_frozen():
     args = score.parse_args([
         "--model", "s3://b/m", "--input", "/in", "--output", "/o", "--use-gpu", "--precision",
         "bf16", "--compile", "--no-render-on-device", "--mask-size", "64", "96",
-        "--model-threads", "3", "--max-pixels", "1000", "--gpu-decode"])
+        "--model-threads", "3", "--max-pixels", "1000", "--gpu-decode", "--resize-on-device",
+        "--heatmaps", "none"])
     config = ScoringConfig.from_args(args, {"padim": ("s3://b/m", [128, 160])})
     assert config == ScoringConfig(
         models={"padim": ("s3://b/m", (128, 160))}, use_gpu=True, precision="bf16",
         compile=True, render_on_device=False, mask_size=(64, 96), model_threads=3,
-        max_pixels=1000, keep_jpeg=True, models_memory_mb=8192)
+        max_pixels=1000, keep_jpeg=True, models_memory_mb=8192, resize_on_device=True,
+        heatmaps="none")
     assert config.input_sizes == {"padim": (128, 160)}
     defaults = ScoringConfig.from_args(
         score.parse_args(["--model", "/m", "--input", "/in", "--output", "/o"]),
         {"padim": ("/m", (64, 64))})
     assert (defaults.use_gpu, defaults.precision, defaults.render_on_device, defaults.mask_size,
-            defaults.model_threads, defaults.keep_jpeg) == (False, "auto", False, None, None, False)
+            defaults.model_threads, defaults.keep_jpeg, defaults.resize_on_device,
+            defaults.heatmaps) == (False, "auto", False, None, None, False, False, "anomalous")
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.use_gpu = False
     assert pickle.loads(pickle.dumps(config)) == config  # how Ray hands it to the actors

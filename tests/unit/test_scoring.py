@@ -388,6 +388,37 @@ def test_device_jpeg_decoding_matches_the_cpu_decoder_and_names_a_corrupt_file(p
     assert (decoded[0].int() - cpu).abs().float().mean() <= 1.0
 
 
+def test_images_resized_on_the_device_score_as_those_resized_by_the_decode_tasks(padim,
+                                                                                   tmp_path):
+    # --resize-on-device: the decode tasks ship images at their decoded size (two sizes here,
+    # so a ragged column) and the model stage resizes them on its device.
+    from PIL import Image
+
+    from anomaly_core.config import ScoringConfig
+    from anomaly_core.scoring.model_stage import ResidentModels
+    from anomaly_core.scoring.rows import read_images
+
+    model = str(tmp_path / "model")
+    padim.save(model)
+    uris = []
+    for i, side in enumerate((96, 96, 150, 64)):
+        photo = Image.fromarray(_photo()).resize((side, side), Image.Resampling.BICUBIC)
+        photo.save(tmp_path / f"{i}.png")
+        uris.append(str(tmp_path / f"{i}.png"))
+    batch = {"uri": uris, "etag": [""] * 4, "prev_etag": [""] * 4, "product": ["p"] * 4}
+    config = ScoringConfig(models={"p": (model, (64, 64))}, resize_on_device=True)
+    scores = {}
+    for resize in (True, False):
+        decoded = read_images(batch, config.input_sizes, 10**9, resize=resize)
+        if not resize:
+            assert [tuple(im.shape) for im in decoded["image"]] == [
+                (3, 96, 96), (3, 96, 96), (3, 150, 150), (3, 64, 64)]
+        scores[resize] = ResidentModels(config)(decoded)["raw_score"]
+    # torch's antialiased bilinear against Pillow's: within a grey level, so nearly the scores
+    np.testing.assert_allclose(scores[False], scores[True], rtol=0.02)
+    assert not np.array_equal(scores[True][:1], scores[True][2:3])
+
+
 def test_a_large_jpeg_decodes_reduced_but_its_row_keeps_the_images_own_size(tmp_path):
     import io
 
