@@ -4,6 +4,9 @@
 # `python -m bench.<name>`, run from the repository root.
 #
 # Here, once:  ../shared/tools/gpu-wheels --anomalib .whl      (ray 2.60 + anomalib, git-ignored)
+#              and the fast decoders for its Python 3.12 (else Pillow decodes there):
+#              pip download --only-binary=:all: --python-version 3.12 --no-deps -d .whl \
+#                  pyspng simplejpeg
 # There:       bash bench/gpu_run.sh                             (with .whl carried)
 # Dry run on CPU at tiny sizes:  SMOKE=1 OUT=/tmp/gpu-dry bash bench/gpu_run.sh
 # Some steps only:  STEPS="score_throughput vs_anomalib" VS_ARGS="--detectors patchcore" bash ...
@@ -27,6 +30,7 @@ if [ -n "${SMOKE:-}" ]; then
     tiled=(--smoke)
     layouts=(--layouts --detector stpm --image-size 32 --batch-size 2 --steps 1 --rounds 1)
     knn=(--smoke)
+    cpu=(--smoke)
 else
     ceil=(--images 1000 --source-size 512 --seconds 2)
     # 24,000: the 2026-11-30 run of 8,000 spent 18 of its 29 s before the first part file
@@ -39,9 +43,10 @@ else
     layouts=(--layouts --device cuda --precision bf16 --image-size 256 --batch-size 32 --steps 5
              --rounds 3)
     knn=(--rounds 3)  # PatchCore at defaults: float32 against bf16 products, scores compared
+    cpu=(--images 800)  # core-ms per image of the CPU stages on this node's 16 cores
 fi
-steps=" ${STEPS:-ceilings score_throughput vs_anomalib train_input tiled train_layouts knn_products} "  # STEPS=...: fewer
-step() {  # name timeout command...  (7 steps: a log and a JSON each, 14 files back in all)
+steps=" ${STEPS:-cpu_per_image ceilings score_throughput score_resize vs_anomalib train_input tiled train_layouts knn_products} "  # STEPS=...: fewer
+step() {  # name timeout command...  (9 steps: a log and a JSON each, 18 files back in all)
     local name=$1 limit=$2
     shift 2
     [[ $steps == *" $name "* ]] || return 0
@@ -57,6 +62,9 @@ if [[ $steps == *" gpu_tests "* || -z "${STEPS:-}" ]]; then  # the GPU-only test
 fi
 step ceilings 120 "$py" -m bench.ceilings "${ceil[@]}" --out "$OUT/ceilings.json"
 step score_throughput 170 "$py" -m bench.score_throughput "${score[@]}" --out "$OUT/score_throughput.json"
+step score_resize 170 "$py" -m bench.score_throughput "${score[@]}" --extra=--resize-on-device \
+    --out "$OUT/score_resize.json"
+step cpu_per_image 150 "$py" -m bench.cpu_per_image "${cpu[@]}" --out "$OUT/cpu_per_image.json"
 step vs_anomalib 230 "$py" -m bench.vs_anomalib "${vs[@]}" --out "$OUT/vs_anomalib.json" ${VS_ARGS:-}
 step train_input 100 "$py" -m bench.train_throughput "${train[@]}"
 step tiled 120 "$py" -m bench.tiled_throughput "${tiled[@]}" --out "$OUT/tiled_throughput.json"

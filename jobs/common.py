@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 log = logging.getLogger("jobs")
@@ -91,26 +93,39 @@ class JobFailed(RuntimeError):
     """The job ran, and its own check of the outcome failed (exit code 3)."""
 
 
+@contextlib.contextmanager
 def streaming_context(actor_start_timeout: float, batch_bytes: int,
-                      stall_timeout: float = 300) -> None:
-    """Ray Data settings of a streaming job (the score job): images flow batch by batch."""
+                      stall_timeout: float = 300) -> Iterator[None]:
+    """Ray Data settings of a streaming job (the score job): images flow batch by batch. The
+    process's DataContext gets its earlier settings back on exit: a job run in-process (a test,
+    a notebook) must not leave its stall timeout to the next Dataset, e.g. a training's ingest."""
     import ray
 
     context = ray.data.DataContext.get_current()
-    # Every actor up (model loaded) before images flow: otherwise the first replica ready
-    # takes what the others were started for, and a pool that cannot start says so.
-    context.wait_for_min_actors_s = actor_start_timeout
-    # Each stage hands on a block per batch instead of collecting 128 MiB (Ray's default) of
-    # decoded images or maps first: with a few large input blocks, that would hold back the
-    # first rows for thousands of small images.
-    context.target_max_block_size = max(batch_bytes, 1 << 20)
-    # Ray Data's per-operator CPU reservation gave the row tasks none on small clusters
-    # (decode 1 CPU + actor 1 CPU of 2): no part file until every image was decoded (none
-    # after 150 s of a 100,000-image run on 2 CPUs; 22 s without it, same images/s).
-    context.op_resource_reservation_enabled = False
-    # A batch held by an actor that cannot restart (its node lost, no room elsewhere) waits
-    # forever; Ray Data's no-progress guard ends the wait so the job can start again.
-    context.execution_no_progress_timeout_s = stall_timeout
+    settings = {
+        # Every actor up (model loaded) before images flow: otherwise the first replica ready
+        # takes what the others were started for, and a pool that cannot start says so.
+        "wait_for_min_actors_s": actor_start_timeout,
+        # Each stage hands on a block per batch instead of collecting 128 MiB (Ray's default)
+        # of decoded images or maps first: with a few large input blocks, that would hold back
+        # the first rows for thousands of small images.
+        "target_max_block_size": max(batch_bytes, 1 << 20),
+        # Ray Data's per-operator CPU reservation gave the row tasks none on small clusters
+        # (decode 1 CPU + actor 1 CPU of 2): no part file until every image was decoded (none
+        # after 150 s of a 100,000-image run on 2 CPUs; 22 s without it, same images/s).
+        "op_resource_reservation_enabled": False,
+        # A batch held by an actor that cannot restart (its node lost, no room elsewhere)
+        # waits forever; Ray Data's no-progress guard ends the wait so the job can start again.
+        "execution_no_progress_timeout_s": stall_timeout,
+    }
+    saved = {key: getattr(context, key) for key in settings}
+    for key, value in settings.items():
+        setattr(context, key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(context, key, value)
 
 
 def run_job(main) -> None:

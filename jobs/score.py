@@ -248,27 +248,28 @@ def main(argv: list[str] | None = None) -> dict:
                         f"{args.decode_memory_mb:g}", "lower --decode-cpus or --decode-memory-mb")
 
         pixels = max(h * w for h, w in (i.input_size for i in infos.values()))
-        streaming_context(args.actor_start_timeout, args.batch_size * 3 * pixels * 4,
-                          args.stall_timeout)
-        t1 = time.perf_counter()
-        config = ScoringConfig.from_args(args, {p: (i.uri, i.input_size) for p, i in infos.items()})
-        progress = runs.Progress(todo.num_rows, args.progress_every, log.info)
-        actors, restarts = (args.num_actors, args.num_actors), []
-        # Attempts of the run: a new one over the images not yet written when a lost node
-        # stops the pipeline (jobs/nodes.py); the part files written stay.
-        with NodeWatch(progress.state, progress.node_lost, what="scoring") as watch:
-            while True:
-                ds = scoring_dataset(todo, run, args, config, infos, actors)
-                try:
-                    nodes = runs.publish_all(run, ds.iter_rows(), progress)
-                    break
-                except node_loss_errors() as exc:
-                    run, todo, actors = next_scoring_attempt(run, args, exc, restarts, watch,
-                                                             progress)
-        t_score, t_first = time.perf_counter() - t1, progress.first
-        lost, drained = watch.lost, watch.draining
-        # The operators as Ray ran them ("A->B" when fused): decoding must not be in the actor.
-        stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)
+        with streaming_context(args.actor_start_timeout, args.batch_size * 3 * pixels * 4,
+                               args.stall_timeout):
+            t1 = time.perf_counter()
+            config = ScoringConfig.from_args(args, {p: (i.uri, i.input_size)
+                                                    for p, i in infos.items()})
+            progress = runs.Progress(todo.num_rows, args.progress_every, log.info)
+            actors, restarts = (args.num_actors, args.num_actors), []
+            # Attempts of the run: a new one over the images not yet written when a lost node
+            # stops the pipeline (jobs/nodes.py); the part files written stay.
+            with NodeWatch(progress.state, progress.node_lost, what="scoring") as watch:
+                while True:
+                    ds = scoring_dataset(todo, run, args, config, infos, actors)
+                    try:
+                        nodes = runs.publish_all(run, ds.iter_rows(), progress)
+                        break
+                    except node_loss_errors() as exc:
+                        run, todo, actors = next_scoring_attempt(run, args, exc, restarts, watch,
+                                                                 progress)
+            t_score, t_first = time.perf_counter() - t1, progress.first
+            lost, drained = watch.lost, watch.draining
+            # The operators as Ray ran them ("A->B" when fused): decoding stays out of the actor.
+            stages = re.findall(r"^Operator \d+ (\S.*?):", ds.stats(), re.M)
     else:
         t_score, t_first, stages, nodes, progress = 0.0, None, [], {}, runs.Progress(0, 0)
         restarts, lost, drained = [], [], []

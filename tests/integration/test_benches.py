@@ -39,6 +39,15 @@ def test_ceilings_smoke(tmp_path):
     assert result["machine"]["cpus"] >= 1
 
 
+def test_cpu_per_image_smoke(tmp_path):
+    result = run_bench("cpu_per_image", tmp_path / "cpu.json", "--smoke")
+    assert [c["case"] for c in result["cases"]] == ["64 px PNG", "128 px JPG"]
+    for case in result["cases"]:
+        assert all(_positive(case[k]) for k in ("decode", "rows", "rows_rendered"))
+        assert case["both"] == pytest.approx(case["decode"] + case["rows"])
+    assert result["decoders"] == "fastest per file"
+
+
 @pytest.mark.usefixtures("ray_cluster")
 def test_score_throughput_smoke(tmp_path):
     import ray
