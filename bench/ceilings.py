@@ -56,7 +56,7 @@ def _init_worker(model_size: int, height: int, width: int) -> None:
 
     torch.set_num_threads(1)
     masks, heats = render_maps(torch.from_numpy(raw_maps(8, model_size)), [(height, width)] * 8,
-                               Calibration(**CALIBRATION))
+                               Calibration(**CALIBRATION), packed=True)
     _RENDERED[:] = [(m.tobytes(), h.tobytes()) for m, h in zip(masks, heats)]
 
 
@@ -97,7 +97,7 @@ def _rows(n: int, model_size: int, height: int, width: int, rendered: bool = Fal
              "product": ["bench"] * n}
     if rendered:
         pairs = [_RENDERED[i % len(_RENDERED)] for i in range(n)]
-        batch.update(mask_u8=[m for m, _ in pairs], heat_u8=[h for _, h in pairs])
+        batch.update(mask_bits=[m for m, _ in pairs], heat_u8=[h for _, h in pairs])
     else:
         batch["raw_map"] = raw_maps(n, model_size)
     run = RunAttempt(**RUN, models=(RunModel(**MODEL),), attempt="bench")

@@ -13,8 +13,9 @@ default `--heatmaps anomalous` that share gets a heatmap PNG.
     python -m bench.cpu_per_image [--cases png512,jpeg512,jpeg2048] [--images 400]
     python -m bench.cpu_per_image --smoke
 
-"Before" figures: run this same file against an older checkout, whose stage functions take no
-`heatmaps` (every row a heatmap then): `PYTHONPATH=<old checkout> python bench/cpu_per_image.py`.
+"Before" figures: run this same file in an older checkout, whose stage functions take no
+`heatmaps` (every row a heatmap then) and ship 0/255 masks:
+`cd <old checkout> && PYTHONPATH=$PWD python <this checkout>/bench/cpu_per_image.py`.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ CASES = {"png512": ("png", 512), "jpeg512": ("jpg", 512), "jpeg2048": ("jpg", 20
 
 # This worker's pre-rendered (mask, heatmap) bytes for the rows of maps rendered by the model.
 _RENDERED: list = []
+_RENDERED_KEY = ["mask_bits"]
 
 
 def _init_worker(model_size: int, side: int) -> None:
@@ -47,9 +49,12 @@ def _init_worker(model_size: int, side: int) -> None:
     from anomaly_core.scoring.scorer import render_maps
 
     torch.set_num_threads(1)
+    # As the model actor ships them: the mask's bits packed (an older checkout: 0/255 bytes).
+    packed = {"packed": True} if "packed" in inspect.signature(render_maps).parameters else {}
     masks, heats = render_maps(torch.from_numpy(raw_maps(4, model_size)), [(side, side)] * 4,
-                               Calibration(**CALIBRATION))
+                               Calibration(**CALIBRATION), **packed)
     _RENDERED[:] = [(m.tobytes(), h.tobytes()) for m, h in zip(masks, heats)]
+    _RENDERED_KEY[0] = "mask_bits" if packed else "mask_u8"
 
 
 def _decode(paths: list[str], size: int) -> int:
@@ -77,7 +82,7 @@ def _rows(n: int, model_size: int, side: int, rendered: bool, anomalous: float) 
              "skipped": np.zeros(n, bool), "raw_score": scores, "product": ["bench"] * n}
     if rendered:
         pairs = [_RENDERED[i % len(_RENDERED)] for i in range(n)]
-        batch.update(mask_u8=[m for m, _ in pairs], heat_u8=[h for _, h in pairs])
+        batch.update({_RENDERED_KEY[0]: [m for m, _ in pairs], "heat_u8": [h for _, h in pairs]})
     else:
         batch["raw_map"] = raw_maps(n, model_size)
     run = RunAttempt(**RUN, models=(RunModel(**MODEL),), attempt="bench")

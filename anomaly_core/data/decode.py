@@ -87,12 +87,21 @@ def decode_image(
     ``target``, unless the file itself is; the caller resizes the rest. Other formats decode
     at full size. ``max_pixels`` is checked on the file's full size, from the header.
     """
+    return _decoded(data, uri, max_pixels, target)[0]
+
+
+def _decoded(data: bytes, uri: str, max_pixels: int, target: tuple[int, int] | None
+             ) -> tuple[np.ndarray, tuple[int, int]]:
+    """decode_image's pixels and the image's displayed (height, width) (displayed_size), from
+    one reading of the header."""
     image = _open(data, uri, max_pixels)
+    width, height = image.size
+    shown = (width, height) if _orientation(image, data) in (5, 6, 7, 8) else (height, width)
     if target is not None:
         target = _checked_target(target)
     fast = _fast_decode(image, data, target)
     if fast is not None:
-        return fast
+        return fast, shown
     if target is not None:
         _draft(image, data, target)
     try:
@@ -105,7 +114,7 @@ def decode_image(
         raise ImageDecodeError(
             uri, f"cannot decode {image.format} pixel data ({err})", _CORRUPT_HINT
         ) from err
-    return _to_rgb(image, uri)
+    return _to_rgb(image, uri), shown
 
 
 def _draft(image: Image.Image, data: bytes, target: tuple[int, int]) -> None:
@@ -457,8 +466,7 @@ def read_image(
             row["jpeg"] = data
             return row
         # A JPEG much larger than `size` decodes at a reduced scale (never below `size`).
-        pixels = decode_image(data, uri, max_pixels=max_pixels, target=size)
-        row["height"], row["width"] = displayed_size(data, uri, max_pixels=max_pixels)
+        pixels, (row["height"], row["width"]) = _decoded(data, uri, max_pixels, size)
         row["image"] = (resize_pixels(pixels, size) if resize
                         else np.ascontiguousarray(pixels.transpose(2, 0, 1)))
     except storage.StoreUnavailable:

@@ -115,7 +115,7 @@ class ModelStage:
         images = self.decode_on_device(batch, out)
         ok = [i for i, (e, s) in enumerate(zip(out["error"], batch["skipped"])) if not e and not s]
         scores = np.full(n, np.nan, dtype=np.float32)
-        if self.render_on_device:  # mask and heatmap at output size, uint8, made on the device
+        if self.render_on_device:  # packed mask and heatmap at output size, made on the device
             masks, heats = [b""] * n, [b""] * n
         else:
             maps = np.zeros((n, *self.map_size), dtype=np.float32)
@@ -126,12 +126,13 @@ class ModelStage:
                 sizes = [output_size(batch, i, self.mask_size) for i in ok]
                 wanted = [wants_heatmap(self.heatmaps, s >= self.calibration.threshold)
                           for s in scores[ok]]
-                for i, m, h in zip(ok, *render_maps(result.map, sizes, self.calibration, wanted)):
+                rendered = render_maps(result.map, sizes, self.calibration, wanted, packed=True)
+                for i, m, h in zip(ok, *rendered):
                     masks[i], heats[i] = m.tobytes(), b"" if h is None else h.tobytes()
             else:
                 maps[ok] = result.map.cpu().numpy()
         if self.render_on_device:
-            out.update(mask_u8=masks, heat_u8=heats)
+            out.update(mask_bits=masks, heat_u8=heats)
         else:
             out["raw_map"] = maps
         out.update(raw_score=scores, model_node=[self.node] * n)

@@ -88,12 +88,13 @@ def make_rows(batch: dict, run: RunAttempt, calibrations: dict[str, Calibration]
             if "raw_map" in batch:
                 # A copy: Ray hands the batch over read-only, which torch.from_numpy warns of.
                 raw = torch.tensor(batch["raw_map"][i][None])
-                (mask,), (heat,) = render_maps(raw, [size], calibration, [heat_wanted])
+                (mask,), (heat,) = render_maps(raw, [size], calibration, [heat_wanted],
+                                               packed=True)
             else:  # rendered by the model actor (--render-on-device)
-                mask = np.frombuffer(batch["mask_u8"][i], np.uint8).reshape(size)
+                mask = np.frombuffer(batch["mask_bits"][i], np.uint8).reshape(size[0], -1)
                 heat = (np.frombuffer(batch["heat_u8"][i], np.uint8).reshape(size)
                         if heat_wanted else None)
-            row.update(outputs(score, mask, heat, calibration))
+            row.update(outputs(score, mask, heat, calibration, mask_width=size[1]))
         rows.append(row)
     return rows
 

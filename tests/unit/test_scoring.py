@@ -253,6 +253,26 @@ def test_one_bit_mask_png_is_no_larger_than_the_eight_bit_one(scale, most):
     assert len(encode_mask_png(mask)) < most * len(encode_png(mask))
 
 
+@pytest.mark.parametrize("size", [(30, 40), (7, 13), (2100, 2001)])
+def test_packed_masks_are_the_masks_bits_and_encode_to_the_same_png(size):
+    from anomaly_core.scoring.scorer import encode_mask_png
+
+    raw = torch.rand(1, 16, 16, generator=torch.Generator().manual_seed(4)) * 4
+    (mask,), _ = render_maps(raw, [size], _calibration())
+    (bits,), _ = render_maps(raw, [size], _calibration(), packed=True)
+    assert bits.shape == (size[0], -(-size[1] // 8)) and bits.dtype == np.uint8
+    assert np.array_equal(bits, np.packbits(mask > 0, axis=1))
+    assert encode_mask_png(bits, width=size[1]) == encode_mask_png(mask)
+
+
+def test_packing_in_tensor_operations_as_on_a_gpu_gives_numpys_bits():
+    from anomaly_core.scoring.scorer import _packed_by_tensors
+
+    mask = torch.rand(3, 37, 45, generator=torch.Generator().manual_seed(5)) > 0.5
+    assert torch.equal(_packed_by_tensors(mask),
+                       torch.from_numpy(np.packbits(mask.numpy(), axis=-1)))
+
+
 def test_render_maps_skips_the_heatmaps_not_asked_for():
     cal = _calibration()
     raw = torch.rand(4, 16, 16, generator=torch.Generator().manual_seed(3)) * 4
@@ -333,7 +353,8 @@ def test_rows_from_maps_rendered_in_the_actor_equal_rows_rendered_in_the_row_tas
             "product": ["padim"] * 3}
     from_maps = make_rows({**base, "raw_map": raw.numpy()}, run, cal, None)
     masks, heats = render_maps(raw[:2], [(30, 40), (16, 16)], cal["padim"])
-    rendered = {**base, "mask_u8": [m.tobytes() for m in masks] + [b""],
+    masks, _ = render_maps(raw[:2], [(30, 40), (16, 16)], cal["padim"], packed=True)
+    rendered = {**base, "mask_bits": [m.tobytes() for m in masks] + [b""],
                 "heat_u8": [h.tobytes() for h in heats] + [b""]}
     from_actor = make_rows(rendered, run, cal, None)
     strip = ("scored_at",)
