@@ -126,7 +126,7 @@ def test_scoring_finishes_exactly_once_when_the_worker_node_is_lost(
 
 def test_scoring_hands_a_drained_node_no_new_batches_and_finishes_exactly_once(
         nodes, scoring_set, tmp_path):
-    """The worker node gets a preemption notice (`ray drain-node`, 15 s deadline) at a seeded
+    """The worker node gets a preemption notice (`ray drain-node`, 10 s deadline) at a seeded
     point, and is killed at its deadline, as a cloud does: the job says so, sends it no new
     batches, and every image ends up with exactly one row, without a new attempt."""
     images, model = scoring_set
@@ -134,8 +134,8 @@ def test_scoring_hands_a_drained_node_no_new_batches_and_finishes_exactly_once(
     fault = {}
 
     def drain_then_kill() -> float:
-        fault["drained"] = nodes.drain_worker(15)
-        threading.Timer(15, lambda: fault.update(killed=nodes.kill_worker())).start()
+        fault["drained"] = nodes.drain_worker(10)
+        threading.Timer(10, lambda: fault.update(killed=nodes.kill_worker())).start()
         return fault["drained"]
 
     code, output, _ = run_and_kill(
@@ -218,9 +218,9 @@ def test_sweep_accounts_for_every_trial_when_the_worker_node_is_lost(nodes, trai
            "lr=grid:0.001,0.003", "--search", "grid", "--epochs", "6", "--batch-size", "4",
            "--num-workers", "1", "--cpus-per-worker", "1.5", "--max-concurrent", "2",
            "--output", str(out), "--address", nodes.address]
-    # Both trials have a registered checkpoint: a trial killed before its first one starts
-    # over, as it must.
-    code, output, _ = run_and_kill(nodes, cmd, ready=lambda _: checkpointed(out, 2),
+    # Once a trial has a registered checkpoint (a trial killed before its first one starts
+    # over, as it must). Waiting for both let a busy machine finish the sweep before the kill.
+    code, output, _ = run_and_kill(nodes, cmd, ready=lambda _: checkpointed(out, 1),
                                    kill_after=random.Random(SEED).uniform(0.0, 1.0),
                                    replace_after=5.0)
     assert code == 0, output[-6000:]

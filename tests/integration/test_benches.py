@@ -156,11 +156,11 @@ def test_auto_pick_smoke(tmp_path):
 def test_fleet_smoke(tmp_path):
     import ray
 
-    result = run_bench("fleet", tmp_path / "fleet.json", "--smoke",
+    # Scoring cases only: fleet training runs in tests/integration/test_registry_jobs.py.
+    result = run_bench("fleet", tmp_path / "fleet.json", "--smoke", "--skip-training",
                        env={"RAY_ADDRESS": ray.get_runtime_context().gcs_address})
     cases = {r["case"]: r for r in result["rows"]}
-    assert set(cases) == {"fleet", "one model", "separate", "budget 1 of 2", "train fleet",
-                          "train separate"}
+    assert set(cases) == {"fleet", "one model", "separate", "budget 1 of 2"}
     assert all(_positive(r["wall_s"]) for r in result["rows"])
     assert cases["separate"]["jobs"] == 2 and cases["fleet"]["loads"] == 2
     assert cases["budget 1 of 2"]["evictions_per_1000"] > 0  # one model held, two products

@@ -51,13 +51,15 @@ def test_every_call_survives_throttling_and_resets_and_each_retry_is_counted(pro
     assert {"read", "write", "list"} <= set(storage.retries())
 
 
-def test_a_stall_of_30_s_is_waited_out(proxy, s3_bucket):
+def test_a_stall_longer_than_a_try_is_waited_out(proxy, s3_bucket):
+    # 10 s: three tries time out. The 30 s pause of the issue is the score job's test
+    # (tests/integration/test_score_job.py), through the same retries.
     storage.write_bytes(f"{s3_bucket}/a.bin", b"x" * 100)
     before = _retried()
-    proxy.stall(30)
+    proxy.stall(10)
     t0 = time.monotonic()
     assert storage.read_bytes(f"{s3_bucket}/a.bin") == b"x" * 100
-    assert time.monotonic() - t0 >= 29
+    assert time.monotonic() - t0 >= 9
     assert _retried() > before  # each try times out after 3 s without a byte
 
 
