@@ -288,18 +288,10 @@ def test_render_maps_skips_the_heatmaps_not_asked_for():
                                                 ("none", [False, False])])
 def test_rows_carry_a_heatmap_only_where_asked(heatmaps, expected):
     from anomaly_core.scoring.rows import make_rows
-    from anomaly_core.scoring.runs import RunAttempt, RunModel
     from anomaly_core.scoring.schema import FILE_SCHEMA, score_table
 
-    cal = {"padim": _calibration()}  # image threshold 1
-    model = RunModel(product="padim", version="v", model_version="v", detector="padim", uri="/m")
-    run = RunAttempt(run_id="r", output="/tmp/out", day="2026-11-30", source="/in",
-                     incremental=False, created_at="now", models=(model,), attempt="a")
-    raw = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 4
-    batch = {"uri": ["a", "b", "c"], "etag": ["e1", "e2", "e3"], "error": ["", "", "broken"],
-             "size_bytes": [1, 2, 3], "width": [40, 16, -1], "height": [30, 16, -1],
-             "skipped": np.array([False, False, False]), "raw_score": np.array([0.5, 1.5, np.nan]),
-             "product": ["padim"] * 3, "raw_map": raw.numpy()}
+    cal, run, raw, base = _three_rows()
+    batch = {**base, "raw_map": raw.numpy()}
     rows = make_rows(batch, run, cal, None, heatmaps)
     table = score_table(rows)
     assert table.num_rows == 3 and table.schema == FILE_SCHEMA  # rows and schema unchanged
@@ -338,8 +330,10 @@ def test_old_artifacts_without_a_pixel_window_render_with_the_image_window():
     assert heat.tolist() == [[0, 128]]
 
 
-def test_rows_from_maps_rendered_in_the_actor_equal_rows_rendered_in_the_row_task():
-    from anomaly_core.scoring.rows import make_rows
+def _three_rows():
+    """(calibrations, run, raw maps, batch columns) of three rows as the model stage hands them
+    on: a normal image (score 0.5 of threshold 1) of 30 x 40, an anomalous one of 16 x 16, and
+    an error row."""
     from anomaly_core.scoring.runs import RunAttempt, RunModel
 
     cal = {"padim": _calibration()}
@@ -351,6 +345,13 @@ def test_rows_from_maps_rendered_in_the_actor_equal_rows_rendered_in_the_row_tas
             "size_bytes": [1, 2, 3], "width": [40, 16, -1], "height": [30, 16, -1],
             "skipped": np.array([False, False, False]), "raw_score": np.array([0.5, 1.5, np.nan]),
             "product": ["padim"] * 3}
+    return cal, run, raw, base
+
+
+def test_rows_from_maps_rendered_in_the_actor_equal_rows_rendered_in_the_row_task():
+    from anomaly_core.scoring.rows import make_rows
+
+    cal, run, raw, base = _three_rows()
     from_maps = make_rows({**base, "raw_map": raw.numpy()}, run, cal, None)
     masks, heats = render_maps(raw[:2], [(30, 40), (16, 16)], cal["padim"])
     masks, _ = render_maps(raw[:2], [(30, 40), (16, 16)], cal["padim"], packed=True)
