@@ -26,13 +26,12 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 
 if __package__ in (None, ""):  # run as a file against another checkout (PYTHONPATH first)
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.ceilings import MODEL, RUN, raw_maps  # noqa: E402
+from bench.ceilings import MODEL, RUN, _pool_rate, raw_maps  # noqa: E402
 from bench.common import CALIBRATION, image_set, machine, print_table, write_json  # noqa: E402
 
 CASES = {"png512": ("png", 512), "jpeg512": ("jpg", 512), "jpeg2048": ("jpg", 2048)}
@@ -94,12 +93,6 @@ def _rows(n: int, model_size: int, side: int, rendered: bool, anomalous: float) 
     return len(rows) if parquet_bytes(score_table(rows)) else 0
 
 
-def _rate(pool: ProcessPoolExecutor, fn, jobs: list[tuple]) -> float:
-    start = time.perf_counter()
-    done = sum(pool.map(fn, *zip(*jobs)))
-    return done / (time.perf_counter() - start)
-
-
 def measure(paths: list[str], side: int, model_size: int, cores: int, anomalous: float,
             rows_per_task: int = 64) -> dict:
     """Core-ms per image of decode, rows (rendered there and by the model) and their sums."""
@@ -112,13 +105,13 @@ def measure(paths: list[str], side: int, model_size: int, cores: int, anomalous:
         list(pool.map(_decode, [paths[:1]] * cores, [model_size] * cores))  # imports, warm-up
         list(pool.map(_rows, [1] * cores, [model_size] * cores, [side] * cores,
                       [False] * cores, [anomalous] * cores))
-        decode = _rate(pool, _decode, [(paths[i:i + chunk], model_size)
+        decode = _pool_rate(pool, _decode, [(paths[i:i + chunk], model_size)
                                        for i in range(0, len(paths), chunk)])
         per = min(rows_per_task, max(1, len(paths) // cores))
         jobs = [(min(per, len(paths) - i), model_size, side)
                 for i in range(0, len(paths), per)]
-        rows = _rate(pool, _rows, [(*job, False, anomalous) for job in jobs])
-        rendered = _rate(pool, _rows, [(*job, True, anomalous) for job in jobs])
+        rows = _pool_rate(pool, _rows, [(*job, False, anomalous) for job in jobs])
+        rendered = _pool_rate(pool, _rows, [(*job, True, anomalous) for job in jobs])
     ms = {k: cores * 1000.0 / v for k, v in
           (("decode", decode), ("rows", rows), ("rows_rendered", rendered))}
     return {**ms, "both": ms["decode"] + ms["rows"],

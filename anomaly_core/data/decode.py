@@ -92,8 +92,8 @@ def decode_image(
 
 def _decoded(data: bytes, uri: str, max_pixels: int, target: tuple[int, int] | None
              ) -> tuple[np.ndarray, tuple[int, int]]:
-    """decode_image's pixels and the image's displayed (height, width) (displayed_size), from
-    one reading of the header."""
+    """decode_image's pixels and the image's (height, width) as shown (EXIF rotation applied):
+    the size of its mask and heatmap when `target` decoded it smaller. One header read."""
     image = _open(data, uri, max_pixels)
     width, height = image.size
     shown = (width, height) if _orientation(image, data) in (5, 6, 7, 8) else (height, width)
@@ -235,15 +235,6 @@ def _png_chunks_intact(data: bytes) -> bool:
             return True
         at = end + 4
     return False
-
-
-def displayed_size(data: bytes, uri: str = "<bytes>", *, max_pixels: int = MAX_PIXELS
-                   ) -> tuple[int, int]:
-    """(height, width) of the image as shown (EXIF rotation applied), from its header: the
-    size of its mask and heatmap when decode_image(target=...) decoded it smaller."""
-    image = _open(data, uri, max_pixels)
-    width, height = image.size
-    return (width, height) if _orientation(image, data) in (5, 6, 7, 8) else (height, width)
 
 
 def plain_jpeg_size(data: bytes, uri: str = "<bytes>", *,
